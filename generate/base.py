@@ -1,0 +1,79 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""Generate text from a converted checkpoint with the KV cache.
+
+    python generate/base.py --checkpoint_dir checkpoints/SmolLM2-135M-Instruct \
+        --prompt "The capital of France is" --max_new_tokens 50
+
+Sampling: ``--temperature 0.8 --top_k 50 --top_p 0.95`` (temperature 0 is greedy decoding).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lit_qa.checkpoint import load_model
+from lit_qa.errors import LitQAError, run_cli
+from lit_qa.generate import check_sampling_args, generate
+from lit_qa.precision import resolve_precision, weights_dtype
+from lit_qa.tokenizer import Tokenizer, check_vocab_matches
+
+
+def main(
+    checkpoint_dir: Path = Path("checkpoints/SmolLM2-135M-Instruct"),
+    prompt: str = "What food do llamas eat?",
+    max_new_tokens: int = 50,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    precision: str = "auto",
+    device: str = "auto",
+    seed: int = 1234,
+) -> None:
+    """Print continuations of ``prompt`` and the decoding speed.
+
+    Args:
+        checkpoint_dir: A lit checkpoint folder (see scripts/convert_checkpoint.py).
+        prompt: Text to continue.
+        max_new_tokens: Maximum number of tokens to generate per sample.
+        num_samples: How many continuations to generate (decoded together as one batch).
+        temperature: 0 for greedy decoding; higher values sample more randomly.
+        top_k: Sample only among the k most likely tokens.
+        top_p: Sample only among the most likely tokens whose probabilities add up to p.
+        precision: "auto" (bf16 on GPUs and CPUs with native bf16, fp32 elsewhere), "32-true", "bf16-true", "16-true".
+        device: "auto", "cpu" or "cuda".
+        seed: Random seed for sampling.
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    if max_new_tokens < 1 or num_samples < 1:
+        raise LitQAError("--max_new_tokens and --num_samples must be >= 1")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    precision = resolve_precision(precision, device)
+    torch.manual_seed(seed)
+
+    t0 = time.perf_counter()
+    model, config = load_model(checkpoint_dir, device=device, dtype=weights_dtype(precision))
+    tokenizer = Tokenizer(checkpoint_dir)
+    check_vocab_matches(tokenizer, config.padded_vocab_size, checkpoint_dir)
+    model.eval()
+    print(f"Loaded {config.name} ({precision}) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+
+    encoded = tokenizer.encode(prompt, device=device)
+    model.max_seq_length = min(config.block_size, encoded.numel() + max_new_tokens)
+    t0 = time.perf_counter()
+    outputs = generate(
+        model, [encoded] * num_samples, max_new_tokens, temperature, top_k, top_p, stop_ids=tokenizer.eos_ids
+    )
+    elapsed = time.perf_counter() - t0
+    for tokens in outputs:
+        print(prompt + tokenizer.decode(tokens))
+    new_tokens = sum(t.numel() for t in outputs)
+    print(f"{new_tokens} new tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tokens/s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)

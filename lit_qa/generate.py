@@ -1,0 +1,122 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""KV-cached decoding: greedy or sampled (temperature, top-k, top-p), one prompt or a batch of any lengths.
+
+A batch is left-padded so every row's last prompt token sits in the same cache slot; the model masks
+the padding and starts each row's RoPE positions at its first real token, so a row decodes exactly
+as it would alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lit_qa.errors import LitQAError
+from lit_qa.model import GPT
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token for each row of ``logits`` (B, vocab).
+
+    ``temperature`` 0 means greedy (argmax). Otherwise logits are divided by the temperature, cut to
+    the ``top_k`` most likely tokens and to the smallest set whose probability reaches ``top_p``
+    (nucleus sampling, Holtzman et al. 2019), then sampled.
+
+    Returns:
+        Token ids, shape (B,).
+    """
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token once the tokens before it already reach top_p; the most likely one always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise `LitQAError` for out-of-range sampling flags."""
+    if temperature < 0:
+        raise LitQAError(f"--temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise LitQAError(f"--top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise LitQAError(f"--top_p must be in (0, 1], got {top_p}")
+
+
+@torch.inference_mode()
+def generate(
+    model: GPT,
+    prompts: list[torch.Tensor],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_ids: set[int] | None = None,
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens, stopping a row at its first stop token.
+
+    Args:
+        model: The model; its KV cache is (re)allocated for this batch and cleared afterwards.
+        prompts: 1-D token tensors, any lengths.
+        max_new_tokens: Upper bound on generated tokens per row.
+        temperature, top_k, top_p: See `sample`.
+        stop_ids: Token ids that end a row (EOS). The stop token is not included in the output.
+        pad_id: Token used for left padding (never attended to).
+        generator: Random generator for reproducible sampling.
+
+    Returns:
+        For each prompt, the newly generated tokens (1-D, on the model's device).
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    if not prompts or any(p.numel() == 0 for p in prompts):
+        raise LitQAError("every prompt needs at least one token")
+    device = model.transformer.wte.weight.device
+    lengths = torch.tensor([p.numel() for p in prompts], device=device)
+    prompt_length = int(lengths.max())
+    batch_size = len(prompts)
+    model.set_kv_cache(batch_size, prompt_length + max_new_tokens)
+    try:
+        idx = torch.full((batch_size, prompt_length), pad_id, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            idx[row, prompt_length - prompt.numel() :] = prompt.to(device)
+        pad_lengths = (prompt_length - lengths) if batch_size > 1 else None
+        input_pos = torch.arange(prompt_length, device=device)
+        logits = model(idx, input_pos, pad_lengths, last_only=True)[:, -1]  # (B, vocab)
+        stop = torch.tensor(sorted(stop_ids or ()), dtype=torch.long, device=device)
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        tokens = []
+        for step in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            token = token.masked_fill(finished, pad_id)
+            finished |= torch.isin(token, stop)
+            tokens.append(token)
+            # One host sync per step; it lets a batch stop as soon as every row is done.
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            input_pos = torch.tensor([prompt_length + step], device=device)
+            logits = model(token[:, None], input_pos, pad_lengths)[:, -1]
+    finally:
+        model.clear_kv_cache()
+    out = torch.stack(tokens, dim=1) if tokens else idx.new_empty((batch_size, 0))  # (B, new)
+    return [_until_stop(row, stop) for row in out]
+
+
+def _until_stop(tokens: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
+    hits = torch.isin(tokens, stop).nonzero()
+    return tokens[: int(hits[0])] if len(hits) else tokens
