@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -17,11 +18,27 @@ class LitQAError(Exception):
 
 
 def run_cli(function: Callable[..., Any], args: list[str] | None = None) -> Any:
-    """Run ``function`` as a jsonargparse CLI, turning `LitQAError` into a one-line message and exit 2."""
+    """Run ``function`` as a jsonargparse CLI, turning `LitQAError` into a one-line message and exit 2.
+
+    A boolean flag given bare (``--overwrite``) means true, as users expect; jsonargparse alone
+    insists on ``--overwrite true``.
+    """
     from jsonargparse import CLI
 
+    args = expand_bare_bool_flags(function, sys.argv[1:] if args is None else args)
     try:
         return CLI(function, args=args, as_positional=False)
     except LitQAError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def expand_bare_bool_flags(function: Callable[..., Any], args: list[str]) -> list[str]:
+    """Rewrite ``--flag`` into ``--flag=true`` for boolean parameters of ``function`` given without a value."""
+    hints = typing.get_type_hints(function)
+    bool_flags = {f"--{name}" for name, hint in hints.items() if hint is bool}
+    expanded = []
+    for i, arg in enumerate(args):
+        has_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+        expanded.append(f"{arg}=true" if arg in bool_flags and not has_value else arg)
+    return expanded

@@ -185,13 +185,12 @@ class CausalSelfAttention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("input_pos was given but no KV cache is set: call model.set_kv_cache() first")
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, ng, L, hs)
-        if self.n_query_groups != self.n_head:
-            # Each key/value head serves n_head // n_query_groups consecutive query heads.
-            repeats = self.n_head // self.n_query_groups
-            k = k.repeat_interleave(repeats, dim=1)  # (B, nh, L, hs)
-            v = v.repeat_interleave(repeats, dim=1)  # (B, nh, L, hs)
-        # Written out, this is softmax(q @ k.T / sqrt(hs) + causal/padding mask) @ v.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, nh, T, hs)
+        # Written out, this is softmax(q @ k.T / sqrt(hs) + causal/padding mask) @ v, where each key/value
+        # head serves n_head // n_query_groups consecutive query heads.
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, nh, T, hs)
+        else:
+            y = grouped_query_attention(q, k, v, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # (B, T, nh * hs)
         return self.o_proj(y)
 
@@ -249,6 +248,21 @@ class KVCache(nn.Module):
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k, self.v
+
+
+def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked attention of (B, nh, T, hs) queries over (B, ng, L, hs) keys/values without copying them.
+
+    The query heads that share a key/value head are folded into the query-length axis, so a decoding
+    step attends over the cache as it is. Repeating k/v per query head instead copies the whole cache
+    every step, which made batched CPU decoding several times slower.
+    """
+    B, nh, T, hs = q.shape
+    ng = k.size(1)
+    q = q.reshape(B, ng, (nh // ng) * T, hs)  # (B, ng, r*T, hs): row j*T + t is head j of the group at step t
+    mask = mask.repeat(1, 1, nh // ng, 1)  # (B or 1, 1, r*T, L)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, ng, r*T, hs)
+    return y.view(B, nh, T, hs)
 
 
 def build_cache_mask(input_pos: torch.Tensor, pad_lengths: torch.Tensor | None, cache_length: int) -> torch.Tensor:
