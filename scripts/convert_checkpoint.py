@@ -1,0 +1,117 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""Convert a model into a lit-qa checkpoint folder, or export a lit-qa folder to Hugging Face format.
+
+The kind of source is read from its contents, not its name:
+
+* a folder with ``config.json``: a Hugging Face ``LlamaForCausalLM`` snapshot
+  (``model.safetensors``, sharded safetensors, or ``pytorch_model*.bin``)::
+
+      python scripts/convert_checkpoint.py --source hf/SmolLM2-135M-Instruct \\
+          --out_dir checkpoints/SmolLM2-135M-Instruct
+
+* a folder with ``params.json`` and ``consolidated.*.pth``: Meta's original release::
+
+      python scripts/convert_checkpoint.py --source llama/llama-2-7b --out_dir checkpoints/Llama-2-7b \\
+          --name Llama-2-7b --dtype bfloat16
+
+* a ``.gguf`` file (dequantized to float32 unless ``--dtype`` says otherwise)::
+
+      python scripts/convert_checkpoint.py --source SmolLM2-135M-Instruct.Q4_1.gguf \\
+          --out_dir checkpoints/SmolLM2-135M-Instruct
+
+* a lit-qa folder exported back to Hugging Face (loadable with ``LlamaForCausalLM.from_pretrained``)::
+
+      python scripts/convert_checkpoint.py --to hf --source out/finetune/full/final --out_dir out/hf
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lit_qa.errors import LitQAError, run_cli
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def detect_source_kind(source: Path) -> Literal["hf", "meta", "gguf"]:
+    """Tell what ``source`` is from its contents: a GGUF file, a Meta folder or a Hugging Face folder.
+
+    Raises:
+        LitQAError: If ``source`` does not exist or is none of these; the message lists what it holds.
+    """
+    if source.is_file():
+        with source.open("rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        raise LitQAError(f"{source} is a file but not a GGUF file; pass a model folder or a .gguf file")
+    if not source.is_dir():
+        raise LitQAError(f"source {source} does not exist")
+    if (source / "params.json").is_file() and any(source.glob("consolidated.*.pth")):
+        return "meta"
+    if (source / "config.json").is_file():
+        return "hf"
+    present = sorted(p.name for p in source.iterdir())
+    raise LitQAError(
+        f"cannot tell what {source} holds: expected config.json (Hugging Face), params.json + consolidated.*.pth "
+        f"(Meta) or a .gguf file (it has: {', '.join(present) or 'nothing'})"
+    )
+
+
+def main(
+    source: Path,
+    out_dir: Path,
+    name: str | None = None,
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+    to: Literal["lit", "hf"] = "lit",
+    overwrite: bool = False,
+) -> Path:
+    """Convert a checkpoint.
+
+    Arguments:
+        source: A Hugging Face model folder, a Meta-format folder or a .gguf file; with ``--to hf``, a lit-qa
+            checkpoint folder.
+        out_dir: The folder to write. It must not exist or be empty, unless ``--overwrite`` is given.
+        name: Model name recorded in lit_config.json. Defaults to the source's folder or file name.
+        dtype: Cast the weights. Defaults to the source's dtype (float32 for GGUF, which is dequantized).
+        to: ``lit`` converts into a lit-qa folder; ``hf`` exports a lit-qa folder to Hugging Face format.
+        overwrite: Replace a non-empty out_dir (the old one is removed only once the new one is complete).
+    """
+    torch_dtype = DTYPES[dtype] if dtype is not None else None
+    if to == "hf":
+        from lit_qa.convert_hf import convert_lit_to_hf
+
+        if dtype is not None or name is not None:
+            raise LitQAError("--dtype and --name apply to conversion into lit-qa, not to --to hf")
+        written = convert_lit_to_hf(source, out_dir, overwrite=overwrite)
+    else:
+        written = _convert_to_lit(source, out_dir, name, torch_dtype, overwrite)
+    _print_contents(written)
+    return written
+
+
+def _convert_to_lit(source: Path, out_dir: Path, name: str | None, dtype: torch.dtype | None, overwrite: bool) -> Path:
+    kind = detect_source_kind(source)
+    if kind == "gguf":
+        from lit_qa.convert_gguf import convert_gguf
+
+        return convert_gguf(source, out_dir, name=name, dtype=dtype or torch.float32, overwrite=overwrite)
+    if kind == "meta":
+        from lit_qa.convert_meta import convert_meta_checkpoint
+
+        return convert_meta_checkpoint(source, out_dir, name=name, dtype=dtype, overwrite=overwrite)
+    from lit_qa.convert_hf import convert_hf_checkpoint
+
+    return convert_hf_checkpoint(source, out_dir, name=name, dtype=dtype, overwrite=overwrite)
+
+
+def _print_contents(folder: Path) -> None:
+    print(f"wrote {folder}:")
+    for path in sorted(Path(folder).iterdir()):
+        print(f"  {path.name:32} {path.stat().st_size / 1e6:10.2f} MB")
+
+
+if __name__ == "__main__":
+    run_cli(main)
