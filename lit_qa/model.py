@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from lit_qa.config import Config
 from lit_qa.errors import LitQAError
 
+# `enable_gqa` (torch >= 2.5) lets the fused kernels read shared key/value heads without copying them.
+_SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 class GPT(nn.Module):
     """A LLaMA-family decoder-only transformer."""
@@ -187,8 +190,12 @@ class CausalSelfAttention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, ng, L, hs)
         # Written out, this is softmax(q @ k.T / sqrt(hs) + causal/padding mask) @ v, where each key/value
         # head serves n_head // n_query_groups consecutive query heads.
-        if mask is None:
+        if mask is None and _SDPA_HAS_GQA:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, nh, T, hs)
+        elif mask is None:
+            repeats = self.n_head // self.n_query_groups
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)  # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         else:
             y = grouped_query_attention(q, k, v, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # (B, T, nh * hs)

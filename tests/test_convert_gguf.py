@@ -420,3 +420,13 @@ def test_real_smollm2_matches_transformers(tmp_path):
     ids = torch.tensor([ours.encode(prompt).ids])
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf_model(ids).logits, rtol=0, atol=1e-4)
+
+    # Greedy continuation through our KV-cached decoder equals transformers' generate on the same weights.
+    from lit_qa.generate import generate
+
+    (ours_new,) = generate(model, [ids[0]], max_new_tokens=24)
+    with torch.inference_mode():
+        hf_new = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                                   eos_token_id=None, min_new_tokens=24, pad_token_id=0)[0, ids.size(1):]  # fmt: skip
+    assert ours_new.tolist() == hf_new.tolist()
+    assert "Paris" in LitTokenizer(out).decode(ours_new)
