@@ -1,0 +1,226 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""Tokenize a SQuAD training file into train/val samples for fine-tuning.
+
+The training questions are split by article into train and val (seeded), prompted with `lit_qa.prompts`,
+tokenized with the checkpoint's tokenizer, and windowed where a paragraph is longer than ``max_seq_length``
+(see `lit_qa.data`). The evaluation file is never trained or validated on; give it with ``--eval_file`` only
+to check that it loads and does not share questions with the training file.
+
+Usage::
+
+    python scripts/prepare_squad.py --download                       # official train-v2.0.json into data/squad2
+    python scripts/prepare_squad.py --train_file /work/shared/data/squad2/demo-train-v2.0.json \\
+        --eval_file /work/shared/data/squad2/demo-eval-v2.0.json --out_dir data/squad2-demo
+
+Writes to ``out_dir``: ``train.pt`` and ``val.pt`` (lists of ``{"id", "input_ids", "labels"}``, read them
+with `lit_qa.data.load_prepared`), ``val-v2.0.json`` (the val articles in official format, for
+generation-based validation), ``stats.json`` and ``prepare_config.json``. The same inputs and seed give
+byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from lit_qa.data import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    PREPARED_BY,
+    SPLITS,
+    STATS_FILE,
+    VAL_SQUAD_FILE,
+    QuestionEncoder,
+    encode_questions,
+    samples_to_bytes,
+    split_by_article,
+    write_atomic,
+)
+from lit_qa.errors import LitQAError, run_cli
+from lit_qa.prompts import NO_ANSWER, check_prompt_style
+from lit_qa.squad import Question, load_squad, read_json_file
+from lit_qa.tokenizer import Tokenizer
+
+SQUAD_URLS = {
+    "train-v2.0.json": "https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v2.0.json",
+    "dev-v2.0.json": "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v2.0.json",
+}
+TOKENIZER_FILE = {"huggingface": "tokenizer.json", "sentencepiece": "tokenizer.model"}
+OUTPUT_FILES = tuple(f"{split}.pt" for split in SPLITS) + (VAL_SQUAD_FILE, STATS_FILE, CONFIG_FILE)
+
+
+def main(
+    data_dir: Path = Path("data/squad2"),
+    train_file: Path | None = None,
+    eval_file: Path | None = None,
+    out_dir: Path = Path("data/squad2"),
+    checkpoint_dir: Path = Path("checkpoints/SmolLM2-135M-Instruct"),
+    max_seq_length: int = 512,
+    val_fraction: float = 0.05,
+    no_answer: str = NO_ANSWER,
+    prompt_style: str = "plain",
+    seed: int = 42,
+    download: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Prepare SQuAD train/val samples.
+
+    Arguments:
+        data_dir: Where the official files are (and where ``--download`` puts them).
+        train_file: The official-format training file (v2.0 or v1.1). Defaults to ``data_dir/train-v2.0.json``.
+        eval_file: The evaluation file, only checked and recorded (evaluation reads it directly).
+        out_dir: Where to write the prepared files.
+        checkpoint_dir: The model folder whose tokenizer is used.
+        max_seq_length: Most tokens per sample (prompt, answer and EOS); longer paragraphs are windowed.
+        val_fraction: Share of the training articles held out for validation (at least one article).
+        no_answer: What the model is trained to answer for unanswerable questions.
+        prompt_style: The prompt template (see ``lit_qa.prompts.PROMPT_STYLES``).
+        seed: Seed of the train/val split.
+        download: Fetch the official train-v2.0.json and dev-v2.0.json into data_dir if they are missing.
+        overwrite: Replace prepared files in out_dir that were made with other settings.
+    """
+    if max_seq_length <= 0:
+        raise LitQAError(f"max_seq_length must be positive, got {max_seq_length}")
+    if not no_answer.strip():
+        raise LitQAError("no_answer must not be empty: an empty target cannot be told apart from a cut-off answer")
+    check_prompt_style(prompt_style)
+    if download:
+        download_squad(data_dir)
+    train_file = train_file or data_dir / "train-v2.0.json"
+    if not train_file.is_file():
+        raise LitQAError(f"{train_file} does not exist; pass --train_file, or --download to fetch the official file")
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    questions = load_squad(train_file)
+    if eval_file is not None:
+        check_no_overlap(questions, eval_file, train_file)
+    config = {
+        "prepared_by": PREPARED_BY,
+        "format_version": FORMAT_VERSION,
+        "checkpoint_dir": str(checkpoint_dir),
+        "tokenizer": {
+            "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id,
+            "eos_id": tokenizer.eos_id,
+            "add_bos": tokenizer.add_bos,
+            "sha256": sha256(checkpoint_dir / TOKENIZER_FILE[tokenizer.backend]),
+        },
+        "max_seq_length": max_seq_length,
+        "prompt_style": prompt_style,
+        "no_answer": no_answer,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "train_file": {"path": str(train_file), "sha256": sha256(train_file)},
+        "eval_file": None if eval_file is None else {"path": str(eval_file), "sha256": sha256(eval_file)},
+    }
+    check_out_dir(out_dir, config, overwrite)
+
+    start = time.perf_counter()
+    splits = dict(zip(SPLITS, split_by_article(questions, val_fraction, seed), strict=True))
+    encoder = QuestionEncoder(tokenizer, max_seq_length, prompt_style, no_answer)
+    files, stats = {}, {}
+    for split, split_questions in splits.items():
+        samples, stats[split] = encode_questions(encoder, split_questions, desc=f"tokenizing {split}")
+        if not samples:
+            raise LitQAError(
+                f"no {split} samples left: all {len(split_questions)} questions were dropped "
+                f"({stats[split]['dropped']}); raise --max_seq_length"
+            )
+        stats[split]["articles"] = len({q.title for q in split_questions})
+        files[f"{split}.pt"] = samples_to_bytes(samples)
+    files[VAL_SQUAD_FILE] = val_squad_json(train_file, {q.title for q in splits["val"]})
+    files[STATS_FILE] = to_json(stats)
+    # The config goes last: a folder whose write was interrupted has none, and load_prepared refuses it.
+    files[CONFIG_FILE] = to_json(config)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_FILE).unlink(missing_ok=True)
+    for name, data in files.items():
+        write_atomic(out_dir / name, data)
+    print_stats(stats, out_dir, time.perf_counter() - start)
+    return stats
+
+
+def download_squad(data_dir: Path) -> None:
+    """Fetch the official SQuAD 2.0 train and dev files into ``data_dir`` (files already there are kept)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name, url in SQUAD_URLS.items():
+        path = data_dir / name
+        if path.is_file():
+            continue
+        print(f"downloading {url} -> {path}")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                data = response.read()
+        except OSError as e:
+            raise LitQAError(f"cannot download {url}: {e}") from None
+        write_atomic(path, data)
+        load_squad(path)  # a proxy error page must fail here, not later
+
+
+def check_no_overlap(questions: list[Question], eval_file: Path, train_file: Path) -> None:
+    """Check the eval file loads and shares no question id with the training file (that would leak answers)."""
+    eval_ids = {q.id for q in load_squad(eval_file)}
+    shared = [q.id for q in questions if q.id in eval_ids]
+    if shared:
+        raise LitQAError(
+            f"{eval_file} shares {len(shared)} question ids with {train_file} (e.g. {shared[0]}); "
+            "evaluation questions must not be trained on"
+        )
+
+
+def check_out_dir(out_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to replace prepared files made with other settings, unless ``overwrite``."""
+    present = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
+    if not present or overwrite:
+        return
+    try:
+        old = json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    if old == config:
+        return  # same settings: the rewrite gives the same bytes
+    changed = sorted(k for k in config if not isinstance(old, dict) or old.get(k) != config[k])
+    raise LitQAError(
+        f"{out_dir} already holds prepared data ({', '.join(present)}) made with other settings "
+        f"(differs in: {', '.join(changed)}); pass --overwrite to replace it or choose another --out_dir"
+    )
+
+
+def val_squad_json(train_file: Path, val_titles: set[str]) -> bytes:
+    """The val articles of the training file in official format, serialized as the official files are."""
+    raw = read_json_file(train_file)
+    subset = {"version": raw.get("version", "v2.0"), "data": [a for a in raw["data"] if a["title"] in val_titles]}
+    return json.dumps(subset).encode("utf-8")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def to_json(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+
+
+def print_stats(stats: dict[str, Any], out_dir: Path, seconds: float) -> None:
+    for split, s in stats.items():
+        dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "none"
+        print(
+            f"{split}: {s['samples']} samples from {s['questions']} questions in {s['articles']} articles "
+            f"({s['answerable']} answerable, {s['unanswerable']} unanswerable), {s['windowed']} windowed, "
+            f"dropped: {dropped}"
+        )
+        print(f"  tokens per sample: {', '.join(f'{k} {v}' for k, v in s['tokens'].items())}")
+    print(f"wrote {', '.join(OUTPUT_FILES)} to {out_dir} in {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,356 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""Prompt, sample, windowing, split and prepare-script tests on a tiny tokenizer trained in the test."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_qa.data import (
+    IGNORE_INDEX,
+    QuestionEncoder,
+    collate,
+    context_windows,
+    encode_questions,
+    length_stats,
+    load_prepared,
+    split_by_article,
+)
+from lit_qa.errors import LitQAError
+from lit_qa.prompts import NO_ANSWER, PROMPT_STYLES, answer_text, build_prompt
+from lit_qa.squad import Question, load_squad
+from lit_qa.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "prepare_squad.py"
+
+SENTENCES = [
+    "Answer the question with a short span copied from the context.",
+    "### Context: ### Question: ### Answer: unanswerable",
+    "The Normans were in Normandy in the 10th and 11th centuries.",
+    "Who ruled the duchy of Normandy? Which river flows through Paris?",
+] * 10
+
+FILLER = "Rivers and hills shape the land of every region. "
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level BPE folder like SmolLM2's, but with a BOS token that the model expects."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(SENTENCES, trainer=trainer)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir: Path) -> Tokenizer:
+    return Tokenizer(tokenizer_dir)
+
+
+def make_question(
+    qid: str, context: str, answer: str | None, question: str = "Who ruled Normandy?", title: str = "T"
+) -> Question:
+    if answer is None:
+        return Question(qid, title, context, question, [], [], True)
+    return Question(qid, title, context, question, [answer], [context.index(answer)], False)
+
+
+# ---- prompts ----
+
+
+def test_build_prompt_plain():
+    expected = (
+        "Answer the question with a short span copied from the context. If the context does not contain the "
+        'answer, reply "unanswerable".\n\n### Context:\nParis is in France.\n\n### Question:\nWhere is Paris?'
+        "\n\n### Answer:\n"
+    )
+    assert build_prompt("Paris is in France.", "Where is Paris?") == expected
+    assert build_prompt("{context}", "{q}", no_answer="n/a").count('reply "n/a"') == 1
+    assert "### Context:\n{context}\n\n### Question:\n{q}\n" in build_prompt("{context}", "{q}")  # braces kept
+    assert set(PROMPT_STYLES) == {"plain"} and NO_ANSWER == "unanswerable"
+    with pytest.raises(LitQAError, match="unknown prompt style 'chatty'; choose one of: plain"):
+        build_prompt("c", "q", style="chatty")
+
+
+def test_answer_text():
+    assert answer_text(["Paris", "in Paris"]) == "Paris"
+    assert answer_text([]) == "unanswerable"
+    assert answer_text([], no_answer="none") == "none"
+
+
+# ---- samples ----
+
+
+@pytest.mark.parametrize("answer", ["the 10th century", None])
+def test_prompt_masking(tokenizer: Tokenizer, answer: str | None):
+    context = "The Normans were in Normandy in the 10th century."
+    q = make_question("q", context, answer)
+    result = QuestionEncoder(tokenizer, max_seq_length=512)(q)
+    sample = result.sample
+    assert not result.windowed and result.dropped is None and sample["id"] == "q"
+
+    prompt_ids = tokenizer.encode(build_prompt(context, q.question))
+    n = len(prompt_ids)
+    assert prompt_ids[0].item() == tokenizer.bos_id  # BOS as the tokenizer's add_bos says
+    assert torch.equal(sample["input_ids"][:n], prompt_ids)
+    assert sample["input_ids"].dtype == sample["labels"].dtype == torch.long
+    assert (sample["labels"][:n] == IGNORE_INDEX).all()
+    assert (sample["labels"][n:] != IGNORE_INDEX).all()
+    assert torch.equal(sample["labels"][n:], sample["input_ids"][n:])
+    assert sample["labels"][-1].item() == tokenizer.eos_id
+    target = answer if answer is not None else "unanswerable"
+    assert tokenizer.decode(sample["labels"][n:]) == target + "</s>"
+
+
+def long_context(answer_sentence: str, before: int, after: int) -> str:
+    return FILLER * before + answer_sentence + " " + FILLER * after
+
+
+def test_windowing_keeps_question_and_answer(tokenizer: Tokenizer):
+    question = "Which duke ruled Normandy after the war?"
+    context = long_context("Duke Richard the Fearless ruled Normandy.", before=30, after=10)
+    q = make_question("w", context, "Richard the Fearless", question)
+    encoder = QuestionEncoder(tokenizer, max_seq_length=160)
+    assert len(encoder.prompt_ids(context, question)) > 160  # the test needs a context that does not fit
+
+    result = encoder(q)
+    assert result.windowed and result.dropped is None and result.full_length > 160
+    ids, labels = result.sample["input_ids"], result.sample["labels"]
+    assert len(ids) <= 160
+    text = tokenizer.decode(ids)
+    prompt_text = tokenizer.decode(ids[labels == IGNORE_INDEX])
+    window = prompt_text.split("### Context:\n")[1].split("\n\n### Question:\n")[0]
+    assert "Richard the Fearless" in window and window in context  # a verbatim piece of the context
+    assert len(window) < len(context) and not context.startswith(window)  # not just the first window
+    assert f"### Question:\n{question}\n\n### Answer:\n" in text
+    assert tokenizer.decode(labels[labels != IGNORE_INDEX]) == "Richard the Fearless</s>"
+
+
+def test_windowing_unanswerable_takes_first_window(tokenizer: Tokenizer):
+    context = long_context("Nobody ruled here.", before=20, after=20)
+    result = QuestionEncoder(tokenizer, max_seq_length=160)(make_question("u", context, None))
+    assert result.windowed and len(result.sample["input_ids"]) <= 160
+    text = tokenizer.decode(result.sample["input_ids"])
+    assert "### Context:\n" + FILLER * 2 in text and "Nobody" not in text
+    assert text.endswith("### Answer:\nunanswerable</s>")
+
+
+def test_encode_questions_counts_and_drops(tokenizer: Tokenizer):
+    short = "The Normans were in Normandy."
+    questions = [
+        make_question("a", short, "Normandy"),
+        make_question("u", short, None),
+        make_question("w", long_context("Rollo ruled Normandy.", before=30, after=5), "Rollo"),
+        make_question("long_q", short, None, question="Why " * 200 + "?"),
+        # An answer longer than any window: no window can hold it.
+        make_question("long_a", FILLER * 30, (FILLER * 2).strip()),
+    ]
+    samples, stats = encode_questions(QuestionEncoder(tokenizer, max_seq_length=160), questions)
+    assert [s["id"] for s in samples] == ["a", "u", "w"]
+    assert stats["questions"] == 5 and stats["samples"] == 3
+    assert (stats["answerable"], stats["unanswerable"], stats["windowed"]) == (2, 1, 1)
+    assert stats["dropped"] == {"answer_not_in_window": 1, "no_room_for_context": 1}
+    assert stats["tokens"]["max"] <= 160 < stats["full_tokens"]["max"]
+
+
+def test_context_windows():
+    spans = [(2 * i, 2 * i + 1) for i in range(10)]
+    assert context_windows(spans, [1] * 10, budget=4) == [(0, 4), (2, 6), (4, 8), (6, 10)]
+    assert context_windows(spans[:3], [1, 1, 1], budget=4) == [(0, 3)]
+    # A word over budget forms its own window, and the walk still moves on.
+    assert context_windows(spans[:3], [1, 5, 1], budget=3) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_length_stats():
+    assert length_stats([]) == {}
+    stats = length_stats(list(range(1, 101)))
+    assert stats == {"min": 1, "mean": 50.5, "p50": 50, "p90": 90, "p95": 95, "p99": 99, "max": 100}
+
+
+# ---- split ----
+
+
+def test_split_by_article():
+    questions = [
+        make_question(f"{t}-{i}", "Normandy.", "Normandy", title=f"article{t}") for t in range(20) for i in range(3)
+    ]
+    train, val = split_by_article(questions, val_fraction=0.2, seed=1)
+    train_titles, val_titles = {q.title for q in train}, {q.title for q in val}
+    assert not train_titles & val_titles and len(val_titles) == 4 and len(train) + len(val) == 60
+    assert split_by_article(questions, 0.2, seed=1) == (train, val)  # deterministic
+    assert {q.title for q in split_by_article(questions, 0.2, seed=2)[1]} != val_titles
+    assert len({q.title for q in split_by_article(questions, 0.001, seed=1)[1]}) == 1  # at least one article
+    with pytest.raises(LitQAError, match="val_fraction must be between 0 and 1"):
+        split_by_article(questions, 0.0, seed=1)
+    with pytest.raises(LitQAError, match="at least two articles"):
+        split_by_article(questions[:3], 0.5, seed=1)
+
+
+# ---- batches and prepared files ----
+
+
+def test_collate():
+    samples = [
+        {"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7])},
+        {"input_ids": torch.tensor([8, 9]), "labels": torch.tensor([-100, 9])},
+    ]
+    batch = collate(samples, pad_id=0)
+    assert torch.equal(batch["input_ids"], torch.tensor([[5, 6, 7], [8, 9, 0]]))
+    assert torch.equal(batch["labels"], torch.tensor([[-100, 6, 7], [-100, 9, -100]]))
+    cut = collate(samples, pad_id=0, max_length=2)
+    assert torch.equal(cut["input_ids"], torch.tensor([[5, 6], [8, 9]]))
+    assert collate(samples[1:], pad_id=0, max_length=10)["input_ids"].shape == (1, 2)  # no padding past the longest
+
+
+def test_load_prepared_errors(tmp_path: Path):
+    with pytest.raises(LitQAError, match="prepare_config.json does not exist"):
+        load_prepared(tmp_path, "train")
+    (tmp_path / "prepare_config.json").write_text('{"prepared_by": "someone else"}')
+    with pytest.raises(LitQAError, match="not written by scripts/prepare_squad.py"):
+        load_prepared(tmp_path, "train")
+    with pytest.raises(LitQAError, match="unknown split 'test'"):
+        load_prepared(tmp_path, "test")
+
+
+# ---- the script ----
+
+
+def tiny_squad() -> dict:
+    """Six articles; one paragraph each has an answerable and an unanswerable question."""
+    articles = []
+    for a in range(6):
+        context = f"Article {a}: the Normans were in Normandy in the {a + 10}th century. " + FILLER * (a % 3)
+        qas = [
+            {"question": "When were the Normans in Normandy?", "id": f"a{a}",
+             "answers": [{"text": f"the {a + 10}th century", "answer_start": context.index("the 1")}],
+             "is_impossible": False},
+            {"question": "Who were the Saxons?", "id": f"u{a}", "answers": [], "is_impossible": True},
+        ]  # fmt: skip
+        articles.append({"title": f"Article_{a}", "paragraphs": [{"context": context, "qas": qas}]})
+    return {"version": "v2.0", "data": articles}
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=REPO)
+
+
+def load_script_module():
+    spec = importlib.util.spec_from_file_location("prepare_squad", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_end_to_end(tmp_path: Path, tokenizer_dir: Path):
+    train_file = tmp_path / "train.json"
+    train_file.write_text(json.dumps(tiny_squad()))
+    out_dir = tmp_path / "out"
+    args = ["--train_file", str(train_file), "--checkpoint_dir", str(tokenizer_dir), "--val_fraction", "0.34"]
+    result = run_script(*args, "--out_dir", str(out_dir), "--max_seq_length", "256")
+    assert result.returncode == 0, result.stderr
+    assert "train: 8 samples from 8 questions in 4 articles" in result.stdout
+    names = sorted(p.name for p in out_dir.iterdir())
+    assert names == ["prepare_config.json", "stats.json", "train.pt", "val-v2.0.json", "val.pt"]
+
+    train, val = load_prepared(out_dir, "train"), load_prepared(out_dir, "val")
+    assert len(train) == 8 and len(val) == 4
+    assert torch.load(out_dir / "val.pt", weights_only=True)[0].keys() == {"id", "input_ids", "labels"}
+    val_squad = load_squad(out_dir / "val-v2.0.json")
+    assert sorted(q.id for q in val_squad) == sorted(s["id"] for s in val)
+    train_titles = {q.title for q in load_squad(train_file) if q.id in {s["id"] for s in train}}
+    assert not train_titles & {q.title for q in val_squad}
+
+    config = json.loads((out_dir / "prepare_config.json").read_text())
+    assert config["max_seq_length"] == 256 and config["prompt_style"] == "plain" and config["seed"] == 42
+    assert config["no_answer"] == "unanswerable" and len(config["train_file"]["sha256"]) == 64
+    assert config["tokenizer"]["vocab_size"] == Tokenizer(tokenizer_dir).vocab_size
+    stats = json.loads((out_dir / "stats.json").read_text())
+    assert stats["val"]["samples"] == 4 and stats["val"]["articles"] == 2
+
+    # Other settings in a prepared folder: refused, then replaced with a bare --overwrite.
+    refused = run_script(*args, "--out_dir", str(out_dir), "--max_seq_length", "200")
+    assert refused.returncode == 2 and "differs in: max_seq_length" in refused.stderr
+    assert run_script(*args, "--out_dir", str(out_dir), "--max_seq_length", "200", "--overwrite").returncode == 0
+    assert json.loads((out_dir / "prepare_config.json").read_text())["max_seq_length"] == 200
+
+
+def test_script_is_deterministic(tmp_path: Path, tokenizer_dir: Path):
+    train_file = tmp_path / "train.json"
+    train_file.write_text(json.dumps(tiny_squad()))
+    main = load_script_module().main
+    for out in ("one", "two"):
+        main(train_file=train_file, checkpoint_dir=tokenizer_dir, out_dir=tmp_path / out, max_seq_length=128)
+    main(train_file=train_file, checkpoint_dir=tokenizer_dir, out_dir=tmp_path / "two", max_seq_length=128)  # same
+    for name in ("train.pt", "val.pt", "val-v2.0.json", "stats.json", "prepare_config.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert not list((tmp_path / "two").glob(".*tmp"))  # no temporary files left behind
+
+
+def test_script_input_errors(tmp_path: Path, tokenizer_dir: Path):
+    bad = tmp_path / "bad.json"
+    data = tiny_squad()
+    data["data"][1]["paragraphs"][0]["qas"][0]["answers"][0]["answer_start"] += 1
+    bad.write_text(json.dumps(data))
+    args = ["--train_file", str(bad), "--checkpoint_dir", str(tokenizer_dir), "--out_dir", str(tmp_path / "o")]
+    result = run_script(*args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert str(bad) in result.stderr and "(id a1)" in result.stderr and "not at answer_start" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+    main = load_script_module().main
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(tiny_squad()))
+    with pytest.raises(LitQAError, match="shares 12 question ids"):
+        main(train_file=good, eval_file=good, checkpoint_dir=tokenizer_dir, out_dir=tmp_path / "o")
+    with pytest.raises(LitQAError, match="pass --train_file, or --download"):
+        main(data_dir=tmp_path / "empty", checkpoint_dir=tokenizer_dir, out_dir=tmp_path / "o")
+    with pytest.raises(LitQAError, match="unknown prompt style"):
+        main(train_file=good, checkpoint_dir=tokenizer_dir, out_dir=tmp_path / "o", prompt_style="chat")
+    with pytest.raises(LitQAError, match="no train samples left"):
+        main(train_file=good, checkpoint_dir=tokenizer_dir, out_dir=tmp_path / "o", max_seq_length=20)
+
+
+def test_load_prepared_rejects_corrupt_file(tmp_path: Path, tokenizer_dir: Path):
+    train_file = tmp_path / "train.json"
+    train_file.write_text(json.dumps(tiny_squad()))
+    out_dir = tmp_path / "out"
+    load_script_module().main(train_file=train_file, checkpoint_dir=tokenizer_dir, out_dir=out_dir)
+    (out_dir / "train.pt").write_bytes((out_dir / "train.pt").read_bytes()[:100])
+    with pytest.raises(LitQAError, match="cannot read .*train.pt"):
+        load_prepared(out_dir, "train")
+    torch.save({"not": "a list"}, out_dir / "val.pt")
+    with pytest.raises(LitQAError, match="must hold a list of samples"):
+        load_prepared(out_dir, "val")
+
+
+def test_download_uses_official_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # file:// URLs stand in for the official ones: the test never touches the network.
+    source = tmp_path / "source.json"
+    source.write_text(json.dumps(tiny_squad()))
+    module = load_script_module()
+    monkeypatch.setattr(module, "SQUAD_URLS", {"train-v2.0.json": source.as_uri()})
+    module.download_squad(tmp_path / "data")
+    assert (tmp_path / "data" / "train-v2.0.json").read_bytes() == source.read_bytes()
+    assert set(load_script_module().SQUAD_URLS) == {"train-v2.0.json", "dev-v2.0.json"}
