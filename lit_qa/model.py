@@ -93,6 +93,7 @@ class GPT(nn.Module):
         input_pos: torch.Tensor | None = None,
         pad_lengths: torch.Tensor | None = None,
         last_only: bool = False,
+        output_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Compute next-token logits.
 
@@ -104,14 +105,19 @@ class GPT(nn.Module):
                 first real token, so every row computes exactly what it would alone.
             last_only: Return logits of the last position only (prefill needs nothing else, and the
                 vocabulary projection is a large share of a small model's FLOPs).
+            output_mask: Boolean (B, T): return logits only where it is True, as (N, vocab) in row-major
+                order. Fine-tuning uses it to project only the positions that carry loss (the answer tokens).
 
         Returns:
-            Logits of shape (B, T, padded_vocab_size), or (B, 1, padded_vocab_size) with ``last_only``.
+            Logits of shape (B, T, padded_vocab_size); (B, 1, padded_vocab_size) with ``last_only``;
+            (N, padded_vocab_size) with ``output_mask``.
         """
         x = self.hidden_states(idx, input_pos, pad_lengths)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(x)  # (B, T, vocab)
+        elif output_mask is not None:
+            x = x[output_mask]  # (N, n_embd)
+        return self.lm_head(x)
 
     def hidden_states(
         self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, pad_lengths: torch.Tensor | None = None

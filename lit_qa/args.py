@@ -1,0 +1,121 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""Hyperparameters of the shared training loop, as dataclasses that jsonargparse turns into nested flags.
+
+``--train.learning_rate 3e-4 --eval.interval 50`` on the command line, or a ``train:`` / ``eval:``
+section in a ``--config run.yaml`` file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from lit_qa.errors import LitQAError
+
+
+@dataclass
+class TrainArgs:
+    """How to train.
+
+    Attributes:
+        global_batch_size: Samples per optimizer step, summed over every device and accumulation step.
+        micro_batch_size: Samples per forward/backward pass on one device.
+        epochs: Passes over the training data; ignored when ``max_steps`` is set.
+        max_steps: Optimizer steps to run (overrides ``epochs``).
+        learning_rate: Peak learning rate of AdamW.
+        min_lr: Learning rate at the end of the cosine schedule.
+        lr_schedule: "cosine" (decay to ``min_lr`` after warm-up) or "constant" (after warm-up).
+        warmup_steps: Optimizer steps of linear warm-up from 0 to ``learning_rate``.
+        weight_decay: AdamW weight decay.
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        max_grad_norm: Clip the gradient norm to this value; 0 disables clipping.
+        group_by_length: Put samples of similar length in the same micro-batch, which cuts padding.
+        save_interval: Write a checkpoint every this many optimizer steps (and always at the end).
+        log_interval: Log loss, learning rate, gradient norm, throughput and memory every this many steps.
+        max_seq_length: Crop samples to this many tokens; None keeps the longest prepared sample.
+        nan_policy: What a non-finite loss or gradient does: "stop" the run (keeping the last good
+            checkpoint) or "skip" that optimizer step.
+    """
+
+    global_batch_size: int = 128
+    micro_batch_size: int = 4
+    epochs: float = 1.0
+    max_steps: int | None = None
+    learning_rate: float = 3e-4
+    min_lr: float = 0.0
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    max_grad_norm: float = 1.0
+    group_by_length: bool = True
+    save_interval: int = 200
+    log_interval: int = 1
+    max_seq_length: int | None = None
+    nan_policy: Literal["stop", "skip"] = "stop"
+
+    def validate(self, world_size: int) -> None:
+        """Raise one `LitQAError` listing every out-of-range value."""
+        problems = []
+        positive = ("global_batch_size", "micro_batch_size", "save_interval", "log_interval")
+        problems += [f"--train.{name} must be >= 1, got {getattr(self, name)}" for name in positive if getattr(self, name) < 1]
+        if self.learning_rate <= 0:
+            problems.append(f"--train.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            problems.append(f"--train.min_lr must be in [0, learning_rate], got {self.min_lr}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            problems.append("--train.warmup_steps, weight_decay and max_grad_norm must be >= 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"--train.max_steps must be >= 1, got {self.max_steps}")
+        if self.max_steps is None and self.epochs <= 0:
+            problems.append(f"--train.epochs must be > 0, got {self.epochs}")
+        if self.max_seq_length is not None and self.max_seq_length < 2:
+            problems.append(f"--train.max_seq_length must be >= 2, got {self.max_seq_length}")
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            problems.append(
+                f"--train.global_batch_size={self.global_batch_size} must be a multiple of micro_batch_size x devices"
+                f" = {self.micro_batch_size} x {world_size}"
+            )
+        if problems:
+            raise LitQAError("; ".join(problems))
+
+    def gradient_accumulation_iters(self, world_size: int) -> int:
+        """Micro-batches each device runs per optimizer step."""
+        self.validate(world_size)
+        return self.global_batch_size // (self.micro_batch_size * world_size)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the whole run: ``max_steps``, or ``epochs`` worth of steps (at least 1)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * steps_per_epoch))
+
+
+@dataclass
+class EvalArgs:
+    """How to validate during training.
+
+    Attributes:
+        interval: Validate every this many optimizer steps (and at the end).
+        max_batches: Validation micro-batches per validation (the same ones every time).
+        num_samples: Validation questions whose generated answers are printed to the log.
+        max_new_tokens: Token budget of those sample generations.
+        initial_validation: Run the full validation before the first step too (a short check always runs).
+    """
+
+    interval: int = 50
+    max_batches: int = 50
+    num_samples: int = 3
+    max_new_tokens: int = 32
+    initial_validation: bool = False
+
+    def validate(self) -> None:
+        problems = [f"--eval.{name} must be >= 1" for name in ("interval", "max_batches") if getattr(self, name) < 1]
+        if self.num_samples < 0 or self.max_new_tokens < 1:
+            problems.append("--eval.num_samples must be >= 0 and --eval.max_new_tokens >= 1")
+        if problems:
+            raise LitQAError("; ".join(problems))

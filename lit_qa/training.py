@@ -1,0 +1,417 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""The one training loop every fine-tuning script uses: plain functions, no Trainer class, no callbacks.
+
+The scripts in ``finetune/`` differ only in what they make trainable and what they save; all of them call
+`fit`. To customise the loop, copy `fit` into your script and change it there.
+
+Determinism and exact resume: the order of micro-batches is a pure function of (seed, epoch), and a
+checkpoint records the optimizer, the scheduler, the position in that order and the RNG state. A run
+stopped after step k and resumed ends with exactly the weights of a run that never stopped.
+
+Gradient accumulation is exact too: each micro-batch's summed token loss is divided by the number of
+loss tokens in the whole global batch (known in advance, since every rank computes the same order), so
+k accumulated micro-batches give the gradient of one batch k times bigger.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lit_qa.args import EvalArgs, TrainArgs
+from lit_qa.data import collate
+from lit_qa.errors import LitQAError
+from lit_qa.generate import generate
+from lit_qa.tokenizer import Tokenizer
+
+STATE_FILE = "training_state.pt"
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+class NonFiniteLossError(LitQAError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+def fit(
+    fabric: L.Fabric,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_data: list[dict[str, Any]],
+    val_data: list[dict[str, Any]],
+    train_args: TrainArgs,
+    eval_args: EvalArgs,
+    out_dir: Path,
+    save_fn: Callable[[Path], None],
+    tokenizer: Tokenizer,
+    resume: bool | str | Path = False,
+    seed: int = 42,
+) -> dict[str, Any]:
+    """Train ``model`` on ``train_data`` with AdamW-style ``optimizer``, validating and checkpointing as it goes.
+
+    Args:
+        fabric: A launched Fabric.
+        model: The model after ``fabric.setup_module``; its parameters with ``requires_grad`` are trained.
+        optimizer: The optimizer after ``fabric.setup_optimizers``.
+        train_data: Prepared samples (dicts with ``input_ids`` and ``labels``; -100 marks tokens without loss).
+        val_data: Prepared validation samples.
+        train_args: Batch sizes, schedule, clipping, intervals.
+        eval_args: Validation settings.
+        out_dir: Run folder; checkpoints go to ``out_dir/step-000200/`` and so on.
+        save_fn: Writes what the method trains (e.g. the LoRA weights and their config) into a folder.
+            Called on every rank; it must write on rank 0 only.
+        tokenizer: Decodes the sample generations printed at each validation.
+        resume: False to start fresh; True or "auto" to continue from the latest checkpoint in ``out_dir``
+            ("auto" starts fresh if there is none); a path to continue from that checkpoint folder.
+        seed: Seed of the data order (the model's dropout uses the global torch RNG).
+
+    Returns:
+        The final progress counters (step, epoch, tokens seen, last validation loss, ...).
+    """
+    world_size = fabric.world_size
+    train_args.validate(world_size)
+    eval_args.validate()
+    lengths = [len(sample["input_ids"]) for sample in train_data]
+    loss_token_counts = [count_loss_tokens(sample, train_args.max_seq_length) for sample in train_data]
+    steps_per_epoch = len(lengths) // train_args.global_batch_size
+    if steps_per_epoch == 0:
+        raise LitQAError(
+            f"{len(lengths)} training samples are fewer than one global batch ({train_args.global_batch_size})"
+        )
+    total_steps = train_args.total_steps(steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train_args, total_steps))
+    trainable = trainable_parameter_names(model)
+    progress = {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0, "val_loss": None}
+
+    checkpoint = find_resume_checkpoint(out_dir, resume)
+    if checkpoint is not None:
+        load_training_state(fabric, checkpoint, model, optimizer, scheduler, progress, trainable)
+        fabric.print(f"Resumed from {checkpoint} at step {progress['step']}")
+    elif not eval_args.initial_validation:
+        # Fail fast: a short validation exercises the forward pass, the data and generation before training.
+        validate(fabric, model, val_data, train_args.micro_batch_size, max_batches=2)
+    if eval_args.initial_validation and checkpoint is None:
+        progress["val_loss"] = validate(fabric, model, val_data, train_args.micro_batch_size, eval_args.max_batches)
+        fabric.print(f"step 0: val loss {progress['val_loss']:.4f}")
+
+    progress_bar = tqdm(
+        total=total_steps, initial=progress["step"], desc="training", unit="step", disable=fabric.global_rank != 0
+    )
+    window_start, window_tokens = time.perf_counter(), 0
+    step_batches = []
+    while progress["step"] < total_steps:
+        if not step_batches:
+            step_batches = rank_batches_of_epoch(
+                lengths, loss_token_counts, train_args, progress["epoch"], seed, world_size, fabric.global_rank
+            )[progress["step_in_epoch"] :]
+            if not step_batches:
+                progress["epoch"], progress["step_in_epoch"] = progress["epoch"] + 1, 0
+                continue
+        micro_batches, loss_tokens = step_batches.pop(0)
+        step_loss = torch.zeros((), device=fabric.device)
+        for i, indices in enumerate(micro_batches):
+            batch = collate([train_data[j] for j in indices], tokenizer_pad_id(tokenizer), train_args.max_seq_length)
+            batch = {key: value.to(fabric.device) for key, value in batch.items()}
+            with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
+                # Sum of token losses / tokens of the global batch, times world_size because DDP averages ranks.
+                loss = token_loss_sum(model, batch) * world_size / loss_tokens
+                fabric.backward(loss)
+            step_loss += loss.detach()
+            window_tokens += int(batch["input_ids"].numel())
+        grad_norm = fabric.clip_gradients(
+            model, optimizer, max_norm=train_args.max_grad_norm or float("inf"), error_if_nonfinite=False
+        )
+        step_loss = fabric.all_reduce(step_loss, reduce_op="mean")
+        finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if not finite:
+            handle_non_finite(fabric, train_args, progress, out_dir, float(step_loss), float(grad_norm))
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        progress["step"] += 1
+        progress["step_in_epoch"] += 1
+        step = progress["step"]
+        progress_bar.update(1)
+
+        if step % train_args.log_interval == 0 or step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            metrics = {
+                "train/loss": float(step_loss),
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/grad_norm": float(grad_norm),
+                "train/tokens_per_sec": window_tokens * world_size / elapsed,
+                "train/epoch": progress["epoch"] + progress["step_in_epoch"] / steps_per_epoch,
+                "train/memory_gb": peak_memory_gb(fabric.device),
+            }
+            fabric.log_dict(metrics, step=step)
+            progress_bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
+                                     tok_s=f"{metrics['train/tokens_per_sec']:.0f}")  # fmt: skip
+            progress["tokens"] += window_tokens * world_size
+            window_start, window_tokens = time.perf_counter(), 0
+
+        if step % eval_args.interval == 0 or step == total_steps:
+            progress["val_loss"] = validate(fabric, model, val_data, train_args.micro_batch_size, eval_args.max_batches)
+            fabric.log_dict({"val/loss": progress["val_loss"]}, step=step)
+            fabric.print(f"\nstep {step}: val loss {progress['val_loss']:.4f}")
+            print_sample_generations(fabric, model, val_data, tokenizer, eval_args)
+        if step % train_args.save_interval == 0 or step == total_steps:
+            save_training_checkpoint(fabric, out_dir / f"step-{step:06d}", model, optimizer, scheduler, progress,
+                                     trainable, save_fn)  # fmt: skip
+    progress_bar.close()
+    for logger in fabric.loggers:
+        logger.finalize("success")
+    return progress
+
+
+def lr_factor(step: int, train_args: TrainArgs, total_steps: int) -> float:
+    """Learning-rate multiplier at optimizer step ``step``: linear warm-up, then constant or cosine decay."""
+    if step < train_args.warmup_steps:
+        return (step + 1) / (train_args.warmup_steps + 1)
+    if train_args.lr_schedule == "constant":
+        return 1.0
+    progress = (step - train_args.warmup_steps) / max(1, total_steps - train_args.warmup_steps)
+    min_factor = train_args.min_lr / train_args.learning_rate
+    return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_global_batches(lengths: list[int], global_batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The global batches (lists of sample indices) of one epoch: a pure function of its arguments.
+
+    A step's samples depend only on the seed, the epoch and the global batch size, never on the micro-batch
+    size or the number of devices, so changing either leaves the optimisation unchanged. A last partial
+    batch is dropped.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    return [order[start : start + global_batch_size] for start in range(0, len(order) - global_batch_size + 1,
+                                                                         global_batch_size)]  # fmt: skip
+
+
+def split_global_batch(
+    indices: list[int], lengths: list[int], micro_batch_size: int, group_by_length: bool
+) -> list[list[int]]:
+    """Cut one global batch into micro-batches; with ``group_by_length`` similar lengths share a micro-batch,
+    so little padding is computed."""
+    if group_by_length:
+        indices = sorted(indices, key=lambda i: -lengths[i])
+    return [indices[start : start + micro_batch_size] for start in range(0, len(indices), micro_batch_size)]
+
+
+def rank_batches_of_epoch(
+    lengths: list[int],
+    loss_token_counts: list[int],
+    train_args: TrainArgs,
+    epoch: int,
+    seed: int,
+    world_size: int,
+    rank: int,
+) -> list[tuple[list[list[int]], int]]:
+    """For each optimizer step of the epoch: this rank's micro-batches and the global batch's loss-token count.
+
+    Every rank computes the same epoch order, takes every world_size-th micro-batch of each step (so long
+    and short ones spread evenly over ranks), and knows the loss-token count of the whole global batch
+    without communicating.
+    """
+    steps = []
+    for indices in epoch_global_batches(lengths, train_args.global_batch_size, seed, epoch):
+        micro_batches = split_global_batch(indices, lengths, train_args.micro_batch_size, train_args.group_by_length)
+        steps.append((micro_batches[rank::world_size], sum(loss_token_counts[i] for i in indices)))
+    return steps
+
+
+def count_loss_tokens(sample: dict[str, Any], max_seq_length: int | None = None) -> int:
+    """Positions of ``sample`` that carry loss: those whose next token has a label (after cropping)."""
+    return int((sample["labels"][1:max_seq_length] != -100).sum())
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the positions whose label is not -100.
+
+    Only those positions go through the output head: for question answering the answer is a few tokens of a
+    few hundred, and the vocabulary projection is a large share of a small model's FLOPs.
+    """
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    targets = labels[:, 1:]  # the token each position predicts
+    output_mask = torch.zeros_like(labels, dtype=torch.bool)
+    output_mask[:, :-1] = targets != -100
+    logits = model(input_ids, output_mask=output_mask)  # (N, vocab)
+    return F.cross_entropy(logits.float(), targets[targets != -100], reduction="sum")
+
+
+@torch.no_grad()
+def validate(
+    fabric: L.Fabric, model: torch.nn.Module, val_data: list[dict[str, Any]], micro_batch_size: int, max_batches: int
+) -> float:
+    """Mean token loss over the first ``max_batches`` validation micro-batches (the same every time)."""
+    model.eval()
+    total, tokens = torch.zeros((), device=fabric.device), torch.zeros((), device=fabric.device)
+    starts = range(0, min(len(val_data), max_batches * micro_batch_size), micro_batch_size)
+    for start in list(starts)[fabric.global_rank :: fabric.world_size]:
+        batch = collate(val_data[start : start + micro_batch_size], pad_id=0)
+        batch = {key: value.to(fabric.device) for key, value in batch.items()}
+        total += token_loss_sum(model, batch)
+        tokens += (batch["labels"][:, 1:] != -100).sum()
+    model.train()
+    total, tokens = fabric.all_reduce(total, reduce_op="sum"), fabric.all_reduce(tokens, reduce_op="sum")
+    if tokens == 0:
+        raise LitQAError("the validation split has no answer tokens to compute a loss on")
+    return float(total / tokens)
+
+
+def print_sample_generations(
+    fabric: L.Fabric, model: torch.nn.Module, val_data: list[dict[str, Any]], tokenizer: Tokenizer, eval_args: EvalArgs
+) -> None:
+    """Greedy-decode a few validation prompts and print them next to their targets."""
+    samples = val_data[: eval_args.num_samples]
+    if not samples:
+        return
+    module = getattr(model, "module", model)
+    module.eval()
+    prompts = [sample["input_ids"][sample["labels"] == -100] for sample in samples]
+    outputs = generate(module, prompts, eval_args.max_new_tokens, stop_ids=tokenizer.eos_ids)
+    module.train()
+    for sample, output in zip(samples, outputs):
+        target = sample["labels"][sample["labels"] != -100]
+        expected = tokenizer.decode(target[~torch.isin(target, torch.tensor(sorted(tokenizer.eos_ids)))])
+        fabric.print(f"  [{sample.get('id', '?')}] generated {tokenizer.decode(output)!r}, expected {expected!r}")
+
+
+def tokenizer_pad_id(tokenizer: Tokenizer) -> int:
+    """Padding never reaches the loss (labels are -100 there), so any valid id works; prefer EOS."""
+    return tokenizer.eos_id if tokenizer.eos_id is not None else 0
+
+
+def trainable_parameter_names(model: torch.nn.Module) -> set[str]:
+    module = getattr(model, "module", model)
+    return {name for name, parameter in module.named_parameters() if parameter.requires_grad}
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or the process's peak resident memory on CPU, in GB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+def handle_non_finite(
+    fabric: L.Fabric, train_args: TrainArgs, progress: dict[str, Any], out_dir: Path, loss: float, grad_norm: float
+) -> None:
+    """Stop with a clear message (the last good checkpoint stays) or skip the step, per ``nan_policy``."""
+    what = f"loss {loss} / gradient norm {grad_norm} at step {progress['step'] + 1}"
+    if train_args.nan_policy == "skip":
+        fabric.print(f"\nwarning: non-finite {what}; skipping this optimizer step")
+        return
+    latest = latest_checkpoint(out_dir)
+    kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+    raise NonFiniteLossError(f"non-finite {what}; stopping ({kept}; lower the learning rate or use --train.nan_policy skip)")
+
+
+def save_training_checkpoint(
+    fabric: L.Fabric,
+    step_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: dict[str, Any],
+    trainable: set[str],
+    save_fn: Callable[[Path], None],
+) -> None:
+    """Write the method's weights and the resume state into ``step_dir`` atomically.
+
+    Everything goes to a temporary sibling folder first and is renamed when complete, so a run killed while
+    saving never leaves a half-written ``step-*`` folder that resume would pick up.
+    """
+    tmp_dir = step_dir.with_name(step_dir.name + ".tmp")
+    if fabric.global_rank == 0:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    fabric.barrier()
+    save_fn(tmp_dir)
+    if fabric.global_rank == 0:
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "progress": dict(progress),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    # Only what is trained: the frozen base model is already on disk in its checkpoint folder.
+    fabric.save(tmp_dir / STATE_FILE, state, filter={"model": lambda key, _: key in trainable})
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        if step_dir.exists():
+            shutil.rmtree(step_dir)
+        os.replace(tmp_dir, step_dir)
+    fabric.barrier()
+
+
+def load_training_state(
+    fabric: L.Fabric,
+    checkpoint: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: dict[str, Any],
+    trainable: set[str],
+) -> None:
+    """Restore model (trained part), optimizer, scheduler, progress counters and RNG from ``checkpoint``."""
+    path = checkpoint / STATE_FILE
+    if not path.is_file():
+        raise LitQAError(f"{checkpoint} is not a training checkpoint: {STATE_FILE} is missing")
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    try:
+        rest = fabric.load(path, state, strict=False, weights_only=True)
+    except (RuntimeError, OSError, EOFError) as e:
+        raise LitQAError(f"{path}: cannot load the training state ({str(e).splitlines()[0]})") from None
+    if not isinstance(rest.get("progress"), dict) or not isinstance(rest.get("rng"), torch.Tensor):
+        raise LitQAError(f"{path}: not a lit-qa training state (no progress counters or RNG state)")
+    progress.update(rest["progress"])
+    torch.set_rng_state(rest["rng"])
+    if rest.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rest["cuda_rng"])
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The complete ``step-*`` folder with the highest step in ``out_dir`` (temporary folders are ignored)."""
+    steps = [(int(m.group(1)), p) for p in Path(out_dir).glob("step-*") if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return max(steps)[1] if steps else None
+
+
+def find_resume_checkpoint(out_dir: Path, resume: bool | str | Path) -> Path | None:
+    """Resolve ``--resume`` to a checkpoint folder, or None for a fresh start."""
+    if resume is False or resume is None:
+        return None
+    if resume is True or resume == "auto":
+        latest = latest_checkpoint(out_dir)
+        if latest is None and resume is True:
+            raise LitQAError(f"--resume: no checkpoint (step-* folder) in {out_dir}")
+        return latest
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise LitQAError(f"--resume {path}: not a training checkpoint folder ({STATE_FILE} missing)")
+    return path
+
+
+def save_hyperparameters(out_dir: Path, **sections: Any) -> None:
+    """Write every setting of the run to ``out_dir/hyperparameters.yaml`` (dataclasses become mappings)."""
+    import yaml
+
+    values = {key: asdict(value) if hasattr(value, "__dataclass_fields__") else value for key, value in sections.items()}
+    values = {key: str(value) if isinstance(value, Path) else value for key, value in values.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "hyperparameters.yaml").write_text(yaml.safe_dump(values, sort_keys=False))

@@ -1,0 +1,184 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from lit_qa import training
+from lit_qa.args import EvalArgs, TrainArgs
+from lit_qa.config import Config
+from lit_qa.errors import LitQAError
+from lit_qa.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
+from lit_qa.model import GPT
+from lit_qa.training import epoch_global_batches, fit, latest_checkpoint, lr_factor, split_global_batch
+
+TOKENIZER = SimpleNamespace(eos_id=1, eos_ids={1}, decode=lambda ids: " ".join(map(str, ids.tolist())))
+
+
+def make_samples(n: int, seed: int = 0) -> list[dict]:
+    """Random prompts of varying length followed by a 2-4 token answer (the only positions with loss)."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(n):
+        length = int(torch.randint(6, 20, (1,), generator=generator))
+        answer = int(torch.randint(2, 5, (1,), generator=generator))
+        ids = torch.randint(2, 100, (length,), generator=generator)
+        labels = torch.full_like(ids, -100)
+        labels[-answer:] = ids[-answer:]
+        samples.append({"id": f"q{i}", "input_ids": ids, "labels": labels})
+    return samples
+
+
+def run(tmp_path: Path, train_args: TrainArgs, lora: bool = False, resume=False, samples=None, seed: int = 0,
+        optimizer_class=torch.optim.AdamW):  # fmt: skip
+    """Fit a tiny model from a fixed initialisation; return it."""
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
+    torch.manual_seed(seed)
+    model = GPT(Config.from_name("tiny-gqa"))
+    if lora:
+        apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.1, query=True, value=True, mlp=True))
+        mark_only_lora_as_trainable(model)
+        torch.manual_seed(seed)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.02)  # non-zero B so LoRA changes the output from step 1
+    model = fabric.setup_module(model)
+    optimizer = fabric.setup_optimizers(
+        optimizer_class([p for p in model.parameters() if p.requires_grad], lr=train_args.learning_rate)
+    )
+    data = samples if samples is not None else make_samples(16)
+    eval_args = EvalArgs(interval=1000, max_batches=2, num_samples=0)
+    saved = []
+    fit(fabric, model, optimizer, data, data[:4], train_args, eval_args, tmp_path, saved.append, TOKENIZER,
+        resume=resume, seed=seed)  # fmt: skip
+    return model.module
+
+
+def test_a_tiny_model_overfits_a_tiny_set(tmp_path):
+    samples = make_samples(8)
+    args = TrainArgs(global_batch_size=8, micro_batch_size=4, max_steps=60, learning_rate=1e-2, warmup_steps=0,
+                     lr_schedule="constant", save_interval=1000)  # fmt: skip
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
+    torch.manual_seed(0)
+    before = training.validate(fabric, GPT(Config.from_name("tiny-gqa")), samples, 4, max_batches=2)
+    model = run(tmp_path, args, samples=samples)
+    after = training.validate(fabric, model, samples, 4, max_batches=2)
+    assert before > 4.0 and after < 0.2
+
+
+def test_accumulating_micro_batches_equals_one_big_batch(tmp_path):
+    """Summed token losses over the global batch's token count: exact whatever the micro-batch split.
+
+    Plain SGD, so the weights move by exactly lr x gradient (Adam would amplify float rounding in tiny gradients).
+    """
+    common = dict(global_batch_size=8, max_steps=2, learning_rate=1.0, warmup_steps=0, save_interval=1000)
+    one_batch = run(tmp_path / "a", TrainArgs(micro_batch_size=8, **common), optimizer_class=torch.optim.SGD)
+    accumulated = run(tmp_path / "b", TrainArgs(micro_batch_size=2, **common), optimizer_class=torch.optim.SGD)
+    torch.manual_seed(0)
+    initial = GPT(Config.from_name("tiny-gqa")).state_dict()
+    assert not torch.equal(initial["lm_head.weight"], one_batch.state_dict()["lm_head.weight"])
+    for (name, a), (_, b) in zip(one_batch.state_dict().items(), accumulated.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_run_stopped_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch):
+    args = TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=8, learning_rate=1e-2, warmup_steps=2,
+                     save_interval=3)  # fmt: skip
+    uninterrupted = run(tmp_path / "full", args, lora=True)
+
+    original_save = training.save_training_checkpoint
+
+    def save_then_crash(fabric, step_dir, *rest):
+        original_save(fabric, step_dir, *rest)
+        if step_dir.name == "step-000003":
+            raise Interrupt
+
+    monkeypatch.setattr(training, "save_training_checkpoint", save_then_crash)
+    with pytest.raises(Interrupt):
+        run(tmp_path / "stopped", args, lora=True)
+    assert latest_checkpoint(tmp_path / "stopped").name == "step-000003"
+    monkeypatch.setattr(training, "save_training_checkpoint", original_save)
+    # A different seed for initialisation proves the weights come from the checkpoint, not the seed.
+    resumed = run(tmp_path / "stopped", args, lora=True, resume=True)
+    for (name, a), (_, b) in zip(uninterrupted.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    args = TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=6, warmup_steps=0, save_interval=2)
+    original = training.token_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += model.training  # validation passes do not count
+        loss = original(model, batch)
+        return loss * float("nan") if calls["n"] > 6 else loss  # steps 1-3 are fine (2 micro-batches each)
+
+    monkeypatch.setattr(training, "token_loss_sum", poisoned)
+    with pytest.raises(training.NonFiniteLossError, match=r"step 4.*step-000002"):
+        run(tmp_path, args)
+    assert latest_checkpoint(tmp_path).name == "step-000002"
+    assert (tmp_path / "step-000002" / training.STATE_FILE).is_file()
+
+
+def test_skip_policy_ignores_the_bad_step(tmp_path, monkeypatch):
+    args = TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=3, warmup_steps=0, nan_policy="skip")
+    monkeypatch.setattr(training, "token_loss_sum", lambda model, batch: model(batch["input_ids"]).sum() * float("nan"))
+    model = run(tmp_path, args)
+    torch.manual_seed(0)
+    initial = GPT(Config.from_name("tiny-gqa"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), initial.state_dict().values()))
+
+
+def test_half_written_checkpoint_is_never_the_latest(tmp_path):
+    (tmp_path / "step-000004").mkdir()
+    (tmp_path / "step-000008.tmp").mkdir()
+    assert latest_checkpoint(tmp_path).name == "step-000004"
+    with pytest.raises(LitQAError, match="no checkpoint"):
+        training.find_resume_checkpoint(tmp_path / "empty", True)
+    assert training.find_resume_checkpoint(tmp_path / "empty", "auto") is None
+
+
+def test_epoch_order_is_deterministic_covers_every_sample_and_groups_lengths():
+    lengths = torch.randint(5, 500, (1000,), generator=torch.Generator().manual_seed(0)).tolist()
+    batches = epoch_global_batches(lengths, 100, seed=1, epoch=0)
+    assert batches == epoch_global_batches(lengths, 100, seed=1, epoch=0)
+    assert batches != epoch_global_batches(lengths, 100, seed=1, epoch=1)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    padding = lambda bs: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)  # noqa: E731
+    grouped = [m for b in batches for m in split_global_batch(b, lengths, 4, group_by_length=True)]
+    plain = [m for b in batches for m in split_global_batch(b, lengths, 4, group_by_length=False)]
+    assert sorted(map(sorted, grouped)) != sorted(map(sorted, plain))
+    assert padding(grouped) < 0.2 * padding(plain)
+
+
+def test_ranks_split_each_step_and_agree_on_its_token_count():
+    lengths = list(range(10, 42))
+    counts = [3] * 32
+    args = TrainArgs(global_batch_size=8, micro_batch_size=2)
+    ranks = [training.rank_batches_of_epoch(lengths, counts, args, 0, seed=0, world_size=2, rank=r) for r in (0, 1)]
+    for (micro_0, tokens_0), (micro_1, tokens_1), full in zip(*ranks, epoch_global_batches(lengths, 8, 0, 0)):
+        assert tokens_0 == tokens_1 == 24
+        assert sorted(i for m in micro_0 + micro_1 for i in m) == sorted(full)
+        assert len(micro_0) == len(micro_1) == 2
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    args = TrainArgs(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10)
+    factors = [lr_factor(step, args, total_steps=110) for step in range(111)]
+    assert factors[0] < factors[5] < factors[9] <= 1.0
+    assert factors[10] == pytest.approx(1.0)
+    assert factors[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+
+
+def test_out_of_range_train_args_are_refused_together():
+    with pytest.raises(LitQAError) as error:
+        TrainArgs(global_batch_size=6, micro_batch_size=4, learning_rate=-1).validate(world_size=1)
+    assert "learning_rate" in str(error.value) and "multiple of micro_batch_size" in str(error.value)
