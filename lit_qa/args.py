@@ -37,6 +37,8 @@ class TrainArgs:
         max_seq_length: Crop samples to this many tokens; None keeps the longest prepared sample.
         nan_policy: What a non-finite loss or gradient does: "stop" the run (keeping the last good
             checkpoint) or "skip" that optimizer step.
+        max_time_minutes: Stop (after validating and saving a checkpoint) once training has run this long;
+            the learning-rate schedule still spans the full run, so ``--resume auto`` can finish it later.
     """
 
     global_batch_size: int = 128
@@ -56,6 +58,7 @@ class TrainArgs:
     log_interval: int = 1
     max_seq_length: int | None = None
     nan_policy: Literal["stop", "skip"] = "stop"
+    max_time_minutes: float | None = None
 
     def validate(self, world_size: int) -> None:
         """Raise one `LitQAError` listing every out-of-range value."""
@@ -72,6 +75,8 @@ class TrainArgs:
             problems.append(f"--train.max_steps must be >= 1, got {self.max_steps}")
         if self.max_steps is None and self.epochs <= 0:
             problems.append(f"--train.epochs must be > 0, got {self.epochs}")
+        if self.max_time_minutes is not None and self.max_time_minutes <= 0:
+            problems.append(f"--train.max_time_minutes must be > 0, got {self.max_time_minutes}")
         if self.max_seq_length is not None and self.max_seq_length < 2:
             problems.append(f"--train.max_seq_length must be >= 2, got {self.max_seq_length}")
         per_step = self.micro_batch_size * world_size

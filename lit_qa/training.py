@@ -110,6 +110,7 @@ def fit(
         total=total_steps, initial=progress["step"], desc="training", unit="step", disable=fabric.global_rank != 0
     )
     window_start, window_tokens = time.perf_counter(), 0
+    deadline = time.monotonic() + 60 * train_args.max_time_minutes if train_args.max_time_minutes else math.inf
     step_batches = []
     while progress["step"] < total_steps:
         if not step_batches:
@@ -163,14 +164,20 @@ def fit(
             progress["tokens"] += window_tokens * world_size
             window_start, window_tokens = time.perf_counter(), 0
 
-        if step % eval_args.interval == 0 or step == total_steps:
+        # Rank 0's clock decides, so every rank stops at the same step.
+        out_of_time = deadline != math.inf and fabric.broadcast(time.monotonic() > deadline)
+        if out_of_time:
+            fabric.print(f"\nTime budget of {train_args.max_time_minutes} minutes reached at step {step}/{total_steps}")
+        if step % eval_args.interval == 0 or step == total_steps or out_of_time:
             progress["val_loss"] = validate(fabric, model, val_data, train_args.micro_batch_size, eval_args.max_batches)
             fabric.log_dict({"val/loss": progress["val_loss"]}, step=step)
             fabric.print(f"\nstep {step}: val loss {progress['val_loss']:.4f}")
             print_sample_generations(fabric, model, val_data, tokenizer, eval_args)
-        if step % train_args.save_interval == 0 or step == total_steps:
+        if step % train_args.save_interval == 0 or step == total_steps or out_of_time:
             save_training_checkpoint(fabric, out_dir / f"step-{step:06d}", model, optimizer, scheduler, progress,
                                      trainable, save_fn)  # fmt: skip
+        if out_of_time:
+            break
     progress_bar.close()
     for logger in fabric.loggers:
         logger.finalize("success")

@@ -182,3 +182,12 @@ def test_out_of_range_train_args_are_refused_together():
     with pytest.raises(LitQAError) as error:
         TrainArgs(global_batch_size=6, micro_batch_size=4, learning_rate=-1).validate(world_size=1)
     assert "learning_rate" in str(error.value) and "multiple of micro_batch_size" in str(error.value)
+
+
+def test_time_budget_stops_with_a_checkpoint_and_resume_finishes(tmp_path):
+    args = TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=5, save_interval=100, max_time_minutes=1e-9)
+    run(tmp_path, args)
+    assert latest_checkpoint(tmp_path).name == "step-000001"
+    args.max_time_minutes = None
+    run(tmp_path, args, resume="auto")
+    assert latest_checkpoint(tmp_path).name == "step-000005"
