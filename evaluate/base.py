@@ -1,0 +1,82 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""Evaluate a full model (a converted base model or a merged fine-tune) on SQuAD 2.0.
+
+    python evaluate/base.py --eval_file data/squad2/dev-v2.0.json --limit 500
+    python evaluate/base.py --checkpoint_dir out/merged --out_dir out/evaluate/merged
+
+Writes ``predictions.json`` (official format: id -> answer, "" for no answer) and ``metrics.json`` (official
+metrics, the always-no-answer baseline on the same questions, speed and settings) into ``--out_dir``.
+``--limit`` evaluates a fixed stratified subset (same ``--seed``, same questions). Compare runs with
+``scripts/compare_results.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from lit_qa.checkpoint import load_model
+from lit_qa.errors import run_cli
+from lit_qa.evaluation import autocast, format_summary, resolve_device, run_evaluation, select_subset
+from lit_qa.precision import resolve_precision, weights_dtype
+from lit_qa.prompts import NO_ANSWER, check_prompt_style
+from lit_qa.squad import load_squad
+from lit_qa.tokenizer import Tokenizer, check_vocab_matches
+
+
+def main(
+    checkpoint_dir: Path = Path("checkpoints/SmolLM2-135M-Instruct"),
+    eval_file: Path = Path("data/squad2/dev-v2.0.json"),
+    out_dir: Path = Path("out/evaluate/base"),
+    limit: int | None = None,
+    seed: int = 1234,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    precision: str = "auto",
+    device: str = "auto",
+    prompt_style: str | None = None,
+    no_answer: str | None = None,
+) -> dict:
+    """Answer SQuAD 2.0 questions with a full model and score them.
+
+    Args:
+        checkpoint_dir: A lit checkpoint folder (converted, or merged with scripts/merge_lora.py).
+        eval_file: A SQuAD 2.0 (or 1.1) file in the official format.
+        out_dir: Where predictions.json and metrics.json go.
+        limit: Evaluate a stratified random subset of this many questions; None evaluates all.
+        seed: Seed of the subset.
+        batch_size: Questions decoded together (longest prompts first).
+        max_new_tokens: Longest answer in tokens.
+        precision: "auto" (bf16 on GPUs and on CPUs with native bf16, 32-true elsewhere), "32-true",
+            "bf16-true", "16-true", "bf16-mixed", "16-mixed".
+        device: "auto", "cpu" or "cuda".
+        prompt_style: The prompt template; defaults to "plain". For a merged fine-tune, use the style it was
+            trained with (prompt_style in its prepare_config.json).
+        no_answer: The no-answer reply named in the prompt and mapped to ""; defaults to "unanswerable".
+    """
+    prompt_style, no_answer = prompt_style or "plain", no_answer or NO_ANSWER
+    check_prompt_style(prompt_style)
+    questions = select_subset(load_squad(eval_file), limit, seed)  # a bad file fails before the model loads
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+
+    t0 = time.perf_counter()
+    model, config = load_model(checkpoint_dir, device=device, dtype=weights_dtype(precision))
+    tokenizer = Tokenizer(checkpoint_dir)
+    check_vocab_matches(tokenizer, config.padded_vocab_size, checkpoint_dir)
+    print(f"loaded {config.name or checkpoint_dir} ({precision}, {device}) in {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr)  # fmt: skip
+
+    info = dict(checkpoint_dir=str(checkpoint_dir), eval_file=str(eval_file), precision=precision, device=device,
+                limit=limit, seed=seed)  # fmt: skip
+    with autocast(precision, device):
+        metrics = run_evaluation(
+            model, tokenizer, questions, out_dir, prompt_style, no_answer, batch_size, max_new_tokens, info
+        )
+    print(format_summary(metrics, out_dir))
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main)

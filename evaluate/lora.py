@@ -1,0 +1,111 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""Evaluate a base model with a fine-tuned LoRA adapter on SQuAD 2.0.
+
+    python evaluate/lora.py --lora_dir out/finetune/lora/final --eval_file data/squad2/dev-v2.0.json --limit 500
+
+The adapter folder says which base model it belongs to (``base_checkpoint.json``) and how its training
+prompts were built (``prepare_config.json``), so by default nothing has to be repeated here. The adapter is
+merged into the weights before decoding: the same maths as running it unmerged, with no extra matmuls.
+Outputs are those of ``evaluate/base.py``: ``predictions.json`` and ``metrics.json`` in ``--out_dir``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from lit_qa.data import CONFIG_FILE, read_prepare_config
+from lit_qa.errors import run_cli
+from lit_qa.evaluation import autocast, format_summary, resolve_device, run_evaluation, select_subset
+from lit_qa.lora import check_lora_dir, load_lora_checkpoint, merge_lora_weights, read_base_record
+from lit_qa.precision import resolve_precision, weights_dtype
+from lit_qa.prompts import NO_ANSWER, check_prompt_style
+from lit_qa.squad import load_squad
+from lit_qa.tokenizer import Tokenizer, check_vocab_matches
+
+
+def main(
+    lora_dir: Path = Path("out/finetune/lora/final"),
+    checkpoint_dir: Path | None = None,
+    eval_file: Path = Path("data/squad2/dev-v2.0.json"),
+    out_dir: Path = Path("out/evaluate/lora"),
+    limit: int | None = None,
+    seed: int = 1234,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    precision: str = "auto",
+    device: str = "auto",
+    prompt_style: str | None = None,
+    no_answer: str | None = None,
+    allow_different_base: bool = False,
+) -> dict:
+    """Answer SQuAD 2.0 questions with a base model plus LoRA adapter and score them.
+
+    Args:
+        lora_dir: The adapter folder written by finetune/lora.py (e.g. out/finetune/lora/final or a step-* folder).
+        checkpoint_dir: The base checkpoint folder; None uses the path recorded in the adapter's base_checkpoint.json.
+        eval_file: A SQuAD 2.0 (or 1.1) file in the official format.
+        out_dir: Where predictions.json and metrics.json go.
+        limit: Evaluate a stratified random subset of this many questions; None evaluates all.
+        seed: Seed of the subset.
+        batch_size: Questions decoded together (longest prompts first).
+        max_new_tokens: Longest answer in tokens.
+        precision: "auto" (bf16 on GPUs and on CPUs with native bf16, 32-true elsewhere), "32-true",
+            "bf16-true", "16-true", "bf16-mixed", "16-mixed".
+        device: "auto", "cpu" or "cuda".
+        prompt_style: The prompt template; defaults to the one the adapter was trained with.
+        no_answer: The no-answer reply; defaults to the one the adapter was trained with.
+        allow_different_base: Evaluate even if the base weights are not those the adapter was trained on.
+    """
+    check_lora_dir(lora_dir)
+    prompt_style, no_answer = prompt_settings(lora_dir, prompt_style, no_answer)
+    questions = select_subset(load_squad(eval_file), limit, seed)  # a bad file fails before the model loads
+    base = Path(read_base_record(lora_dir)["path"]) if checkpoint_dir is None else checkpoint_dir
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+
+    t0 = time.perf_counter()
+    model, config, lora_config = load_lora_checkpoint(
+        lora_dir, base, device, weights_dtype(precision), allow_different_base
+    )
+    merge_lora_weights(model)  # the sum is formed in float32 and rounded once to the weights' dtype
+    tokenizer = Tokenizer(base)
+    check_vocab_matches(tokenizer, config.padded_vocab_size, base)
+    print(f"loaded {config.name or base} + LoRA r={lora_config.r} from {lora_dir} ({precision}, {device}) "
+          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
+
+    info = dict(checkpoint_dir=str(base), lora_dir=str(lora_dir), eval_file=str(eval_file), precision=precision,
+                device=device, limit=limit, seed=seed)  # fmt: skip
+    with autocast(precision, device):
+        metrics = run_evaluation(
+            model, tokenizer, questions, out_dir, prompt_style, no_answer, batch_size, max_new_tokens, info
+        )
+    print(format_summary(metrics, out_dir))
+    return metrics
+
+
+def prompt_settings(lora_dir: Path, prompt_style: str | None, no_answer: str | None) -> tuple[str, str]:
+    """The prompt style and no-answer string: the flags if given, else those the adapter was trained with.
+
+    A flag that differs from the training setting is honoured with a warning: the model was never asked
+    that way, so its scores will likely drop.
+    """
+    trained = {"prompt_style": "plain", "no_answer": NO_ANSWER}
+    if (Path(lora_dir) / CONFIG_FILE).is_file():
+        trained.update({k: v for k, v in read_prepare_config(lora_dir).items() if k in trained})
+    else:
+        print(f"warning: {lora_dir} has no {CONFIG_FILE}; assuming the default prompt settings", file=sys.stderr)
+    chosen = {"prompt_style": prompt_style, "no_answer": no_answer}
+    for key, value in chosen.items():
+        if value is None:
+            chosen[key] = trained[key]
+        elif value != trained[key]:
+            print(f"warning: --{key} {value!r} differs from {trained[key]!r}, which the adapter was trained with",
+                  file=sys.stderr)  # fmt: skip
+    check_prompt_style(chosen["prompt_style"])
+    return chosen["prompt_style"], chosen["no_answer"]
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,97 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""Put several evaluation runs side by side in one Markdown table.
+
+    python scripts/compare_results.py --runs '[base=out/evaluate/base, lora=out/evaluate/lora]' --out results.md
+
+Each run is ``label=path``, where the path is a ``metrics.json`` written by ``evaluate/*.py`` or the folder
+holding it. The table ends with the "always no-answer" floor on the same questions. Runs scored on different
+question sets (another ``--limit``, ``--seed`` or eval file) are refused, since their numbers do not compare.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lit_qa.errors import LitQAError, run_cli
+from lit_qa.evaluation import METRICS_FILE
+from lit_qa.squad import read_json_file
+
+COLUMNS = ("run", "questions", "EM", "F1", "HasAns F1", "NoAns accuracy", "questions/s")
+REQUIRED = ("exact", "f1", "num_questions", "question_ids_sha256", "no_answer_baseline")
+
+
+def main(runs: list[str], out: Path | None = None) -> str:
+    """Print a Markdown table comparing evaluation runs.
+
+    Args:
+        runs: Items ``label=path/to/metrics.json`` (or ``label=folder`` holding metrics.json).
+        out: Also write the table to this Markdown file.
+    """
+    if not runs:
+        raise LitQAError("give at least one run as label=path/to/metrics.json")
+    loaded = [load_run(item) for item in runs]
+    check_same_questions(loaded)
+    rows = [row(label, metrics, metrics.get("questions_per_second")) for label, metrics, _ in loaded]
+    rows.append(row("always no-answer", loaded[0][1]["no_answer_baseline"], None))
+    table = markdown_table(rows)
+    print(table)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(table + "\n")
+    return table
+
+
+def load_run(item: str) -> tuple[str, dict[str, Any], Path]:
+    """Parse ``label=path`` and read the metrics file; the label defaults to the folder name."""
+    label, sep, path_text = item.partition("=")
+    if not sep:
+        label, path_text = "", item
+    path = Path(path_text)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    metrics = read_json_file(path)  # LitQAError naming the file if it is missing or not JSON
+    if not isinstance(metrics, dict) or (missing := [k for k in REQUIRED if k not in metrics]):
+        raise LitQAError(f"{path} is not a metrics file of evaluate/*.py (missing {', '.join(missing)})")
+    return label or path.parent.name, metrics, path
+
+
+def check_same_questions(loaded: list[tuple[str, dict[str, Any], Path]]) -> None:
+    """Refuse runs scored on different questions, naming the first one that differs."""
+    _, first, first_path = loaded[0]
+    for label, metrics, path in loaded[1:]:
+        if (metrics["num_questions"], metrics["question_ids_sha256"]) != (
+            first["num_questions"], first["question_ids_sha256"]
+        ):  # fmt: skip
+            raise LitQAError(
+                f"{path} ({label}, {metrics['num_questions']} questions) was computed on other questions than "
+                f"{first_path} ({first['num_questions']} questions); evaluate both with the same eval file, "
+                "--limit and --seed"
+            )
+
+
+def row(label: str, metrics: dict[str, Any], questions_per_second: float | None) -> list[str]:
+    """One table row; a group with no questions (e.g. no unanswerable ones) shows a dash."""
+    return [
+        label,
+        str(metrics.get("num_questions", metrics.get("total", ""))),
+        f"{metrics['exact']:.2f}",
+        f"{metrics['f1']:.2f}",
+        f"{metrics['HasAns_f1']:.2f}" if "HasAns_f1" in metrics else "-",
+        f"{metrics['NoAns_exact']:.2f}" if "NoAns_exact" in metrics else "-",
+        f"{questions_per_second:.2f}" if questions_per_second is not None else "-",
+    ]
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    """A Markdown table with the `COLUMNS` header; numbers right-aligned, cells padded to line up."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
+    header = "| " + " | ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)) + " |"
+    rule = "| " + " | ".join("-" * (w - 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths)) + " |"
+    body = ["| " + " | ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+            + " |" for r in rows]  # fmt: skip
+    return "\n".join([header, rule, *body])
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,411 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""Evaluation: subset selection, batched answering, prompt identity with training, the evaluate scripts and
+the comparison table, on a tiny random model and a tokenizer trained in the test; one slow test on SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+import lit_qa.evaluation as evaluation
+from lit_qa.checkpoint import load_model, save_checkpoint
+from lit_qa.config import Config
+from lit_qa.data import FORMAT_VERSION, IGNORE_INDEX, PREPARED_BY, QuestionEncoder
+from lit_qa.errors import LitQAError, run_cli
+from lit_qa.evaluation import (
+    answer_questions,
+    no_answer_baseline,
+    question_ids_sha256,
+    select_subset,
+    to_official,
+)
+from lit_qa.lora import (
+    LoRAConfig,
+    apply_lora,
+    load_lora_checkpoint,
+    lora_filter,
+    lora_layers,
+    merge_lora_weights,
+    save_lora_checkpoint,
+)
+from lit_qa.model import GPT
+from lit_qa.squad import Question, evaluate_predictions, load_squad
+from lit_qa.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_EVAL = Path("/work/shared/data/squad2/demo-eval-v2.0.json")
+
+SENTENCES = [
+    "Answer the question with a short span copied from the context.",
+    "### Context: ### Question: ### Answer: unanswerable Unanswerable",
+    "The Normans were in Normandy in the 10th and 11th centuries.",
+    "Who ruled the duchy of Normandy? Which river flows through Paris?",
+] * 10
+FILLER = "Rivers and hills shape the land of every region. "
+# The tokenizer learns ~400 tokens; a vocabulary of 512 leaves room for them all.
+TINY = dict(name="tiny-eval", block_size=256, vocab_size=512, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,
+            intermediate_size=64)  # fmt: skip
+
+
+def load_script(relative: str) -> ModuleType:
+    """Import a script (evaluate/ and scripts/ are not packages) as a module."""
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(relative: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / relative), *args], capture_output=True, text=True, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random model saved as a lit checkpoint, with a byte-level BPE tokenizer that uses BOS."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(SENTENCES, trainer=trainer)
+    tokenizer.save(str(tokenizer_dir / "tokenizer.json"))
+    (tokenizer_dir / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
+    )
+    torch.manual_seed(0)
+    config = Config(**TINY)
+    model = GPT(config)
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    files = {name: tokenizer_dir / name for name in ("tokenizer.json", "tokenizer_config.json")}
+    return save_checkpoint(out, config, model.state_dict(), extra_files=files)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint_dir: Path) -> Tokenizer:
+    return Tokenizer(checkpoint_dir)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint_dir: Path) -> GPT:
+    return load_model(checkpoint_dir)[0]
+
+
+def make_question(qid: str, context: str, answer: str | None, question: str = "Who ruled Normandy?") -> Question:
+    if answer is None:
+        return Question(qid, "T", context, question, [], [], True)
+    return Question(qid, "T", context, question, [answer], [context.index(answer)], False)
+
+
+def sample_questions() -> list[Question]:
+    context = "The Normans were in Normandy in the 10th and 11th centuries."
+    return [
+        make_question("a1", context, "the 10th and 11th centuries", "When were the Normans in Normandy?"),
+        make_question("n1", context, None, "Which river flows through Paris?"),
+        make_question("a2", context + " " + FILLER * 2, "Normandy", "Where were the Normans?"),
+        make_question("n2", FILLER, None),
+        make_question("a3", "Paris is on the Seine.", "the Seine", "Which river flows through Paris?"),
+        make_question("n3", "Hills.", None, "Who ruled the duchy of Normandy?"),
+    ]
+
+
+def squad_file(path: Path, questions: list[Question]) -> Path:
+    """Write questions as an official-format file, one paragraph per question."""
+    paragraphs = [
+        {"context": q.context, "qas": [{
+            "id": q.id, "question": q.question, "is_impossible": q.is_impossible,
+            "answers": [{"text": a, "answer_start": s} for a, s in zip(q.answers, q.answer_starts)],
+        }]}
+        for q in questions
+    ]  # fmt: skip
+    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "T", "paragraphs": paragraphs}]}))
+    return path
+
+
+def record_prompts(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """Let `answer_questions` decode as usual, but keep every prompt it hands to `generate`."""
+    seen: list[torch.Tensor] = []
+    real_generate = evaluation.generate
+
+    def spy(model, prompts, *args, **kwargs):
+        seen.extend(prompts)
+        return real_generate(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generate", spy)
+    return seen
+
+
+# ---- select_subset ----
+
+
+def test_select_subset_keeps_ratio_order_and_is_deterministic():
+    # 30 answerable and 70 unanswerable, interleaved.
+    questions = [make_question(f"q{i}", "Paris.", "Paris" if i % 10 < 3 else None) for i in range(100)]
+    subset = select_subset(questions, 20, seed=7)
+    assert len(subset) == 20
+    assert sum(bool(q.answers) for q in subset) == 6  # 30% of 20
+    positions = [questions.index(q) for q in subset]
+    assert positions == sorted(positions)  # file order
+    assert select_subset(questions, 20, seed=7) == subset
+    assert select_subset(questions, 20, seed=8) != subset
+    # Rounding still gives exactly `limit`: 7 * 0.3 = 2.1 answerable -> 2, plus 5 unanswerable.
+    small = select_subset(questions, 7)
+    assert len(small) == 7 and sum(bool(q.answers) for q in small) == 2
+    assert select_subset(questions, None) == questions == select_subset(questions, 100) == select_subset(questions, 500)
+    with pytest.raises(LitQAError, match="--limit must be positive"):
+        select_subset(questions, 0)
+
+
+def test_no_answer_baseline_and_fingerprint():
+    questions = sample_questions()
+    baseline = no_answer_baseline(questions)
+    assert baseline["exact"] == baseline["f1"] == 50.0 and baseline["NoAns_exact"] == 100.0
+    assert baseline["HasAns_exact"] == 0.0 and baseline["total"] == 6
+    assert question_ids_sha256(questions) == question_ids_sha256(questions[::-1])
+    assert question_ids_sha256(questions) != question_ids_sha256(questions[1:])
+
+
+# ---- answer_questions ----
+
+
+def test_batched_answers_equal_answers_alone(model: GPT, tokenizer: Tokenizer):
+    questions = sample_questions()
+    batches = []
+    alone = answer_questions(model, tokenizer, questions, batch_size=1, max_new_tokens=8, progress=False)
+    batched = answer_questions(model, tokenizer, questions, batch_size=4, max_new_tokens=8, progress=False,
+                               on_batch=batches.append)  # fmt: skip
+    assert list(alone) == [q.id for q in questions]  # one answer per question, in file order
+    assert batched == alone
+    assert [len(b) for b in batches] == [4, 2]
+    assert {k: v for b in batches for k, v in b.items()} == batched
+    assert all(isinstance(a, str) for a in alone.values()) and any(alone.values())
+
+
+def test_prompts_are_token_identical_to_training(model, tokenizer, monkeypatch):
+    seen = record_prompts(monkeypatch)
+    questions = sample_questions()
+    answer_questions(model, tokenizer, questions, batch_size=2, max_new_tokens=2, progress=False)
+    encoder = QuestionEncoder(tokenizer, max_seq_length=1024)
+    training = [encoder(q).sample for q in questions]
+    expected = sorted((s["input_ids"][s["labels"] == IGNORE_INDEX].tolist() for s in training), key=len, reverse=True)
+    assert [p.tolist() for p in seen] == expected  # and longest first
+    assert all(p[0].item() == tokenizer.bos_id for p in seen)
+
+
+def test_no_answer_string_maps_to_empty(model, tokenizer, monkeypatch):
+    assert to_official("  Unanswerable \n") == "" and to_official("UNANSWERABLE") == ""
+    assert to_official(" Paris ") == "Paris" and to_official("unanswerable, sadly") == "unanswerable, sadly"
+    assert to_official("n/a", no_answer="N/A") == ""
+
+    def fake_generate(model, prompts, *args, **kwargs):
+        return [tokenizer.encode(" Unanswerable ", bos=False) if i % 2 else tokenizer.encode(" Normandy\n", bos=False)
+                for i in range(len(prompts))]  # fmt: skip
+
+    monkeypatch.setattr(evaluation, "generate", fake_generate)
+    answers = answer_questions(model, tokenizer, sample_questions(), batch_size=2, progress=False)
+    assert sorted(answers.values()) == ["", "", "", "Normandy", "Normandy", "Normandy"]
+
+
+def test_too_long_context_is_windowed(model, tokenizer, monkeypatch, capsys):
+    seen = record_prompts(monkeypatch)
+    question = make_question("long", "The Normans ruled. " + FILLER * 40, "The Normans")
+    encoder = QuestionEncoder(tokenizer, max_seq_length=4096)
+    assert len(encoder.prompt_ids(question.context, question.question)) > model.max_seq_length  # would not fit
+    answers = answer_questions(model, tokenizer, [question], max_new_tokens=16, progress=False)
+    assert list(answers) == ["long"]
+    (prompt,) = seen
+    assert len(prompt) <= model.max_seq_length - 16
+    text = tokenizer.decode(prompt, skip_special_tokens=True)
+    assert "### Context:\nThe Normans ruled. Rivers" in text and text.endswith("### Answer:\n")  # the first window
+    assert "1 of 1 contexts were windowed" in capsys.readouterr().err
+    with pytest.raises(LitQAError, match="leaves no room for a prompt"):
+        answer_questions(model, tokenizer, [question], max_new_tokens=model.max_seq_length, progress=False)
+
+
+# ---- evaluate/base.py ----
+
+
+def test_evaluate_base_script_end_to_end(checkpoint_dir, tmp_path):
+    questions = sample_questions()
+    eval_file = squad_file(tmp_path / "eval.json", questions)
+    out = tmp_path / "out"
+    result = run_script("evaluate/base.py", "--checkpoint_dir", str(checkpoint_dir), "--eval_file", str(eval_file),
+                        "--out_dir", str(out), "--limit", "4", "--seed", "3", "--batch_size", "3",
+                        "--max_new_tokens", "6", "--device", "cpu", "--precision", "32-true")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "questions/s" in result.stdout and "always no-answer" in result.stdout
+
+    subset = select_subset(load_squad(eval_file), 4, seed=3)
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert sorted(predictions) == sorted(q.id for q in subset)
+    assert sum(bool(q.answers) for q in subset) == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    official = evaluate_predictions(subset, predictions)
+    assert {k: metrics[k] for k in official} == official
+    assert metrics["no_answer_baseline"] == no_answer_baseline(subset)
+    assert metrics["num_questions"] == 4 and metrics["question_ids_sha256"] == question_ids_sha256(subset)
+    assert metrics["questions_per_second"] > 0 and metrics["seconds"] > 0
+    assert metrics["precision"] == "32-true" and metrics["limit"] == 4 and metrics["seed"] == 3
+    assert metrics["checkpoint_dir"] == str(checkpoint_dir) and metrics["prompt_style"] == "plain"
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions.json"]  # no temporary files left
+
+
+@pytest.mark.parametrize("missing", ["eval_file", "checkpoint_dir"])
+def test_evaluate_base_missing_input_is_one_line_error(checkpoint_dir, tmp_path, missing):
+    eval_file = squad_file(tmp_path / "eval.json", sample_questions())
+    paths = {"eval_file": eval_file, "checkpoint_dir": checkpoint_dir, missing: tmp_path / "nope"}
+    result = run_script("evaluate/base.py", "--checkpoint_dir", str(paths["checkpoint_dir"]),
+                        "--eval_file", str(paths["eval_file"]), "--out_dir", str(tmp_path / "out"))  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert str(tmp_path / "nope") in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---- evaluate/lora.py ----
+
+
+def test_evaluate_lora_equals_merged_model(checkpoint_dir, tmp_path):
+    model = load_model(checkpoint_dir)[0]
+    lora_config = LoRAConfig(r=4, alpha=8, query=True, value=True, mlp=True)
+    apply_lora(model, lora_config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in lora_layers(model):  # B starts at zero; a non-zero B makes the adapter matter
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.5)
+    prepare = {"prepared_by": PREPARED_BY, "format_version": FORMAT_VERSION, "prompt_style": "plain",
+               "no_answer": "unanswerable", "max_seq_length": 256}  # fmt: skip
+    lora_dir = save_lora_checkpoint(tmp_path / "lora", model, lora_config, checkpoint_dir,
+                                    extra={"prepare_config.json": prepare})  # fmt: skip
+    # The reference: the adapter merged offline into a full checkpoint, evaluated by evaluate/base.py.
+    merged, _, _ = load_lora_checkpoint(lora_dir)
+    merge_lora_weights(merged)
+    state_dict = {k: v for k, v in merged.state_dict().items() if not lora_filter(k, v)}
+    tokenizer_files = {name: checkpoint_dir / name for name in ("tokenizer.json", "tokenizer_config.json")}
+    merged_dir = save_checkpoint(tmp_path / "merged", merged.config, state_dict, tokenizer_files)
+
+    eval_file = squad_file(tmp_path / "eval.json", sample_questions())
+    common = ["--eval_file", str(eval_file), "--max_new_tokens", "6", "--device", "cpu", "--precision", "32-true"]
+    result = run_script("evaluate/lora.py", "--lora_dir", str(lora_dir), "--out_dir", str(tmp_path / "lora_out"),
+                        "--batch_size", "4", *common)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr
+    base_module = load_script("evaluate/base.py")
+    base_module.main(merged_dir, out_dir=tmp_path / "merged_out", eval_file=eval_file, max_new_tokens=6,
+                     device="cpu", precision="32-true", batch_size=2)  # fmt: skip
+    base_module.main(checkpoint_dir, out_dir=tmp_path / "base_out", eval_file=eval_file, max_new_tokens=6,
+                     device="cpu", precision="32-true")  # fmt: skip
+
+    lora_predictions = json.loads((tmp_path / "lora_out" / "predictions.json").read_text())
+    assert lora_predictions == json.loads((tmp_path / "merged_out" / "predictions.json").read_text())
+    assert lora_predictions != json.loads((tmp_path / "base_out" / "predictions.json").read_text())
+    metrics = json.loads((tmp_path / "lora_out" / "metrics.json").read_text())
+    assert metrics["lora_dir"] == str(lora_dir) and metrics["checkpoint_dir"] == str(checkpoint_dir)
+
+    missing = run_script("evaluate/lora.py", "--lora_dir", str(tmp_path / "nope"), *common)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert missing.stderr.startswith(f"error: LoRA folder {tmp_path / 'nope'} does not exist")
+
+
+def test_lora_prompt_settings_default_to_training_and_warn_on_override(tmp_path, capsys):
+    lora_script = load_script("evaluate/lora.py")
+    prepare = {"prepared_by": PREPARED_BY, "format_version": FORMAT_VERSION, "prompt_style": "plain",
+               "no_answer": "no answer"}  # fmt: skip
+    (tmp_path / "prepare_config.json").write_text(json.dumps(prepare))
+    assert lora_script.prompt_settings(tmp_path, None, None) == ("plain", "no answer")
+    assert capsys.readouterr().err == ""
+    assert lora_script.prompt_settings(tmp_path, None, "unanswerable") == ("plain", "unanswerable")
+    assert "--no_answer 'unanswerable' differs from 'no answer'" in capsys.readouterr().err
+    with pytest.raises(LitQAError, match="unknown prompt style"):
+        lora_script.prompt_settings(tmp_path, "chatty", None)
+
+
+# ---- scripts/compare_results.py ----
+
+
+def write_metrics(folder: Path, questions: list[Question], predictions: dict[str, str], speed: float) -> Path:
+    folder.mkdir(parents=True)
+    metrics = {**evaluate_predictions(questions, predictions), "no_answer_baseline": no_answer_baseline(questions),
+               "num_questions": len(questions), "question_ids_sha256": question_ids_sha256(questions),
+               "questions_per_second": speed}  # fmt: skip
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_compare_results_table_and_mismatch(tmp_path, capsys):
+    compare = load_script("scripts/compare_results.py")
+    questions = sample_questions()
+    gold = {q.id: q.answers[0] if q.answers else "" for q in questions}
+    perfect = write_metrics(tmp_path / "perfect", questions, gold, 12.5)
+    chatty = write_metrics(tmp_path / "chatty", questions, {q.id: "Paris" for q in questions}, 3.0)
+
+    out = tmp_path / "table.md"
+    table = run_cli(compare.main, ["--runs", f"[good={perfect}, chatty={chatty / 'metrics.json'}]", "--out", str(out)])
+    assert capsys.readouterr().out.strip() == table == out.read_text().strip()
+    lines = table.splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == list(compare.COLUMNS)
+    assert len(lines) == 5  # header, rule, two runs, always no-answer
+    assert [c.strip() for c in lines[2].strip("|").split("|")] == ["good", "6", "100.00", "100.00", "100.00", "100.00",
+                                                                   "12.50"]  # fmt: skip
+    assert [c.strip() for c in lines[4].strip("|").split("|")] == ["always no-answer", "6", "50.00", "50.00", "0.00",
+                                                                   "100.00", "-"]  # fmt: skip
+
+    other = write_metrics(tmp_path / "other", questions[:5], gold, 1.0)
+    with pytest.raises(LitQAError, match="computed on other questions"):
+        compare.main([f"good={perfect}", f"other={other}"])
+    # Same count, different ids.
+    renamed = [Question("x" + q.id, q.title, q.context, q.question, q.answers, q.answer_starts, q.is_impossible)
+               for q in questions]  # fmt: skip
+    renamed_dir = write_metrics(tmp_path / "renamed", renamed, {q.id: "" for q in renamed}, 1.0)
+    with pytest.raises(LitQAError, match="computed on other questions"):
+        compare.main([f"good={perfect}", f"renamed={renamed_dir}"])
+    with pytest.raises(LitQAError, match="does not exist"):
+        compare.main([f"gone={tmp_path / 'gone' / 'metrics.json'}"])
+
+
+# ---- the real model ----
+
+
+@pytest.mark.slow
+def test_real_smollm2_on_demo_eval(tmp_path):
+    prepare = load_script("scripts/prepare_default_model.py")
+    try:
+        prepare.locate_default_gguf()
+    except LitQAError as e:
+        pytest.skip(str(e))
+    if not DEMO_EVAL.is_file():
+        pytest.skip(f"{DEMO_EVAL} is missing")
+    checkpoint = prepare.prepare_default_model(tmp_path / "smol")
+
+    base_script = load_script("evaluate/base.py")
+    out = tmp_path / "eval"
+    metrics = base_script.main(checkpoint, eval_file=DEMO_EVAL, out_dir=out, limit=16, batch_size=8,
+                               max_new_tokens=16, precision="32-true", device="cpu")  # fmt: skip
+    subset = select_subset(load_squad(DEMO_EVAL), 16)
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert list(predictions) == [q.id for q in subset]
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert {k: metrics[k] for k in ("exact", "f1", "total")} == {
+        k: evaluate_predictions(subset, predictions)[k] for k in ("exact", "f1", "total")
+    }
+    assert metrics["no_answer_baseline"] == no_answer_baseline(subset)
+
+    # Half the questions decoded one at a time is enough to catch a batching bug, at half the cost.
+    model = load_model(checkpoint)[0]
+    alone = answer_questions(model, Tokenizer(checkpoint), subset[:8], batch_size=1, max_new_tokens=16, progress=False)
+    assert alone == {q.id: predictions[q.id] for q in subset[:8]}
