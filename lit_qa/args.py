@@ -35,6 +35,8 @@ class TrainArgs:
         save_interval: Write a checkpoint every this many optimizer steps (and always at the end).
         log_interval: Log loss, learning rate, gradient norm, throughput and memory every this many steps.
         max_seq_length: Crop samples to this many tokens; None keeps the longest prepared sample.
+        pad_multiple: Pad each micro-batch's length up to a multiple of this, so the kernels see a few shapes
+            (on CPU, bf16 kernels are re-built for every new shape: 55 vs 630 tokens/s measured here).
         nan_policy: What a non-finite loss or gradient does: "stop" the run (keeping the last good
             checkpoint) or "skip" that optimizer step.
         max_time_minutes: Stop (after validating and saving a checkpoint) once training has run this long;
@@ -57,13 +59,14 @@ class TrainArgs:
     save_interval: int = 200
     log_interval: int = 1
     max_seq_length: int | None = None
+    pad_multiple: int = 64
     nan_policy: Literal["stop", "skip"] = "stop"
     max_time_minutes: float | None = None
 
     def validate(self, world_size: int) -> None:
         """Raise one `LitQAError` listing every out-of-range value."""
         problems = []
-        positive = ("global_batch_size", "micro_batch_size", "save_interval", "log_interval")
+        positive = ("global_batch_size", "micro_batch_size", "save_interval", "log_interval", "pad_multiple")
         problems += [f"--train.{name} must be >= 1, got {getattr(self, name)}" for name in positive if getattr(self, name) < 1]
         if self.learning_rate <= 0:
             problems.append(f"--train.learning_rate must be > 0, got {self.learning_rate}")

@@ -375,23 +375,28 @@ def _check_samples(samples: Any, path: Path) -> None:
             )
 
 
-def collate(samples: list[dict[str, Any]], pad_id: int, max_length: int | None = None) -> dict[str, torch.Tensor]:
+def collate(
+    samples: list[dict[str, Any]], pad_id: int, max_length: int | None = None, pad_multiple: int = 1
+) -> dict[str, torch.Tensor]:
     """Stack samples into a right-padded batch.
 
     Args:
         samples: Dicts with 1-D ``input_ids`` and ``labels``.
         pad_id: Token id to pad ``input_ids`` with (it is never learned: its labels are -100).
         max_length: Cut longer samples to this many tokens first; None keeps them whole.
+        pad_multiple: Round T up to a multiple of this. On CPUs, bf16 kernels are re-built for every new
+            shape, which made training on varying lengths several times slower than a few fixed shapes.
 
     Returns:
-        ``{"input_ids": (B, T), "labels": (B, T)}``, where T is the longest (cut) sample in the batch, so
-        nothing is padded beyond it.
+        ``{"input_ids": (B, T), "labels": (B, T)}``, where T is the longest (cut) sample in the batch, rounded
+        up to ``pad_multiple``.
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
     input_ids = [s["input_ids"][:max_length] for s in samples]
     labels = [s["labels"][:max_length] for s in samples]
     longest = max(len(x) for x in input_ids)
+    longest = -(-longest // pad_multiple) * pad_multiple
     batch_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)  # (B, T)
     batch_labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
     for row, (x, y) in enumerate(zip(input_ids, labels, strict=True)):

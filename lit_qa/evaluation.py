@@ -161,9 +161,9 @@ def answer_questions(
     with tqdm(total=len(order), desc="answering", unit="q", disable=not progress, mininterval=1.0) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            outputs = generate(
-                model, [prompts[q.id][0] for q in batch], max_new_tokens, stop_ids=tokenizer.eos_ids, pad_id=pad_id
-            )
+            # Prompt lengths rounded to 64: a few shapes keep CPU bf16 kernels from being re-built per batch.
+            outputs = generate(model, [prompts[q.id][0] for q in batch], max_new_tokens, stop_ids=tokenizer.eos_ids,
+                               pad_id=pad_id, pad_multiple=64)  # fmt: skip
             batch_answers = {q.id: to_official(tokenizer.decode(out.cpu(), skip_special_tokens=True), no_answer)
                              for q, out in zip(batch, outputs, strict=True)}  # fmt: skip
             answers.update(batch_answers)

@@ -68,6 +68,7 @@ def generate(
     stop_ids: set[int] | None = None,
     pad_id: int = 0,
     generator: torch.Generator | None = None,
+    pad_multiple: int = 1,
 ) -> list[torch.Tensor]:
     """Continue each prompt by up to ``max_new_tokens`` tokens, stopping a row at its first stop token.
 
@@ -79,6 +80,8 @@ def generate(
         stop_ids: Token ids that end a row (EOS). The stop token is not included in the output.
         pad_id: Token used for left padding (never attended to).
         generator: Random generator for reproducible sampling.
+        pad_multiple: Left-pad the batch to a multiple of this many tokens. On CPUs, bf16 kernels are re-built
+            for every new shape, so a few fixed shapes beat minimal padding there.
 
     Returns:
         For each prompt, the newly generated tokens (1-D, on the model's device).
@@ -88,14 +91,17 @@ def generate(
         raise LitQAError("every prompt needs at least one token")
     device = model.transformer.wte.weight.device
     lengths = torch.tensor([p.numel() for p in prompts], device=device)
-    prompt_length = int(lengths.max())
+    longest = int(lengths.max())
+    rounded = -(-longest // pad_multiple) * pad_multiple
+    prompt_length = max(longest, min(rounded, model.max_seq_length - max_new_tokens))  # rounding never overflows
     batch_size = len(prompts)
     model.set_kv_cache(batch_size, prompt_length + max_new_tokens)
     try:
         idx = torch.full((batch_size, prompt_length), pad_id, dtype=torch.long, device=device)
         for row, prompt in enumerate(prompts):
             idx[row, prompt_length - prompt.numel() :] = prompt.to(device)
-        pad_lengths = (prompt_length - lengths) if batch_size > 1 else None
+        pad_lengths = prompt_length - lengths
+        pad_lengths = pad_lengths if bool(pad_lengths.any()) else None
         input_pos = torch.arange(prompt_length, device=device)
         logits = model(idx, input_pos, pad_lengths, last_only=True)[:, -1]  # (B, vocab)
         stop = torch.tensor(sorted(stop_ids or ()), dtype=torch.long, device=device)

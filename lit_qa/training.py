@@ -101,9 +101,11 @@ def fit(
         fabric.print(f"Resumed from {checkpoint} at step {progress['step']}")
     elif not eval_args.initial_validation:
         # Fail fast: a short validation exercises the forward pass, the data and generation before training.
-        validate(fabric, model, val_data, train_args.micro_batch_size, max_batches=2)
+        validate(fabric, model, val_data, train_args.micro_batch_size, 2, train_args.pad_multiple)
     if eval_args.initial_validation and checkpoint is None:
-        progress["val_loss"] = validate(fabric, model, val_data, train_args.micro_batch_size, eval_args.max_batches)
+        progress["val_loss"] = validate(
+                fabric, model, val_data, train_args.micro_batch_size, eval_args.max_batches, train_args.pad_multiple
+            )
         fabric.print(f"step 0: val loss {progress['val_loss']:.4f}")
 
     progress_bar = tqdm(
@@ -123,7 +125,8 @@ def fit(
         micro_batches, loss_tokens = step_batches.pop(0)
         step_loss = torch.zeros((), device=fabric.device)
         for i, indices in enumerate(micro_batches):
-            batch = collate([train_data[j] for j in indices], tokenizer_pad_id(tokenizer), train_args.max_seq_length)
+            samples = [train_data[j] for j in indices]
+            batch = collate(samples, tokenizer_pad_id(tokenizer), train_args.max_seq_length, train_args.pad_multiple)
             batch = {key: value.to(fabric.device) for key, value in batch.items()}
             with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
                 # Sum of token losses / tokens of the global batch, times world_size because DDP averages ranks.
@@ -169,7 +172,9 @@ def fit(
         if out_of_time:
             fabric.print(f"\nTime budget of {train_args.max_time_minutes} minutes reached at step {step}/{total_steps}")
         if step % eval_args.interval == 0 or step == total_steps or out_of_time:
-            progress["val_loss"] = validate(fabric, model, val_data, train_args.micro_batch_size, eval_args.max_batches)
+            progress["val_loss"] = validate(
+                fabric, model, val_data, train_args.micro_batch_size, eval_args.max_batches, train_args.pad_multiple
+            )
             fabric.log_dict({"val/loss": progress["val_loss"]}, step=step)
             fabric.print(f"\nstep {step}: val loss {progress['val_loss']:.4f}")
             print_sample_generations(fabric, model, val_data, tokenizer, eval_args)
@@ -261,14 +266,19 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 
 @torch.no_grad()
 def validate(
-    fabric: L.Fabric, model: torch.nn.Module, val_data: list[dict[str, Any]], micro_batch_size: int, max_batches: int
+    fabric: L.Fabric,
+    model: torch.nn.Module,
+    val_data: list[dict[str, Any]],
+    micro_batch_size: int,
+    max_batches: int,
+    pad_multiple: int = 64,
 ) -> float:
     """Mean token loss over the first ``max_batches`` validation micro-batches (the same every time)."""
     model.eval()
     total, tokens = torch.zeros((), device=fabric.device), torch.zeros((), device=fabric.device)
     starts = range(0, min(len(val_data), max_batches * micro_batch_size), micro_batch_size)
     for start in list(starts)[fabric.global_rank :: fabric.world_size]:
-        batch = collate(val_data[start : start + micro_batch_size], pad_id=0)
+        batch = collate(val_data[start : start + micro_batch_size], pad_id=0, pad_multiple=pad_multiple)
         batch = {key: value.to(fabric.device) for key, value in batch.items()}
         total += token_loss_sum(model, batch)
         tokens += (batch["labels"][:, 1:] != -100).sum()

@@ -221,6 +221,9 @@ def test_collate():
     cut = collate(samples, pad_id=0, max_length=2)
     assert torch.equal(cut["input_ids"], torch.tensor([[5, 6], [8, 9]]))
     assert collate(samples[1:], pad_id=0, max_length=10)["input_ids"].shape == (1, 2)  # no padding past the longest
+    rounded = collate(samples, pad_id=7, pad_multiple=4)
+    assert rounded["input_ids"].shape[1] % 4 == 0 and rounded["input_ids"].shape[1] >= batch["input_ids"].shape[1]
+    assert (rounded["labels"][:, batch["input_ids"].shape[1] :] == -100).all()
 
 
 def test_load_prepared_errors(tmp_path: Path):

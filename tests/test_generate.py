@@ -90,3 +90,12 @@ def test_bad_sampling_args_and_too_long_request_raise(model):
         generate(model, [prompt], 3, temperature=1, top_p=0)
     with pytest.raises(LitQAError, match="max_seq_length"):
         generate(model, [prompt], max_new_tokens=200)
+
+
+def test_padding_to_a_multiple_changes_nothing(model):
+    prompts = [torch.randint(1, 100, (n,)) for n in (3, 9)]
+    plain = generate(model, prompts, max_new_tokens=5)
+    padded = generate(model, prompts, max_new_tokens=5, pad_multiple=16)
+    alone_padded = generate(model, prompts[:1], max_new_tokens=5, pad_multiple=16)
+    assert [t.tolist() for t in plain] == [t.tolist() for t in padded]
+    assert alone_padded[0].tolist() == plain[0].tolist()
