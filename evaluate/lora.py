@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 from lit_qa.data import CONFIG_FILE, read_prepare_config
 from lit_qa.errors import run_cli
@@ -34,6 +35,8 @@ def main(
     seed: int = 1234,
     batch_size: int = 8,
     max_new_tokens: int = 32,
+    na_threshold: float | Literal["auto"] | None = 0.5,
+    calibration_file: Path | None = None,
     precision: str = "auto",
     device: str = "auto",
     prompt_style: str | None = None,
@@ -51,6 +54,11 @@ def main(
         seed: Seed of the subset.
         batch_size: Questions decoded together (longest prompts first).
         max_new_tokens: Longest answer in tokens.
+        na_threshold: Answer "no answer" only when the model puts at least this probability on starting the
+            no-answer string (instead of comparing it with single answer tokens); "auto" tunes it for F1 on
+            ``calibration_file``; null for plain greedy decoding.
+        calibration_file: Held-out SQuAD questions to tune ``--na_threshold auto`` on, e.g. the validation
+            split that scripts/prepare_squad.py writes (val-v2.0.json). Never the evaluation file.
         precision: "auto" (bf16 on GPUs and on CPUs with native bf16, 32-true elsewhere), "32-true",
             "bf16-true", "16-true", "bf16-mixed", "16-mixed".
         device: "auto", "cpu" or "cuda".
@@ -79,7 +87,9 @@ def main(
                 device=device, limit=limit, seed=seed)  # fmt: skip
     with autocast(precision, device):
         metrics = run_evaluation(
-            model, tokenizer, questions, out_dir, prompt_style, no_answer, batch_size, max_new_tokens, info
+            model, tokenizer, questions, out_dir, prompt_style, no_answer, batch_size, max_new_tokens, info,
+            na_threshold=na_threshold,
+            calibration_questions=load_squad(calibration_file) if calibration_file else None,
         )
     print(format_summary(metrics, out_dir))
     return metrics

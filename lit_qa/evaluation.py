@@ -22,7 +22,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,12 @@ from lit_qa.errors import LitQAError
 from lit_qa.generate import generate
 from lit_qa.model import GPT
 from lit_qa.prompts import NO_ANSWER
-from lit_qa.squad import Question, evaluate_predictions
+from lit_qa.squad import Question, evaluate_predictions, f1_score, gold_answers
 from lit_qa.tokenizer import Tokenizer
 
 PREDICTIONS_FILE = "predictions.json"
 METRICS_FILE = "metrics.json"
+NA_PROBS_FILE = "na_probs.json"
 PARTIAL_FILE = "predictions.partial.json"
 
 
@@ -109,6 +110,21 @@ def prompt_for(encoder: QuestionEncoder, question: Question) -> tuple[torch.Tens
     return windowed, True
 
 
+@dataclass
+class Answers:
+    """What the model answered, and how sure it was that there is no answer.
+
+    Attributes:
+        final: Question id to reported answer, ``""`` meaning "no answer".
+        best_span: Question id to the best answer when abstaining is not allowed (with ``na_threshold``).
+        abstain_prob: Question id to P(first token of the no-answer string) (empty without ``na_threshold``).
+    """
+
+    final: dict[str, str]
+    best_span: dict[str, str] = field(default_factory=dict)
+    abstain_prob: dict[str, float] = field(default_factory=dict)
+
+
 def answer_questions(
     model: GPT,
     tokenizer: Tokenizer,
@@ -119,8 +135,40 @@ def answer_questions(
     max_new_tokens: int = 32,
     progress: bool = True,
     on_batch: Callable[[dict[str, str]], None] | None = None,
+    na_threshold: float | None = 0.5,
 ) -> dict[str, str]:
     """Answer questions by greedy decoding, in batches of similar prompt length.
+
+    Args:
+        model, tokenizer, questions, ...: See `score_questions`.
+
+    Returns:
+        Question id to answer text, ``""`` meaning "no answer".
+    """
+    return score_questions(model, tokenizer, questions, prompt_style, no_answer, batch_size, max_new_tokens,
+                           progress, on_batch, na_threshold).final  # fmt: skip
+
+
+def score_questions(
+    model: GPT,
+    tokenizer: Tokenizer,
+    questions: list[Question],
+    prompt_style: str = "plain",
+    no_answer: str = NO_ANSWER,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+    on_batch: Callable[[dict[str, str]], None] | None = None,
+    na_threshold: float | None = 0.5,
+) -> Answers:
+    """Answer questions by greedy decoding, and score how likely each is to have no answer.
+
+    Greedy decoding compares the no-answer string's first token with each single answer token. The
+    probability of answering is spread over many candidate spans while abstaining is one token, so a
+    fine-tuned model that is unsure abstains almost always. With ``na_threshold``, the first token of the
+    no-answer string is forbidden during decoding (giving the best answer span), and the model abstains
+    when the probability it gave that token reaches the threshold: at 0.5 that is when abstaining is more
+    likely than all answers together; the best value for F1 is tuned on held-out data (`best_na_threshold`).
 
     Args:
         model: The model, in eval mode. A prompt longer than ``model.max_seq_length - max_new_tokens`` is
@@ -132,16 +180,19 @@ def answer_questions(
         batch_size: Questions decoded together. Each row decodes exactly as it would alone.
         max_new_tokens: Longest answer in tokens.
         progress: Show a progress bar (in questions) on stderr.
-        on_batch: Called with each batch's ``{id: answer}``, e.g. to save partial results.
+        on_batch: Called with each batch's final ``{id: answer}``, e.g. to save partial results.
+        na_threshold: Abstain when P(first token of the no-answer string) >= this; None for plain greedy decoding.
 
     Returns:
-        Question id to answer text, ``""`` meaning "no answer".
+        The final answers, and with ``na_threshold`` the best spans and abstain probabilities.
 
     Raises:
         LitQAError: If the arguments are out of range, or a question cannot fit the model even windowed.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise LitQAError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    if na_threshold is not None and not 0.0 <= na_threshold <= 1.0:
+        raise LitQAError(f"--na_threshold must be in [0, 1], got {na_threshold}")
     max_prompt_length = model.max_seq_length - max_new_tokens
     if max_prompt_length < 1:
         raise LitQAError(
@@ -157,20 +208,57 @@ def answer_questions(
     # out-of-memory error shows up in the first batch rather than at the end.
     order = sorted(questions, key=lambda q: -len(prompts[q.id][0]))
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0  # never attended to, any valid id works
-    answers: dict[str, str] = {}
+    abstain_token = int(tokenizer.encode(no_answer, bos=False)[0])
+    result = Answers(final={})
     with tqdm(total=len(order), desc="answering", unit="q", disable=not progress, mininterval=1.0) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
+            probs: list[torch.Tensor] = []
+
+            def forbid_abstaining(logits: torch.Tensor) -> torch.Tensor:
+                probs.append(logits.float().softmax(dim=-1)[:, abstain_token])  # (B,)
+                return logits.index_fill(-1, torch.tensor([abstain_token], device=logits.device), float("-inf"))
+
             # Prompt lengths rounded to 64: a few shapes keep CPU bf16 kernels from being re-built per batch.
             outputs = generate(model, [prompts[q.id][0] for q in batch], max_new_tokens, stop_ids=tokenizer.eos_ids,
-                               pad_id=pad_id, pad_multiple=64)  # fmt: skip
-            batch_answers = {q.id: to_official(tokenizer.decode(out.cpu(), skip_special_tokens=True), no_answer)
-                             for q, out in zip(batch, outputs, strict=True)}  # fmt: skip
-            answers.update(batch_answers)
+                               pad_id=pad_id, pad_multiple=64,
+                               first_step_processor=None if na_threshold is None else forbid_abstaining)  # fmt: skip
+            texts = [to_official(tokenizer.decode(out.cpu(), skip_special_tokens=True), no_answer) for out in outputs]
+            batch_answers = {}
+            for row, (question, text) in enumerate(zip(batch, texts, strict=True)):
+                if na_threshold is not None:
+                    result.best_span[question.id] = text
+                    result.abstain_prob[question.id] = float(probs[0][row])
+                    text = "" if result.abstain_prob[question.id] >= na_threshold else text
+                batch_answers[question.id] = text
+            result.final.update(batch_answers)
             if on_batch is not None:
                 on_batch(batch_answers)
             bar.update(len(batch))
-    return {q.id: answers[q.id] for q in questions}  # file order, for readable predictions files
+    # File order, for readable predictions files.
+    result.final = {q.id: result.final[q.id] for q in questions}
+    return result
+
+
+def best_na_threshold(questions: list[Question], answers: Answers) -> tuple[float, float]:
+    """The abstain threshold that maximises F1 on ``questions``, and that F1 (0-100).
+
+    Every question contributes the F1 of "no answer" when its abstain probability reaches the threshold and
+    the F1 of its best span otherwise, so all thresholds are scored from one decoding pass.
+    """
+    if not answers.abstain_prob:
+        raise LitQAError("tuning the no-answer threshold needs answers scored with an na_threshold")
+    gains = []  # (abstain probability, F1 if abstaining, F1 if answering)
+    for question in questions:
+        golds = gold_answers(question)
+        gains.append((answers.abstain_prob[question.id], max(f1_score("", g) for g in golds),
+                      max(f1_score(answers.best_span[question.id], g) for g in golds)))  # fmt: skip
+    best_threshold, best_f1 = 1.0 + 1e-9, sum(answer for _, _, answer in gains)  # never abstain
+    for threshold in sorted({prob for prob, _, _ in gains}):
+        total = sum(abstain if prob >= threshold else answer for prob, abstain, answer in gains)
+        if total > best_f1:
+            best_threshold, best_f1 = threshold, total
+    return min(best_threshold, 1.0), 100.0 * best_f1 / max(1, len(gains))
 
 
 def to_official(text: str, no_answer: str = NO_ANSWER) -> str:
@@ -194,6 +282,8 @@ def run_evaluation(
     batch_size: int = 8,
     max_new_tokens: int = 32,
     info: dict[str, Any] | None = None,
+    na_threshold: float | str | None = 0.5,
+    calibration_questions: list[Question] | None = None,
 ) -> dict[str, Any]:
     """Answer, score and write ``predictions.json`` and ``metrics.json`` into ``out_dir``.
 
@@ -201,7 +291,10 @@ def run_evaluation(
     at the end), so a long run that dies still leaves something to look at.
 
     Args:
-        model, tokenizer, questions, prompt_style, no_answer, batch_size, max_new_tokens: See `answer_questions`.
+        model, tokenizer, questions, prompt_style, no_answer, batch_size, max_new_tokens: See `score_questions`.
+        na_threshold: A float or None (see `score_questions`), or "auto": tune it for F1 on
+            ``calibration_questions`` (held-out data, never the evaluation set) and apply it.
+        calibration_questions: Questions to tune the threshold on, for "auto".
         out_dir: Folder for the two files (created if needed).
         info: Run settings to record in ``metrics.json`` (paths, precision, limit, seed, ...).
 
@@ -220,10 +313,20 @@ def run_evaluation(
             write_json(out_dir / PARTIAL_FILE, partial)
             last_write = time.monotonic()
 
+    calibration = {}
+    if na_threshold == "auto":
+        if not calibration_questions:
+            raise LitQAError("--na_threshold auto needs --calibration_file (held-out questions to tune it on)")
+        scored = score_questions(model, tokenizer, calibration_questions, prompt_style, no_answer, batch_size,
+                                 max_new_tokens, na_threshold=1.0)  # fmt: skip
+        na_threshold, calibration_f1 = best_na_threshold(calibration_questions, scored)
+        calibration = {"calibration_questions": len(calibration_questions), "calibration_f1": round(calibration_f1, 3)}
+        print(f"no-answer threshold {na_threshold:.4f} (F1 {calibration_f1:.2f} on {len(calibration_questions)} "
+              "calibration questions)", file=sys.stderr)  # fmt: skip
     start = time.perf_counter()
-    predictions = answer_questions(
-        model, tokenizer, questions, prompt_style, no_answer, batch_size, max_new_tokens, on_batch=save_partial
-    )
+    scored = score_questions(model, tokenizer, questions, prompt_style, no_answer, batch_size, max_new_tokens,
+                             on_batch=save_partial, na_threshold=na_threshold)  # fmt: skip
+    predictions = scored.final
     seconds = time.perf_counter() - start
     metrics = {
         **evaluate_predictions(questions, predictions),
@@ -236,9 +339,14 @@ def run_evaluation(
         "no_answer": no_answer,
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
+        "na_threshold": na_threshold,
+        **calibration,
         **(info or {}),
     }
     write_json(out_dir / PREDICTIONS_FILE, predictions)
+    if scored.abstain_prob:  # the official evaluation script's --na-prob-file
+        metrics["best_threshold_f1"] = round(best_na_threshold(questions, scored)[1], 3)
+        write_json(out_dir / NA_PROBS_FILE, {q.id: scored.abstain_prob[q.id] for q in questions})
     write_json(out_dir / METRICS_FILE, metrics)
     (out_dir / PARTIAL_FILE).unlink(missing_ok=True)
     return metrics

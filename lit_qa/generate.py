@@ -8,6 +8,8 @@ as it would alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lit_qa.errors import LitQAError
@@ -69,6 +71,7 @@ def generate(
     pad_id: int = 0,
     generator: torch.Generator | None = None,
     pad_multiple: int = 1,
+    first_step_processor: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Continue each prompt by up to ``max_new_tokens`` tokens, stopping a row at its first stop token.
 
@@ -82,6 +85,8 @@ def generate(
         generator: Random generator for reproducible sampling.
         pad_multiple: Left-pad the batch to a multiple of this many tokens. On CPUs, bf16 kernels are re-built
             for every new shape, so a few fixed shapes beat minimal padding there.
+        first_step_processor: Maps the (B, vocab) logits of the first new token before sampling, e.g. to
+            decide between answering and abstaining on a probability rather than on a single token's rank.
 
     Returns:
         For each prompt, the newly generated tokens (1-D, on the model's device).
@@ -104,6 +109,8 @@ def generate(
         pad_lengths = pad_lengths if bool(pad_lengths.any()) else None
         input_pos = torch.arange(prompt_length, device=device)
         logits = model(idx, input_pos, pad_lengths, last_only=True)[:, -1]  # (B, vocab)
+        if first_step_processor is not None:
+            logits = first_step_processor(logits)
         stop = torch.tensor(sorted(stop_ids or ()), dtype=torch.long, device=device)
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
         tokens = []

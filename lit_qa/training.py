@@ -293,9 +293,9 @@ def print_sample_generations(
     fabric: L.Fabric, model: torch.nn.Module, val_data: list[dict[str, Any]], tokenizer: Tokenizer, eval_args: EvalArgs
 ) -> None:
     """Greedy-decode a few validation prompts and print them next to their targets."""
-    samples = val_data[: eval_args.num_samples]
-    if not samples:
+    if eval_args.num_samples == 0 or not val_data:
         return
+    samples = val_data[:: max(1, len(val_data) // eval_args.num_samples)][: eval_args.num_samples]  # spread out
     module = getattr(model, "module", model)
     module.eval()
     prompts = [sample["input_ids"][sample["labels"] == -100] for sample in samples]

@@ -4,19 +4,14 @@ the comparison table, on a tiny random model and a tokenizer trained in the test
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
 import lit_qa.evaluation as evaluation
 from lit_qa.checkpoint import load_model, save_checkpoint
-from lit_qa.config import Config
 from lit_qa.data import FORMAT_VERSION, IGNORE_INDEX, PREPARED_BY, QuestionEncoder
 from lit_qa.errors import LitQAError, run_cli
 from lit_qa.evaluation import (
@@ -38,62 +33,16 @@ from lit_qa.lora import (
 from lit_qa.model import GPT
 from lit_qa.squad import Question, evaluate_predictions, load_squad
 from lit_qa.tokenizer import Tokenizer
+from helpers import SHARED_SQUAD, load_script, make_tiny_checkpoint, run_script
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_EVAL = Path("/work/shared/data/squad2/demo-eval-v2.0.json")
+DEMO_EVAL = SHARED_SQUAD / "demo-eval-v2.0.json"
 
-SENTENCES = [
-    "Answer the question with a short span copied from the context.",
-    "### Context: ### Question: ### Answer: unanswerable Unanswerable",
-    "The Normans were in Normandy in the 10th and 11th centuries.",
-    "Who ruled the duchy of Normandy? Which river flows through Paris?",
-] * 10
 FILLER = "Rivers and hills shape the land of every region. "
-# The tokenizer learns ~400 tokens; a vocabulary of 512 leaves room for them all.
-TINY = dict(name="tiny-eval", block_size=256, vocab_size=512, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,
-            intermediate_size=64)  # fmt: skip
-
-
-def load_script(relative: str) -> ModuleType:
-    """Import a script (evaluate/ and scripts/ are not packages) as a module."""
-    path = REPO / relative
-    spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_script(relative: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / relative), *args], capture_output=True, text=True, cwd=REPO)
 
 
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random model saved as a lit checkpoint, with a byte-level BPE tokenizer that uses BOS."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
-    tokenizer = HFTokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(SENTENCES, trainer=trainer)
-    tokenizer.save(str(tokenizer_dir / "tokenizer.json"))
-    (tokenizer_dir / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
-    )
-    torch.manual_seed(0)
-    config = Config(**TINY)
-    model = GPT(config)
-    out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    files = {name: tokenizer_dir / name for name in ("tokenizer.json", "tokenizer_config.json")}
-    return save_checkpoint(out, config, model.state_dict(), extra_files=files)
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +166,7 @@ def test_no_answer_string_maps_to_empty(model, tokenizer, monkeypatch):
                 for i in range(len(prompts))]  # fmt: skip
 
     monkeypatch.setattr(evaluation, "generate", fake_generate)
-    answers = answer_questions(model, tokenizer, sample_questions(), batch_size=2, progress=False)
+    answers = answer_questions(model, tokenizer, sample_questions(), batch_size=2, progress=False, na_threshold=None)
     assert sorted(answers.values()) == ["", "", "", "Normandy", "Normandy", "Normandy"]
 
 
@@ -262,7 +211,29 @@ def test_evaluate_base_script_end_to_end(checkpoint_dir, tmp_path):
     assert metrics["questions_per_second"] > 0 and metrics["seconds"] > 0
     assert metrics["precision"] == "32-true" and metrics["limit"] == 4 and metrics["seed"] == 3
     assert metrics["checkpoint_dir"] == str(checkpoint_dir) and metrics["prompt_style"] == "plain"
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions.json"]  # no temporary files left
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "na_probs.json", "predictions.json"]  # no temp files
+    na_probs = json.loads((out / "na_probs.json").read_text())  # the official script's --na-prob-file
+    assert sorted(na_probs) == sorted(predictions) and all(0 <= p <= 1 for p in na_probs.values())
+    assert all((predictions[i] == "") == (na_probs[i] >= 0.5) for i in predictions)
+    assert metrics["best_threshold_f1"] >= metrics["f1"]
+
+
+def test_evaluate_with_a_threshold_tuned_on_calibration_questions(checkpoint_dir, tmp_path):
+    questions = sample_questions()
+    eval_file = squad_file(tmp_path / "eval.json", questions)
+    calibration_file = squad_file(tmp_path / "val.json", questions[::-1])
+    out = tmp_path / "out"
+    result = run_script("evaluate/base.py", "--checkpoint_dir", str(checkpoint_dir), "--eval_file", str(eval_file),
+                        "--out_dir", str(out), "--max_new_tokens", "4", "--precision", "32-true",
+                        "--na_threshold", "auto", "--calibration_file", str(calibration_file))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    # Calibrated on the same questions (reversed), the tuned threshold reaches the best F1 on them.
+    assert metrics["calibration_questions"] == len(questions)
+    assert metrics["f1"] == pytest.approx(metrics["best_threshold_f1"]) == pytest.approx(metrics["calibration_f1"])
+    missing = run_script("evaluate/base.py", "--checkpoint_dir", str(checkpoint_dir), "--eval_file", str(eval_file),
+                         "--out_dir", str(out), "--na_threshold", "auto")  # fmt: skip
+    assert missing.returncode == 2 and "--calibration_file" in missing.stderr
 
 
 @pytest.mark.parametrize("missing", ["eval_file", "checkpoint_dir"])
@@ -409,3 +380,28 @@ def test_real_smollm2_on_demo_eval(tmp_path):
     model = load_model(checkpoint)[0]
     alone = answer_questions(model, Tokenizer(checkpoint), subset[:8], batch_size=1, max_new_tokens=16, progress=False)
     assert alone == {q.id: predictions[q.id] for q in subset[:8]}
+
+
+def test_best_na_threshold_maximises_f1_from_one_pass():
+    questions = [make_question("a", "Paris is big.", "Paris"), make_question("b", "Rome is old.", "Rome"),
+                 make_question("n", "Oslo is cold.", None), make_question("m", "Bern is calm.", None)]  # fmt: skip
+    answers = evaluation.Answers(
+        final={}, best_span={"a": "Paris", "b": "Oslo", "n": "Oslo", "m": "Bern"},
+        abstain_prob={"a": 0.1, "b": 0.5, "n": 0.4, "m": 0.9},
+    )  # fmt: skip
+    # From 0.4 up: n and m abstain (right), a keeps its span (right), b is wrong either way: F1 75.
+    threshold, f1 = evaluation.best_na_threshold(questions, answers)
+    assert threshold == 0.4 and f1 == 75.0
+    with pytest.raises(LitQAError, match="threshold"):
+        evaluation.best_na_threshold(questions, evaluation.Answers(final={}))
+
+
+def test_scoring_with_a_threshold_separates_abstaining_from_the_best_span(model, tokenizer):
+    questions = sample_questions()
+    never = evaluation.score_questions(model, tokenizer, questions, max_new_tokens=4, progress=False, na_threshold=1.0)
+    always = evaluation.score_questions(model, tokenizer, questions, max_new_tokens=4, progress=False, na_threshold=0.0)
+    assert set(always.final.values()) == {""}
+    assert never.best_span == always.best_span == {q: a for q, a in never.final.items()}
+    assert all(0.0 <= p <= 1.0 for p in never.abstain_prob.values()) and never.abstain_prob == always.abstain_prob
+    with pytest.raises(LitQAError, match="na_threshold"):
+        evaluation.score_questions(model, tokenizer, questions, progress=False, na_threshold=1.5)

@@ -1,0 +1,72 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""Shared test helpers: a tiny checkpoint with a real tokenizer, and running the standalone scripts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from lit_qa.checkpoint import save_checkpoint
+from lit_qa.config import Config
+from lit_qa.model import GPT
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_SQUAD = REPO.parent / "shared" / "data" / "squad2"  # shared/ sits beside the repository, read-only
+
+SENTENCES = [
+    "Answer the question with a short span copied from the context.",
+    "### Context: ### Question: ### Answer: unanswerable Unanswerable",
+    "The Normans were in Normandy in the 10th and 11th centuries.",
+    "Who ruled the duchy of Normandy? Which river flows through Paris?",
+] * 10
+# The tokenizer learns ~400 tokens; a vocabulary of 512 leaves room for them all.
+TINY = dict(name="tiny-eval", block_size=256, vocab_size=512, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,
+            intermediate_size=64)  # fmt: skip
+
+
+def make_tiny_checkpoint(root: Path) -> Path:
+    """A tiny random model saved as a lit checkpoint in ``root/tiny``, with a byte-level BPE tokenizer using BOS."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tokenizer_dir = root / "tokenizer"
+    tokenizer_dir.mkdir(parents=True)
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(SENTENCES, trainer=trainer)
+    tokenizer.save(str(tokenizer_dir / "tokenizer.json"))
+    (tokenizer_dir / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
+    )
+    torch.manual_seed(0)
+    config = Config(**TINY)
+    model = GPT(config)
+    files = {name: tokenizer_dir / name for name in ("tokenizer.json", "tokenizer_config.json")}
+    return save_checkpoint(root / "tiny", config, model.state_dict(), extra_files=files)
+
+
+def load_script(relative: str) -> ModuleType:
+    """Import a script (evaluate/, finetune/ and scripts/ are not packages) as a module."""
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(relative: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a standalone script as a user would, from the repository root."""
+    return subprocess.run([sys.executable, str(REPO / relative), *args], capture_output=True, text=True, cwd=REPO)
