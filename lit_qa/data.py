@@ -397,6 +397,7 @@ def collate(
     labels = [s["labels"][:max_length] for s in samples]
     longest = max(len(x) for x in input_ids)
     longest = -(-longest // pad_multiple) * pad_multiple
+    longest = min(longest, max_length) if max_length is not None else longest  # rounding never exceeds the limit
     batch_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)  # (B, T)
     batch_labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
     for row, (x, y) in enumerate(zip(input_ids, labels, strict=True)):

@@ -83,8 +83,10 @@ def fit(
     world_size = fabric.world_size
     train_args.validate(world_size)
     eval_args.validate()
+    # Crop to the model's limit too, so padding lengths up to a multiple of pad_multiple never exceeds it.
+    max_length = min(train_args.max_seq_length or math.inf, getattr(model, "module", model).max_seq_length)
     lengths = [len(sample["input_ids"]) for sample in train_data]
-    loss_token_counts = [count_loss_tokens(sample, train_args.max_seq_length) for sample in train_data]
+    loss_token_counts = [count_loss_tokens(sample, max_length) for sample in train_data]
     steps_per_epoch = len(lengths) // train_args.global_batch_size
     if steps_per_epoch == 0:
         raise LitQAError(
@@ -126,7 +128,7 @@ def fit(
         step_loss = torch.zeros((), device=fabric.device)
         for i, indices in enumerate(micro_batches):
             samples = [train_data[j] for j in indices]
-            batch = collate(samples, tokenizer_pad_id(tokenizer), train_args.max_seq_length, train_args.pad_multiple)
+            batch = collate(samples, tokenizer_pad_id(tokenizer), max_length, train_args.pad_multiple)
             batch = {key: value.to(fabric.device) for key, value in batch.items()}
             with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
                 # Sum of token losses / tokens of the global batch, times world_size because DDP averages ranks.
@@ -278,7 +280,8 @@ def validate(
     total, tokens = torch.zeros((), device=fabric.device), torch.zeros((), device=fabric.device)
     starts = range(0, min(len(val_data), max_batches * micro_batch_size), micro_batch_size)
     for start in list(starts)[fabric.global_rank :: fabric.world_size]:
-        batch = collate(val_data[start : start + micro_batch_size], pad_id=0, pad_multiple=pad_multiple)
+        max_length = getattr(model, "module", model).max_seq_length
+        batch = collate(val_data[start : start + micro_batch_size], 0, max_length, pad_multiple)
         batch = {key: value.to(fabric.device) for key, value in batch.items()}
         total += token_loss_sum(model, batch)
         tokens += (batch["labels"][:, 1:] != -100).sum()
