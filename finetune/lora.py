@@ -110,7 +110,9 @@ def main(
     if prepared_vocab != tokenizer.vocab_size:
         raise LitQAError(f"{data_dir} was prepared with another tokenizer ({prepared_vocab} tokens, "
                          f"{checkpoint_dir} has {tokenizer.vocab_size}); run scripts/prepare_squad.py again")  # fmt: skip
-    model.max_seq_length = min(config.block_size, max(len(s["input_ids"]) for s in train_data + val_data))
+    # Room for the longest sample, and for the sample answers generated at each validation.
+    longest = max(len(s["input_ids"]) for s in train_data + val_data)
+    model.max_seq_length = min(config.block_size, longest + eval_args.max_new_tokens)
     apply_lora(model, lora_config)
     mark_only_lora_as_trainable(model)
     fabric.print(f"{config.name}: {count_parameters(model, trainable_only=True):,} trainable of "

@@ -101,14 +101,13 @@ def fit(
     if checkpoint is not None:
         load_training_state(fabric, checkpoint, model, optimizer, scheduler, progress, trainable)
         fabric.print(f"Resumed from {checkpoint} at step {progress['step']}")
-    elif not eval_args.initial_validation:
-        # Fail fast: a short validation exercises the forward pass, the data and generation before training.
-        validate(fabric, model, val_data, train_args.micro_batch_size, 2, train_args.pad_multiple)
-    if eval_args.initial_validation and checkpoint is None:
-        progress["val_loss"] = validate(
-                fabric, model, val_data, train_args.micro_batch_size, eval_args.max_batches, train_args.pad_multiple
-            )
-        fabric.print(f"step 0: val loss {progress['val_loss']:.4f}")
+    else:
+        # Fail fast: a short validation exercises the model and the data before any training time is spent.
+        batches = eval_args.max_batches if eval_args.initial_validation else 2
+        val_loss = validate(fabric, model, val_data, train_args.micro_batch_size, batches, train_args.pad_multiple)
+        if eval_args.initial_validation:
+            progress["val_loss"] = val_loss
+            fabric.print(f"step 0: val loss {val_loss:.4f}")
 
     progress_bar = tqdm(
         total=total_steps, initial=progress["step"], desc="training", unit="step", disable=fabric.global_rank != 0
@@ -116,6 +115,7 @@ def fit(
     window_start, window_tokens = time.perf_counter(), 0
     deadline = time.monotonic() + 60 * train_args.max_time_minutes if train_args.max_time_minutes else math.inf
     step_batches = []
+    pad_id = tokenizer_pad_id(tokenizer)
     while progress["step"] < total_steps:
         if not step_batches:
             step_batches = rank_batches_of_epoch(
@@ -128,7 +128,7 @@ def fit(
         step_loss = torch.zeros((), device=fabric.device)
         for i, indices in enumerate(micro_batches):
             samples = [train_data[j] for j in indices]
-            batch = collate(samples, tokenizer_pad_id(tokenizer), max_length, train_args.pad_multiple)
+            batch = collate(samples, pad_id, max_length, train_args.pad_multiple)
             batch = {key: value.to(fabric.device) for key, value in batch.items()}
             with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
                 # Sum of token losses / tokens of the global batch, times world_size because DDP averages ranks.
@@ -140,13 +140,12 @@ def fit(
             model, optimizer, max_norm=train_args.max_grad_norm or float("inf"), error_if_nonfinite=False
         )
         step_loss = fabric.all_reduce(step_loss, reduce_op="mean")
-        finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
-        if not finite:
-            handle_non_finite(fabric, train_args, progress, out_dir, float(step_loss), float(grad_norm))
-            optimizer.zero_grad(set_to_none=True)
-        else:
+        # One device-to-host sync per optimizer step, which also feeds the log below.
+        if bool(torch.isfinite(step_loss)) and bool(torch.isfinite(torch.as_tensor(grad_norm))):
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        else:
+            handle_non_finite(fabric, train_args, progress, out_dir, float(step_loss), float(grad_norm))
+        optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         progress["step"] += 1
         progress["step_in_epoch"] += 1
@@ -173,6 +172,10 @@ def fit(
         out_of_time = deadline != math.inf and fabric.broadcast(time.monotonic() > deadline)
         if out_of_time:
             fabric.print(f"\nTime budget of {train_args.max_time_minutes} minutes reached at step {step}/{total_steps}")
+        # Save first: whatever validation does, this step's work is on disk.
+        if step % train_args.save_interval == 0 or step == total_steps or out_of_time:
+            save_training_checkpoint(fabric, out_dir / f"step-{step:06d}", model, optimizer, scheduler, progress,
+                                     trainable, save_fn)  # fmt: skip
         if step % eval_args.interval == 0 or step == total_steps or out_of_time:
             progress["val_loss"] = validate(
                 fabric, model, val_data, train_args.micro_batch_size, eval_args.max_batches, train_args.pad_multiple
@@ -180,9 +183,6 @@ def fit(
             fabric.log_dict({"val/loss": progress["val_loss"]}, step=step)
             fabric.print(f"\nstep {step}: val loss {progress['val_loss']:.4f}")
             print_sample_generations(fabric, model, val_data, tokenizer, eval_args)
-        if step % train_args.save_interval == 0 or step == total_steps or out_of_time:
-            save_training_checkpoint(fabric, out_dir / f"step-{step:06d}", model, optimizer, scheduler, progress,
-                                     trainable, save_fn)  # fmt: skip
         if out_of_time:
             break
     progress_bar.close()
@@ -279,8 +279,8 @@ def validate(
     model.eval()
     total, tokens = torch.zeros((), device=fabric.device), torch.zeros((), device=fabric.device)
     starts = range(0, min(len(val_data), max_batches * micro_batch_size), micro_batch_size)
+    max_length = getattr(model, "module", model).max_seq_length
     for start in list(starts)[fabric.global_rank :: fabric.world_size]:
-        max_length = getattr(model, "module", model).max_seq_length
         batch = collate(val_data[start : start + micro_batch_size], 0, max_length, pad_multiple)
         batch = {key: value.to(fabric.device) for key, value in batch.items()}
         total += token_loss_sum(model, batch)
@@ -298,8 +298,9 @@ def print_sample_generations(
     """Greedy-decode a few validation prompts and print them next to their targets."""
     if eval_args.num_samples == 0 or not val_data:
         return
-    samples = val_data[:: max(1, len(val_data) // eval_args.num_samples)][: eval_args.num_samples]  # spread out
     module = getattr(model, "module", model)
+    fits = [s for s in val_data if int((s["labels"] == -100).sum()) + eval_args.max_new_tokens <= module.max_seq_length]
+    samples = fits[:: max(1, len(fits) // eval_args.num_samples)][: eval_args.num_samples]  # spread out
     module.eval()
     prompts = [sample["input_ids"][sample["labels"] == -100] for sample in samples]
     outputs = generate(module, prompts, eval_args.max_new_tokens, stop_ids=tokenizer.eos_ids)

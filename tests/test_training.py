@@ -191,3 +191,14 @@ def test_time_budget_stops_with_a_checkpoint_and_resume_finishes(tmp_path):
     args.max_time_minutes = None
     run(tmp_path, args, resume="auto")
     assert latest_checkpoint(tmp_path).name == "step-000005"
+
+
+def test_sample_generations_skip_prompts_too_long_to_continue(tmp_path, capsys):
+    samples = make_samples(8)
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
+    model = GPT(Config.from_name("tiny-gqa"))
+    model.max_seq_length = max(len(s["input_ids"]) for s in samples)  # the longest prompt leaves no room
+    training.print_sample_generations(fabric, model, samples, TOKENIZER, EvalArgs(num_samples=8, max_new_tokens=4))
+    printed = capsys.readouterr().out
+    fitting = [s for s in samples if int((s["labels"] == -100).sum()) + 4 <= model.max_seq_length]
+    assert 0 < printed.count("generated") == len(fitting) < len(samples)
