@@ -9,8 +9,8 @@ to check that it loads and does not share questions with the training file.
 Usage::
 
     python scripts/prepare_squad.py --download                       # official train-v2.0.json into data/squad2
-    python scripts/prepare_squad.py --train_file /work/shared/data/squad2/demo-train-v2.0.json \\
-        --eval_file /work/shared/data/squad2/demo-eval-v2.0.json --out_dir data/squad2-demo
+    python scripts/prepare_squad.py --train_file ../shared/data/squad2/demo-train-v2.0.json \\
+        --eval_file ../shared/data/squad2/demo-eval-v2.0.json --out_dir data/squad2-demo
 
 Writes to ``out_dir``: ``train.pt`` and ``val.pt`` (lists of ``{"id", "input_ids", "labels"}``, read them
 with `lit_qa.data.load_prepared`), ``val-v2.0.json`` (the val articles in official format, for
