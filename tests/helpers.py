@@ -30,13 +30,12 @@ TINY = dict(name="tiny-eval", block_size=256, vocab_size=512, n_layer=2, n_head=
             intermediate_size=64)  # fmt: skip
 
 
-def make_tiny_checkpoint(root: Path) -> Path:
-    """A tiny random model saved as a lit checkpoint in ``root/tiny``, with a byte-level BPE tokenizer using BOS."""
+def make_tiny_tokenizer(folder: Path) -> Path:
+    """A byte-level BPE tokenizer like SmolLM2's (~400 tokens), but with a BOS token the model expects."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    tokenizer_dir = root / "tokenizer"
-    tokenizer_dir.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     tokenizer = HFTokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -47,10 +46,16 @@ def make_tiny_checkpoint(root: Path) -> Path:
         show_progress=False,
     )
     tokenizer.train_from_iterator(SENTENCES, trainer=trainer)
-    tokenizer.save(str(tokenizer_dir / "tokenizer.json"))
-    (tokenizer_dir / "tokenizer_config.json").write_text(
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
     )
+    return folder
+
+
+def make_tiny_checkpoint(root: Path) -> Path:
+    """A tiny random model saved as a lit checkpoint in ``root/tiny``, with `make_tiny_tokenizer`'s tokenizer."""
+    tokenizer_dir = make_tiny_tokenizer(root / "tokenizer")
     torch.manual_seed(0)
     config = Config(**TINY)
     model = GPT(config)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_tiny_tokenizer
 
 from lit_qa.data import (
     IGNORE_INDEX,
@@ -30,37 +31,12 @@ from lit_qa.tokenizer import Tokenizer
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "prepare_squad.py"
 
-SENTENCES = [
-    "Answer the question with a short span copied from the context.",
-    "### Context: ### Question: ### Answer: unanswerable",
-    "The Normans were in Normandy in the 10th and 11th centuries.",
-    "Who ruled the duchy of Normandy? Which river flows through Paris?",
-] * 10
-
 FILLER = "Rivers and hills shape the land of every region. "
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A byte-level BPE folder like SmolLM2's, but with a BOS token that the model expects."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    folder = tmp_path_factory.mktemp("tokenizer")
-    tokenizer = HFTokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(SENTENCES, trainer=trainer)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")
