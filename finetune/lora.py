@@ -30,7 +30,9 @@ from lit_qa.args import EvalArgs, TrainArgs
 from lit_qa.checkpoint import check_checkpoint_dir, load_model
 from lit_qa.data import load_prepared, read_prepare_config
 from lit_qa.errors import LitQAError, run_cli
-from lit_qa.lora import LoRAConfig, apply_lora, count_parameters, mark_only_lora_as_trainable, save_lora_checkpoint
+from lit_qa.distributed import FSDPArgs, Strategy, full_state_dict, make_strategy
+from lit_qa.lora import (LoRAConfig, apply_lora, count_parameters, lora_state_dict, mark_only_lora_as_trainable,
+                         save_lora_checkpoint)  # fmt: skip
 from lit_qa.precision import resolve_precision, weights_dtype
 from lit_qa.tokenizer import Tokenizer, check_vocab_matches
 from lit_qa.training import fit, latest_checkpoint, save_hyperparameters
@@ -43,7 +45,8 @@ def setup(
     precision: str = "auto",
     devices: int = 1,
     num_nodes: int = 1,
-    strategy: Literal["auto", "ddp"] = "auto",
+    strategy: Strategy = "auto",
+    fsdp: FSDPArgs = FSDPArgs(),
     lora: LoRAConfig = LoRAConfig(),
     train: TrainArgs = TrainArgs(),
     eval: EvalArgs = EvalArgs(),
@@ -62,7 +65,9 @@ def setup(
             "bf16-true", "bf16-mixed", "16-mixed".
         devices: Devices per node.
         num_nodes: Number of nodes.
-        strategy: "auto" or "ddp" (LoRA keeps a full frozen copy of the base on every device).
+        strategy: "auto", "ddp" (a full frozen copy of the base on every device) or "fsdp" (FSDP2: the base
+            sharded over the devices, for models that do not fit one device).
+        fsdp: Activation checkpointing, CPU offload and resharding under ``--strategy fsdp``.
         lora: LoRA rank, alpha, dropout and target layers.
         train: Training hyperparameters.
         eval: Validation hyperparameters.
@@ -80,8 +85,8 @@ def setup(
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(precision, accelerator)
     loggers = [TensorBoardLogger(out_dir / "logs", name="tensorboard"), CSVLogger(out_dir / "logs", name="csv")]
-    fabric = L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                      precision=precision, loggers=loggers)  # fmt: skip
+    fabric = L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                      strategy=make_strategy(strategy, devices * num_nodes, fsdp), precision=precision, loggers=loggers)  # fmt: skip
     train.validate(devices * num_nodes)
     fabric.launch(main, data_dir, checkpoint_dir, out_dir, precision, lora, train, eval, resume, seed, prepare_config)
 
@@ -129,8 +134,9 @@ def main(
 
     def save_fn(folder: Path) -> None:
         # The adapter, its config, the base's identity and the prompt settings evaluation must reuse.
+        tensors = full_state_dict(lora_state_dict(model.module))  # every rank: a collective under FSDP
         if fabric.global_rank == 0:
-            save_lora_checkpoint(folder, model.module, lora_config, checkpoint_dir,
+            save_lora_checkpoint(folder, model.module, lora_config, checkpoint_dir, tensors=tensors,
                                  extra={"prepare_config.json": prepare_config}, overwrite=True)  # fmt: skip
 
     fit(fabric, model, optimizer, train_data, val_data, train_args, eval_args, out_dir, save_fn, tokenizer,

@@ -348,10 +348,12 @@ def save_lora_checkpoint(
     base_checkpoint_dir: str | Path,
     extra: dict[str, Any] | None = None,
     overwrite: bool = False,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write an adapter folder: LoRA tensors, `LoRAConfig` and the base model's identity, all or nothing.
 
-    Call it on one process only (rank 0); sharded (FSDP ``DTensor``) LoRA tensors are gathered first.
+    Call it on one process only (rank 0). Under FSDP the LoRA tensors are shards: gather them on every rank
+    first (``lit_qa.distributed.full_state_dict(lora_state_dict(model))``) and pass them as ``tensors``.
 
     Args:
         out_dir: Folder to create.
@@ -362,6 +364,7 @@ def save_lora_checkpoint(
         extra: More files for the folder, ``{file name: content}``: a `Path` is copied, anything else
             written as JSON (e.g. ``{"hyperparameters.json": asdict(train_args)}``).
         overwrite: Replace a non-empty ``out_dir``.
+        tensors: The LoRA tensors to write; None takes them from ``model``.
 
     Returns:
         ``out_dir`` as a `Path`.
@@ -370,10 +373,8 @@ def save_lora_checkpoint(
         LitQAError: If ``model`` has no LoRA, the base folder is not a checkpoint, an ``extra`` name is
             invalid, or ``out_dir`` is not empty without ``overwrite``.
     """
-    tensors = {}
-    for key, value in lora_state_dict(model).items():
-        value = value.full_tensor() if hasattr(value, "full_tensor") else value  # FSDP2 / DTensor shards
-        tensors[key] = value.detach().to("cpu").contiguous()
+    if tensors is None:
+        tensors = {key: value.detach().to("cpu").contiguous() for key, value in lora_state_dict(model).items()}
     if not tensors:
         raise LitQAError("the model has no LoRA layers to save; call apply_lora first")
     base = check_checkpoint_dir(base_checkpoint_dir)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from lit_qa.args import EvalArgs, TrainArgs
 from lit_qa.data import collate
+from lit_qa.distributed import SHARDED_STATE_DIR, is_sharded, load_sharded_state, save_sharded_state
 from lit_qa.errors import LitQAError
 from lit_qa.generate import generate
 from lit_qa.tokenizer import Tokenizer
@@ -139,6 +140,7 @@ def fit(
         grad_norm = fabric.clip_gradients(
             model, optimizer, max_norm=train_args.max_grad_norm or float("inf"), error_if_nonfinite=False
         )
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         step_loss = fabric.all_reduce(step_loss, reduce_op="mean")
         # One device-to-host sync per optimizer step, which also feeds the log below.
         if bool(torch.isfinite(step_loss)) and bool(torch.isfinite(torch.as_tensor(grad_norm))):
@@ -278,13 +280,20 @@ def validate(
     """Mean token loss over the first ``max_batches`` validation micro-batches (the same every time)."""
     model.eval()
     total, tokens = torch.zeros((), device=fabric.device), torch.zeros((), device=fabric.device)
-    starts = range(0, min(len(val_data), max_batches * micro_batch_size), micro_batch_size)
+    starts = list(range(0, min(len(val_data), max_batches * micro_batch_size), micro_batch_size))
     max_length = getattr(model, "module", model).max_seq_length
-    for start in list(starts)[fabric.global_rank :: fabric.world_size]:
+    # Every rank runs the same number of forward passes (FSDP gathers weights collectively in each);
+    # a rank short of batches repeats its first one and does not count it.
+    rounds = math.ceil(len(starts) / fabric.world_size)
+    own = starts[fabric.global_rank :: fabric.world_size]
+    for i in range(rounds):
+        start = own[i] if i < len(own) else starts[0]
         batch = collate(val_data[start : start + micro_batch_size], 0, max_length, pad_multiple)
         batch = {key: value.to(fabric.device) for key, value in batch.items()}
-        total += token_loss_sum(model, batch)
-        tokens += (batch["labels"][:, 1:] != -100).sum()
+        loss_sum = token_loss_sum(model, batch)
+        if i < len(own):
+            total += loss_sum
+            tokens += (batch["labels"][:, 1:] != -100).sum()
     model.train()
     total, tokens = fabric.all_reduce(total, reduce_op="sum"), fabric.all_reduce(tokens, reduce_op="sum")
     if tokens == 0:
@@ -363,16 +372,20 @@ def save_training_checkpoint(
     save_fn(tmp_dir)
     if fabric.global_rank == 0:
         tmp_dir.mkdir(parents=True, exist_ok=True)
-    state = {
-        "model": model,
-        "optimizer": optimizer,
-        "scheduler": scheduler,
+    counters = {
         "progress": dict(progress),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    # Only what is trained: the frozen base model is already on disk in its checkpoint folder.
-    fabric.save(tmp_dir / STATE_FILE, state, filter={"model": lambda key, _: key in trainable})
+    module = getattr(model, "module", model)
+    if is_sharded(module):
+        # FSDP: every rank writes its own shard; nothing is gathered on one rank.
+        counters["scheduler"] = scheduler.state_dict()
+        save_sharded_state(tmp_dir, module, getattr(optimizer, "optimizer", optimizer), counters, fabric.global_rank)
+    else:
+        state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, **counters}
+        # Only what is trained: the frozen base model is already on disk in its checkpoint folder.
+        fabric.save(tmp_dir / STATE_FILE, state, filter={"model": lambda key, _: key in trainable})
     fabric.barrier()
     if fabric.global_rank == 0:
         if step_dir.exists():
@@ -392,13 +405,21 @@ def load_training_state(
 ) -> None:
     """Restore model (trained part), optimizer, scheduler, progress counters and RNG from ``checkpoint``."""
     path = checkpoint / STATE_FILE
-    if not path.is_file():
-        raise LitQAError(f"{checkpoint} is not a training checkpoint: {STATE_FILE} is missing")
-    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-    try:
-        rest = fabric.load(path, state, strict=False, weights_only=True)
-    except (RuntimeError, OSError, EOFError) as e:
-        raise LitQAError(f"{path}: cannot load the training state ({str(e).splitlines()[0]})") from None
+    module = getattr(model, "module", model)
+    if is_sharded(module):
+        if path.is_file():
+            raise LitQAError(f"{checkpoint} was saved without FSDP; resume it with the strategy it was trained with")
+        rest = load_sharded_state(checkpoint, module, getattr(optimizer, "optimizer", optimizer))
+        scheduler.load_state_dict(rest["scheduler"])
+    else:
+        if not path.is_file():
+            hint = " (it is an FSDP checkpoint: resume with --strategy fsdp)" if (checkpoint / SHARDED_STATE_DIR).is_dir() else ""
+            raise LitQAError(f"{checkpoint} is not a training checkpoint: {STATE_FILE} is missing{hint}")
+        state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+        try:
+            rest = fabric.load(path, state, strict=False, weights_only=True)
+        except (RuntimeError, OSError, EOFError) as e:
+            raise LitQAError(f"{path}: cannot load the training state ({str(e).splitlines()[0]})") from None
     if not isinstance(rest.get("progress"), dict) or not isinstance(rest.get("rng"), torch.Tensor):
         raise LitQAError(f"{path}: not a lit-qa training state (no progress counters or RNG state)")
     progress.update(rest["progress"])
@@ -423,8 +444,8 @@ def find_resume_checkpoint(out_dir: Path, resume: bool | str | Path) -> Path | N
             raise LitQAError(f"--resume: no checkpoint (step-* folder) in {out_dir}")
         return latest
     path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise LitQAError(f"--resume {path}: not a training checkpoint folder ({STATE_FILE} missing)")
+    if not (path / STATE_FILE).is_file() and not (path / SHARDED_STATE_DIR).is_dir():
+        raise LitQAError(f"--resume {path}: not a training checkpoint folder ({STATE_FILE} or {SHARDED_STATE_DIR}/ missing)")
     return path
 
 

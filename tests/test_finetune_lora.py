@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -123,16 +124,52 @@ def test_data_prepared_with_another_tokenizer_is_refused(prepared, tmp_path, mon
         script.setup(data_dir=other, checkpoint_dir=checkpoint, out_dir=tmp_path / "run", precision="32-true")
 
 
-def test_two_process_ddp_matches_one_process(prepared, tmp_path):
-    """Same global batch on 1 and on 2 CPU processes (gloo): the same samples per step, the same weights."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(prepared, tmp_path, strategy):
+    """Same global batch on 1 and on 2 CPU processes (gloo): the same samples per step, the same weights.
+
+    Under FSDP the base is sharded, LoRA trains on shards, and the saved adapter is gathered whole."""
     root, checkpoint, data_dir, _ = prepared
     results = {}
-    for devices in ("1", "2"):
+    for devices, run_strategy in (("1", "auto"), ("2", strategy)):
         out = tmp_path / f"devices-{devices}"
-        result = finetune(out, checkpoint, data_dir, "--devices", devices, "--strategy", "ddp",
+        result = finetune(out, checkpoint, data_dir, "--devices", devices, "--strategy", run_strategy,
                           "--lora.dropout", "0.0", "--train.max_steps", "3")  # fmt: skip
         assert result.returncode == 0, result.stderr
         results[devices] = load_file(out / "run" / "final" / "lit_lora.safetensors")
+    assert results["2"].keys() == results["1"].keys()
     for key, tensor in results["1"].items():
         torch.testing.assert_close(results["2"][key], tensor, rtol=1e-4, atol=1e-6, msg=key)
     assert any(t.abs().sum() > 0 for k, t in results["1"].items() if "lora_B" in k)
+
+
+def test_fsdp_resume_from_sharded_checkpoint_is_exact(prepared, tmp_path):
+    """Two FSDP processes: resuming from the sharded step-3 checkpoint ends with the uninterrupted run's weights."""
+    root, checkpoint, data_dir, _ = prepared
+    args = ("--devices", "2", "--strategy", "fsdp", "--lora.dropout", "0.0")
+    result = finetune(tmp_path, checkpoint, data_dir, *args)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    assert (run / "step-000003" / "sharded_state" / "metadata.pt").is_file()
+    assert not (run / "step-000003" / "training_state.pt").exists()
+    uninterrupted = load_file(run / "final" / "lit_lora.safetensors")
+    for folder in (run / "step-000006", run / "final"):
+        shutil.rmtree(folder)
+    result = finetune(tmp_path, checkpoint, data_dir, *args, "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    assert "Resumed from" in result.stdout + result.stderr
+    resumed = load_file(run / "final" / "lit_lora.safetensors")
+    for key, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[key], tensor, rtol=0, atol=0, msg=key)
+    # torch.distributed.checkpoint reshards: one FSDP process continues the 2-process run.
+    for folder in (run / "step-000006", run / "final"):
+        shutil.rmtree(folder)
+    result = finetune(tmp_path, checkpoint, data_dir, "--devices", "1", "--strategy", "fsdp", "--lora.dropout", "0.0",
+                      "--resume", "auto")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    resharded = load_file(run / "final" / "lit_lora.safetensors")
+    for key, tensor in uninterrupted.items():
+        torch.testing.assert_close(resharded[key], tensor, rtol=1e-4, atol=1e-6, msg=key)
+    # A sharded checkpoint cannot be resumed on one process without FSDP: a clear error, not a crash.
+    result = finetune(tmp_path, checkpoint, data_dir, "--lora.dropout", "0.0", "--resume", str(run / "step-000003"))
+    assert result.returncode == 2 and "resume with --strategy fsdp" in result.stderr

@@ -1,0 +1,139 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""Multi-device strategies: DDP, and FSDP2 (``fully_shard`` per transformer block) through Fabric.
+
+Fabric's ``FSDPStrategy`` (FSDP1) refuses CPU; FSDP2 through ``ModelParallelStrategy`` runs on CPU with gloo
+and on GPUs with NCCL, shards each parameter on its own (so frozen and trainable parameters may share a block
+— LoRA and adapters need that), and keeps state-dict keys unchanged.
+
+Under FSDP every parameter is a ``DTensor`` shard. Gathering one (`full_state_dict`) is a collective, so
+every rank must call it, in the same order, even though only rank 0 writes files. Resume state is saved
+sharded (`save_sharded_state`): each rank writes its own shard of the trained parameters and of the optimizer
+state, frozen weights are skipped, and nothing is gathered on one rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lit_qa.errors import LitQAError
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+Strategy = Literal["auto", "ddp", "fsdp"]
+SHARDED_STATE_DIR = "sharded_state"
+
+
+@dataclass
+class FSDPArgs:
+    """Settings of ``--strategy fsdp``.
+
+    Attributes:
+        activation_checkpointing: Recompute each block's activations in the backward pass instead of
+            keeping them (uses the composable ``checkpoint``, which keeps state-dict keys clean).
+        cpu_offload: Keep sharded parameters, gradients and optimizer states in CPU memory (GPU only;
+            slower, for models that do not fit otherwise).
+        reshard_after_forward: Free the gathered parameters after each block's forward (saves memory,
+            costs a second all-gather in the backward pass).
+    """
+
+    activation_checkpointing: bool = False
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
+
+
+def make_strategy(strategy: str, world_size: int, fsdp_args: FSDPArgs | None = None) -> Any:
+    """The Fabric strategy for ``--strategy``: "auto" and "ddp" pass through, "fsdp" becomes FSDP2 sharding
+    over all ``world_size`` (devices x nodes) processes."""
+    if strategy not in STRATEGIES:
+        raise LitQAError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    if strategy != "fsdp":
+        return strategy
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    fsdp_args = fsdp_args or FSDPArgs()
+
+    def parallelize(model: nn.Module, device_mesh: Any) -> nn.Module:
+        return shard_model(model, device_mesh["data_parallel"], fsdp_args)
+
+    return ModelParallelStrategy(parallelize_fn=parallelize, data_parallel_size=world_size, tensor_parallel_size=1)
+
+
+def shard_model(model: nn.Module, mesh: Any, fsdp_args: FSDPArgs) -> nn.Module:
+    """Apply FSDP2 to each transformer block, then to the root (embedding, final norm and head)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    offload = CPUOffloadPolicy() if fsdp_args.cpu_offload else OffloadPolicy()
+    blocks = model.transformer.h
+    for block in blocks:
+        if fsdp_args.activation_checkpointing:
+            from torch.distributed._composable import checkpoint
+
+            checkpoint(block)
+        fully_shard(block, mesh=mesh, reshard_after_forward=fsdp_args.reshard_after_forward, offload_policy=offload)
+    # The root's parameters (embedding, head) are needed right after the last block: keep them gathered.
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, offload_policy=offload)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True if ``model`` holds FSDP2 (``DTensor``) parameters."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gather ``DTensor`` shards into whole CPU tensors; plain tensors are just moved to the CPU.
+
+    A collective under FSDP: call it on every rank with the same keys, even if only rank 0 uses the result.
+    """
+    gathered = {}
+    for key, value in state.items():
+        value = value.full_tensor() if hasattr(value, "full_tensor") else value
+        gathered[key] = value.detach().to("cpu").contiguous()
+    return gathered
+
+
+def save_sharded_state(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, metadata: dict[str, Any], rank: int
+) -> None:
+    """Write the trained parameters' and the optimizer's shards with ``torch.distributed.checkpoint``, one file
+    per rank, plus ``metadata`` (rank 0's, e.g. progress counters). Frozen parameters are skipped: they are
+    already on disk in the base checkpoint. Call on every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path / SHARDED_STATE_DIR)
+    if rank == 0:
+        torch.save(metadata, path / SHARDED_STATE_DIR / "metadata.pt")
+
+
+def load_sharded_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load what `save_sharded_state` wrote into ``model`` and ``optimizer``; returns the metadata.
+
+    The number of ranks may differ from the run that saved it: ``torch.distributed.checkpoint`` reshards.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    folder = path / SHARDED_STATE_DIR
+    if not (folder / "metadata.pt").is_file():
+        raise LitQAError(f"{path}: not a sharded training checkpoint ({SHARDED_STATE_DIR}/metadata.pt is missing)")
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        dcp.load(state, checkpoint_id=folder)
+    except Exception as e:  # dcp wraps every failure (missing keys, shapes, files) in its own exception types
+        raise LitQAError(f"{folder}: cannot load the sharded training state ({str(e).splitlines()[0]})") from None
+    # dcp.load above already refused a checkpoint lacking a trained key; frozen ones are absent by design.
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=options)  # fmt: skip
+    return torch.load(folder / "metadata.pt", weights_only=True)
