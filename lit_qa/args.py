@@ -41,6 +41,10 @@ class TrainArgs:
             checkpoint) or "skip" that optimizer step.
         max_time_minutes: Stop (after validating and saving a checkpoint) once training has run this long;
             the learning-rate schedule still spans the full run, so ``--resume auto`` can finish it later.
+        loss_positions_only: Run the output head only at positions that carry loss (the answer tokens),
+            not at every position; the same loss, less compute and memory.
+        compile: ``torch.compile`` each transformer block (about 15 s of compilation per new sequence-length
+            pattern; pays off for runs of more than a few minutes: see benchmarks/README.md).
     """
 
     global_batch_size: int = 128
@@ -62,6 +66,8 @@ class TrainArgs:
     pad_multiple: int = 64
     nan_policy: Literal["stop", "skip"] = "stop"
     max_time_minutes: float | None = None
+    loss_positions_only: bool = True
+    compile: bool = False
 
     def validate(self, world_size: int) -> None:
         """Raise one `LitQAError` listing every out-of-range value."""

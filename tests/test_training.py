@@ -83,6 +83,17 @@ def test_accumulating_micro_batches_equals_one_big_batch(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("switch", [dict(group_by_length=False), dict(pad_multiple=1), dict(loss_positions_only=False)])
+def test_speed_switches_do_not_change_the_trained_weights(tmp_path, switch):
+    """Length grouping, padding to a multiple and the loss-positions-only head are speed-ups only."""
+    common = dict(global_batch_size=8, micro_batch_size=2, max_steps=2, learning_rate=1.0, warmup_steps=0,
+                  save_interval=1000, pad_multiple=16)  # fmt: skip
+    default = run(tmp_path / "a", TrainArgs(**common), optimizer_class=torch.optim.SGD)
+    switched = run(tmp_path / "b", TrainArgs(**{**common, **switch}), optimizer_class=torch.optim.SGD)
+    for (name, a), (_, b) in zip(default.state_dict().items(), switched.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 class Interrupt(Exception):
     pass
 
@@ -115,9 +126,9 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp
     original = training.token_loss_sum
     calls = {"n": 0}
 
-    def poisoned(model, batch):
+    def poisoned(model, batch, *args):
         calls["n"] += model.training  # validation passes do not count
-        loss = original(model, batch)
+        loss = original(model, batch, *args)
         return loss * float("nan") if calls["n"] > 6 else loss  # steps 1-3 are fine (2 micro-batches each)
 
     monkeypatch.setattr(training, "token_loss_sum", poisoned)
@@ -129,7 +140,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp
 
 def test_skip_policy_ignores_the_bad_step(tmp_path, monkeypatch):
     args = TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=3, warmup_steps=0, nan_policy="skip")
-    monkeypatch.setattr(training, "token_loss_sum", lambda model, batch: model(batch["input_ids"]).sum() * float("nan"))
+    monkeypatch.setattr(training, "token_loss_sum", lambda model, batch, *args: model(batch["input_ids"]).sum() * float("nan"))
     model = run(tmp_path, args)
     torch.manual_seed(0)
     initial = GPT(Config.from_name("tiny-gqa"))
@@ -202,3 +213,44 @@ def test_sample_generations_skip_prompts_too_long_to_continue(tmp_path, capsys):
     printed = capsys.readouterr().out
     fitting = [s for s in samples if int((s["labels"] == -100).sum()) + 4 <= model.max_seq_length]
     assert 0 < printed.count("generated") == len(fitting) < len(samples)
+
+
+def loss_and_grads(model: GPT, batch: dict, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = training.token_loss_sum(model, batch, **kwargs)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def tiny_lora_model_and_batch() -> tuple[GPT, dict]:
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("tiny-gqa"))
+    apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, query=True, value=True, mlp=True))
+    mark_only_lora_as_trainable(model)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    from lit_qa.data import collate
+
+    return model, collate(make_samples(4), pad_id=0, max_length=64, pad_multiple=8)
+
+
+def test_head_at_loss_positions_only_gives_the_loss_and_gradients_of_the_full_head():
+    model, batch = tiny_lora_model_and_batch()
+    loss_fast, grads_fast = loss_and_grads(model, batch, loss_positions_only=True)
+    loss_full, grads_full = loss_and_grads(model, batch, loss_positions_only=False)
+    assert loss_fast > 0 and grads_fast.keys() == grads_full.keys() and grads_fast
+    torch.testing.assert_close(loss_fast, loss_full)
+    for name, grad in grads_full.items():
+        torch.testing.assert_close(grads_fast[name], grad, msg=name)
+
+
+def test_compiled_blocks_give_the_loss_and_gradients_of_eager_blocks():
+    model, batch = tiny_lora_model_and_batch()
+    loss_eager, grads_eager = loss_and_grads(model, batch)
+    training.compile_blocks(model)
+    loss_compiled, grads_compiled = loss_and_grads(model, batch)
+    assert all(block._compiled_call_impl is not None for block in model.transformer.h)
+    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-5)
+    for name, grad in grads_eager.items():
+        torch.testing.assert_close(grads_compiled[name], grad, rtol=1e-4, atol=1e-6, msg=name)
