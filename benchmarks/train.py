@@ -39,9 +39,10 @@ from lit_qa.evaluation import select_subset
 from lit_qa.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
 from lit_qa.squad import load_squad
 from lit_qa.tokenizer import Tokenizer
-from lit_qa.training import compile_blocks, token_loss_sum
+from lit_qa.training import checkpoint_blocks, compile_blocks, token_loss_sum
 
 IMPLEMENTATIONS = ("lit-qa", "lit-qa --compile", "transformers")
+OPTIONAL_IMPLEMENTATIONS = ("lit-qa --activation_checkpointing",)
 LORA = LoRAConfig(r=8, alpha=16, dropout=0.05, query=True, value=True)
 DTYPES = {"32-true": torch.float32, "bf16-true": torch.bfloat16}
 # Dense datasheet peaks (TFLOP/s) by GPU name fragment: (fp32 non-tensor-core, bf16 tensor core).
@@ -66,12 +67,14 @@ def make_batches(
             for i in range(0, len(samples), micro_batch_size)]  # fmt: skip
 
 
-def lit_model(checkpoint_dir: Path, method: str, dtype: torch.dtype, device: str, compile: bool) -> torch.nn.Module:
+def lit_model(checkpoint_dir: Path, method: str, dtype: torch.dtype, device: str, options: str) -> torch.nn.Module:
     model, _ = load_model(checkpoint_dir, device=device, dtype=dtype)
     if method == "lora":
         apply_lora(model, LORA)
         mark_only_lora_as_trainable(model)
-    if compile:
+    if "--activation_checkpointing" in options:
+        checkpoint_blocks(model)
+    if "--compile" in options:
         compile_blocks(model)
     return model.train()
 
@@ -110,7 +113,7 @@ def worker(implementation: str, method: str, checkpoint_dir: Path, squad_file: P
     if implementation == "transformers":
         model, loss_fn = hf_model(checkpoint_dir, method, dtype, device), hf_loss_sum
     else:
-        model, loss_fn = lit_model(checkpoint_dir, method, dtype, device, "--compile" in implementation), token_loss_sum
+        model, loss_fn = lit_model(checkpoint_dir, method, dtype, device, implementation), token_loss_sum
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device == "cuda")
     losses, start = [], 0.0
@@ -175,7 +178,7 @@ def main(
         checkpoint_dir: A lit checkpoint folder.
         squad_file: Official-format SQuAD file the training prompts come from.
         methods: "lora" and/or "full".
-        implementations: Any of "lit-qa", "lit-qa --compile", "transformers".
+        implementations: Any of "lit-qa", "lit-qa --compile", "transformers", "lit-qa --activation_checkpointing".
         precision: "32-true" or "bf16-true" (weights and activations, both sides).
         device: "cpu" or "cuda".
         micro_batch_size: Samples per step.

@@ -35,7 +35,7 @@ from lit_qa.lora import (LoRAConfig, apply_lora, count_parameters, lora_state_di
                          save_lora_checkpoint)  # fmt: skip
 from lit_qa.precision import resolve_precision, weights_dtype
 from lit_qa.tokenizer import Tokenizer, check_vocab_matches
-from lit_qa.training import fit, latest_checkpoint, save_hyperparameters
+from lit_qa.training import fit, latest_checkpoint, save_hyperparameters, setup_model
 
 
 def setup(
@@ -67,7 +67,7 @@ def setup(
         num_nodes: Number of nodes.
         strategy: "auto", "ddp" (a full frozen copy of the base on every device) or "fsdp" (FSDP2: the base
             sharded over the devices, for models that do not fit one device).
-        fsdp: Activation checkpointing, CPU offload and resharding under ``--strategy fsdp``.
+        fsdp: CPU offload and resharding under ``--strategy fsdp``.
         lora: LoRA rank, alpha, dropout and target layers.
         train: Training hyperparameters.
         eval: Validation hyperparameters.
@@ -123,7 +123,7 @@ def main(
     fabric.print(f"{config.name}: {count_parameters(model, trainable_only=True):,} trainable of "
                  f"{count_parameters(model):,} parameters; precision {precision}")  # fmt: skip
 
-    model = fabric.setup_module(model)
+    model = setup_model(fabric, model, train_args)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train_args.learning_rate, weight_decay=train_args.weight_decay,
                                   betas=(train_args.beta1, train_args.beta2), fused=fabric.device.type == "cuda")  # fmt: skip

@@ -43,6 +43,8 @@ class TrainArgs:
             the learning-rate schedule still spans the full run, so ``--resume auto`` can finish it later.
         loss_positions_only: Run the output head only at positions that carry loss (the answer tokens),
             not at every position; the same loss, less compute and memory.
+        activation_checkpointing: Recompute each block's activations in the backward pass instead of keeping
+            them: much less memory for about a third more compute (any strategy, FSDP included).
         compile: ``torch.compile`` each transformer block (about 15 s of compilation per new sequence-length
             pattern; pays off for runs of more than a few minutes: see benchmarks/README.md).
     """
@@ -67,6 +69,7 @@ class TrainArgs:
     nan_policy: Literal["stop", "skip"] = "stop"
     max_time_minutes: float | None = None
     loss_positions_only: bool = True
+    activation_checkpointing: bool = False
     compile: bool = False
 
     def validate(self, world_size: int) -> None:

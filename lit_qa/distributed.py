@@ -29,18 +29,15 @@ SHARDED_STATE_DIR = "sharded_state"
 
 @dataclass
 class FSDPArgs:
-    """Settings of ``--strategy fsdp``.
+    """Settings of ``--strategy fsdp`` (activation checkpointing is ``--train.activation_checkpointing``).
 
     Attributes:
-        activation_checkpointing: Recompute each block's activations in the backward pass instead of
-            keeping them (uses the composable ``checkpoint``, which keeps state-dict keys clean).
         cpu_offload: Keep sharded parameters, gradients and optimizer states in CPU memory (GPU only;
             slower, for models that do not fit otherwise).
         reshard_after_forward: Free the gathered parameters after each block's forward (saves memory,
             costs a second all-gather in the backward pass).
     """
 
-    activation_checkpointing: bool = False
     cpu_offload: bool = False
     reshard_after_forward: bool = True
 
@@ -69,10 +66,6 @@ def shard_model(model: nn.Module, mesh: Any, fsdp_args: FSDPArgs) -> nn.Module:
     offload = CPUOffloadPolicy() if fsdp_args.cpu_offload else OffloadPolicy()
     blocks = model.transformer.h
     for block in blocks:
-        if fsdp_args.activation_checkpointing:
-            from torch.distributed._composable import checkpoint
-
-            checkpoint(block)
         fully_shard(block, mesh=mesh, reshard_after_forward=fsdp_args.reshard_after_forward, offload_policy=offload)
     # The root's parameters (embedding, head) are needed right after the last block: keep them gathered.
     fully_shard(model, mesh=mesh, reshard_after_forward=False, offload_policy=offload)

@@ -277,6 +277,26 @@ def token_loss_sum(
     return F.cross_entropy(logits.float(), targets[targets != -100], reduction="sum")
 
 
+def setup_model(fabric: L.Fabric, model: torch.nn.Module, train_args: TrainArgs) -> torch.nn.Module:
+    """Hand a model whose trainable parameters are marked to Fabric: activation checkpointing first (it must
+    wrap the blocks before FSDP shards them), then the strategy's wrapping (DDP / FSDP2 / none)."""
+    if train_args.activation_checkpointing:
+        checkpoint_blocks(model)
+    return fabric.setup_module(model)
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of storing them.
+
+    The composable ``checkpoint`` keeps parameter names unchanged (``checkpoint_wrapper`` inserts
+    ``_checkpoint_wrapped_module`` into every key, which breaks loading full state dicts).
+    """
+    from torch.distributed._composable import checkpoint
+
+    for block in getattr(model, "module", model).transformer.h:
+        checkpoint(block)
+
+
 def compile_blocks(model: torch.nn.Module) -> None:
     """``torch.compile`` each transformer block in place (the loop, the head and the loss stay eager).
 

@@ -128,13 +128,17 @@ def test_data_prepared_with_another_tokenizer_is_refused(prepared, tmp_path, mon
 def test_two_processes_match_one_process(prepared, tmp_path, strategy):
     """Same global batch on 1 and on 2 CPU processes (gloo): the same samples per step, the same weights.
 
-    Under FSDP the base is sharded, LoRA trains on shards, and the saved adapter is gathered whole."""
+    Under FSDP (with activation checkpointing) the base is sharded, LoRA trains on shards, and the saved
+    adapter is gathered whole."""
     root, checkpoint, data_dir, _ = prepared
     results = {}
     for devices, run_strategy in (("1", "auto"), ("2", strategy)):
         out = tmp_path / f"devices-{devices}"
+        # Activation checkpointing only recomputes: the FSDP run uses it and must still match.
+        recompute = "true" if run_strategy == "fsdp" else "false"
         result = finetune(out, checkpoint, data_dir, "--devices", devices, "--strategy", run_strategy,
-                          "--lora.dropout", "0.0", "--train.max_steps", "3")  # fmt: skip
+                          "--lora.dropout", "0.0", "--train.max_steps", "3",
+                          "--train.activation_checkpointing", recompute)  # fmt: skip
         assert result.returncode == 0, result.stderr
         results[devices] = load_file(out / "run" / "final" / "lit_lora.safetensors")
     assert results["2"].keys() == results["1"].keys()
