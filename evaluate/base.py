@@ -19,9 +19,8 @@ from typing import Literal
 
 from lit_qa.checkpoint import load_model
 from lit_qa.errors import run_cli
-from lit_qa.evaluation import autocast, format_summary, resolve_device, run_evaluation, select_subset
+from lit_qa.evaluation import autocast, format_summary, prompt_settings, resolve_device, run_evaluation, select_subset
 from lit_qa.precision import resolve_precision, weights_dtype
-from lit_qa.prompts import NO_ANSWER, check_prompt_style
 from lit_qa.squad import load_squad
 from lit_qa.tokenizer import Tokenizer, check_vocab_matches
 
@@ -59,12 +58,13 @@ def main(
         precision: "auto" (bf16 on GPUs and on CPUs with native bf16, 32-true elsewhere), "32-true",
             "bf16-true", "16-true", "bf16-mixed", "16-mixed".
         device: "auto", "cpu" or "cuda".
-        prompt_style: The prompt template; defaults to "plain". For a merged fine-tune, use the style it was
-            trained with (prompt_style in its prepare_config.json).
-        no_answer: The no-answer reply named in the prompt and mapped to ""; defaults to "unanswerable".
+        prompt_style: The prompt template; defaults to the one recorded in the checkpoint's prepare_config.json
+            (written by finetune/full.py), else "plain". For a merged LoRA, pass the style it was trained with.
+        no_answer: The no-answer reply named in the prompt and mapped to ""; defaults like ``prompt_style``, else
+            "unanswerable".
     """
-    prompt_style, no_answer = prompt_style or "plain", no_answer or NO_ANSWER
-    check_prompt_style(prompt_style)
+    # A full fine-tune (finetune/full.py) records its prompt settings; a converted base model has none.
+    prompt_style, no_answer = prompt_settings(checkpoint_dir, prompt_style, no_answer, warn_if_unknown=False)
     questions = select_subset(load_squad(eval_file), limit, seed)  # a bad file fails before the model loads
     device = resolve_device(device)
     precision = resolve_precision(precision, device)

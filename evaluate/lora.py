@@ -16,12 +16,10 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from lit_qa.data import CONFIG_FILE, read_prepare_config
 from lit_qa.errors import run_cli
-from lit_qa.evaluation import autocast, format_summary, resolve_device, run_evaluation, select_subset
+from lit_qa.evaluation import autocast, format_summary, prompt_settings, resolve_device, run_evaluation, select_subset
 from lit_qa.lora import check_lora_dir, load_lora_checkpoint, merge_lora_weights, read_base_record
 from lit_qa.precision import resolve_precision, weights_dtype
-from lit_qa.prompts import NO_ANSWER, check_prompt_style
 from lit_qa.squad import load_squad
 from lit_qa.tokenizer import Tokenizer, check_vocab_matches
 
@@ -93,28 +91,6 @@ def main(
         )
     print(format_summary(metrics, out_dir))
     return metrics
-
-
-def prompt_settings(lora_dir: Path, prompt_style: str | None, no_answer: str | None) -> tuple[str, str]:
-    """The prompt style and no-answer string: the flags if given, else those the adapter was trained with.
-
-    A flag that differs from the training setting is honoured with a warning: the model was never asked
-    that way, so its scores will likely drop.
-    """
-    trained = {"prompt_style": "plain", "no_answer": NO_ANSWER}
-    if (Path(lora_dir) / CONFIG_FILE).is_file():
-        trained.update({k: v for k, v in read_prepare_config(lora_dir).items() if k in trained})
-    else:
-        print(f"warning: {lora_dir} has no {CONFIG_FILE}; assuming the default prompt settings", file=sys.stderr)
-    chosen = {"prompt_style": prompt_style, "no_answer": no_answer}
-    for key, value in chosen.items():
-        if value is None:
-            chosen[key] = trained[key]
-        elif value != trained[key]:
-            print(f"warning: --{key} {value!r} differs from {trained[key]!r}, which the adapter was trained with",
-                  file=sys.stderr)  # fmt: skip
-    check_prompt_style(chosen["prompt_style"])
-    return chosen["prompt_style"], chosen["no_answer"]
 
 
 if __name__ == "__main__":

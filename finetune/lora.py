@@ -18,24 +18,17 @@ TensorBoard/CSV logs under ``logs/``.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
-import torch
-from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 
 from lit_qa.args import EvalArgs, TrainArgs
-from lit_qa.checkpoint import check_checkpoint_dir, load_model
-from lit_qa.data import load_prepared, read_prepare_config
-from lit_qa.errors import LitQAError, run_cli
-from lit_qa.distributed import FSDPArgs, Strategy, full_state_dict, make_strategy
-from lit_qa.lora import (LoRAConfig, apply_lora, count_parameters, lora_state_dict, mark_only_lora_as_trainable,
-                         save_lora_checkpoint)  # fmt: skip
-from lit_qa.precision import resolve_precision, weights_dtype
-from lit_qa.tokenizer import Tokenizer, check_vocab_matches
-from lit_qa.training import fit, latest_checkpoint, save_hyperparameters, setup_model
+from lit_qa.distributed import FSDPArgs, Strategy, full_state_dict
+from lit_qa.errors import run_cli
+from lit_qa.launch import check_inputs, load_data_and_model, make_fabric, make_optimizer, print_parameter_counts
+from lit_qa.lora import LoRAConfig, apply_lora, lora_state_dict, mark_only_lora_as_trainable, save_lora_checkpoint
+from lit_qa.training import fit, save_hyperparameters, setup_model
 
 
 def setup(
@@ -75,19 +68,8 @@ def setup(
         overwrite: Start over in an out_dir that already holds checkpoints (they are deleted).
         seed: Random seed for LoRA initialisation, dropout and data order.
     """
-    check_checkpoint_dir(checkpoint_dir)
-    prepare_config = read_prepare_config(data_dir)
-    if resume is False and latest_checkpoint(out_dir) is not None:
-        if not overwrite:
-            raise LitQAError(f"{out_dir} already holds checkpoints; pass --resume auto to continue or --overwrite to start over")
-        for old in [*out_dir.glob("step-*"), out_dir / "final"]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = resolve_precision(precision, accelerator)
-    loggers = [TensorBoardLogger(out_dir / "logs", name="tensorboard"), CSVLogger(out_dir / "logs", name="csv")]
-    fabric = L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                      strategy=make_strategy(strategy, devices * num_nodes, fsdp), precision=precision, loggers=loggers)  # fmt: skip
-    train.validate(devices * num_nodes)
+    prepare_config = check_inputs(data_dir, checkpoint_dir, out_dir, resume, overwrite)
+    fabric, precision = make_fabric(out_dir, precision, devices, num_nodes, strategy, fsdp, train)
     fabric.launch(main, data_dir, checkpoint_dir, out_dir, precision, lora, train, eval, resume, seed, prepare_config)
 
 
@@ -105,29 +87,14 @@ def main(
     prepare_config: dict,
 ) -> None:
     fabric.seed_everything(seed)  # the same seed on every rank: identical LoRA initialisation
-    tokenizer = Tokenizer(checkpoint_dir)
-    with fabric.rank_zero_first():
-        train_data, val_data = load_prepared(data_dir, "train"), load_prepared(data_dir, "val")
-
-    model, config = load_model(checkpoint_dir, dtype=weights_dtype(precision))
-    check_vocab_matches(tokenizer, config.padded_vocab_size, checkpoint_dir)
-    prepared_vocab = prepare_config["tokenizer"]["vocab_size"]
-    if prepared_vocab != tokenizer.vocab_size:
-        raise LitQAError(f"{data_dir} was prepared with another tokenizer ({prepared_vocab} tokens, "
-                         f"{checkpoint_dir} has {tokenizer.vocab_size}); run scripts/prepare_squad.py again")  # fmt: skip
-    # Room for the longest sample, and for the sample answers generated at each validation.
-    longest = max(len(s["input_ids"]) for s in train_data + val_data)
-    model.max_seq_length = min(config.block_size, longest + eval_args.max_new_tokens)
+    tokenizer, train_data, val_data, model, config = load_data_and_model(
+        fabric, data_dir, checkpoint_dir, precision, eval_args, prepare_config
+    )
     apply_lora(model, lora_config)
     mark_only_lora_as_trainable(model)
-    fabric.print(f"{config.name}: {count_parameters(model, trainable_only=True):,} trainable of "
-                 f"{count_parameters(model):,} parameters; precision {precision}")  # fmt: skip
-
+    print_parameter_counts(fabric, model, precision)
     model = setup_model(fabric, model, train_args)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=train_args.learning_rate, weight_decay=train_args.weight_decay,
-                                  betas=(train_args.beta1, train_args.beta2), fused=fabric.device.type == "cuda")  # fmt: skip
-    optimizer = fabric.setup_optimizers(optimizer)
+    optimizer = make_optimizer(fabric, model, train_args)
     if fabric.global_rank == 0:
         save_hyperparameters(out_dir, data_dir=data_dir, checkpoint_dir=checkpoint_dir, precision=precision,
                              lora=lora_config, train=train_args, eval=eval_args, seed=seed)  # fmt: skip

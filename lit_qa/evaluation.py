@@ -29,11 +29,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lit_qa.data import QuestionEncoder, write_atomic
+from lit_qa.data import CONFIG_FILE as PREPARE_CONFIG_FILE
+from lit_qa.data import QuestionEncoder, read_prepare_config, write_atomic
 from lit_qa.errors import LitQAError
 from lit_qa.generate import generate
 from lit_qa.model import GPT
-from lit_qa.prompts import NO_ANSWER
+from lit_qa.prompts import NO_ANSWER, check_prompt_style
 from lit_qa.squad import Question, evaluate_predictions, f1_score, gold_answers
 from lit_qa.tokenizer import Tokenizer
 
@@ -378,3 +379,29 @@ def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def prompt_settings(
+    trained_dir: Path, prompt_style: str | None, no_answer: str | None, warn_if_unknown: bool = True
+) -> tuple[str, str]:
+    """The prompt style and no-answer string: the flags if given, else those the model in ``trained_dir`` (an
+    adapter or a fine-tuned checkpoint folder) was trained with, as recorded in its ``prepare_config.json``.
+
+    A flag that differs from the training setting is honoured with a warning: the model was never asked
+    that way, so its scores will likely drop.
+    """
+    trained = {"prompt_style": "plain", "no_answer": NO_ANSWER}
+    if (Path(trained_dir) / PREPARE_CONFIG_FILE).is_file():
+        trained.update({k: v for k, v in read_prepare_config(trained_dir).items() if k in trained})
+    elif warn_if_unknown:
+        print(f"warning: {trained_dir} has no {PREPARE_CONFIG_FILE}; assuming the default prompt settings",
+              file=sys.stderr)  # fmt: skip
+    chosen = {"prompt_style": prompt_style, "no_answer": no_answer}
+    for key, value in chosen.items():
+        if value is None:
+            chosen[key] = trained[key]
+        elif value != trained[key]:
+            print(f"warning: --{key} {value!r} differs from {trained[key]!r}, which the model was trained with",
+                  file=sys.stderr)  # fmt: skip
+    check_prompt_style(chosen["prompt_style"])
+    return chosen["prompt_style"], chosen["no_answer"]

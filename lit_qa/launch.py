@@ -1,0 +1,95 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""What every fine-tuning script does before and around the loop: check the output folder, build Fabric,
+load the prepared data and the base model, build the optimizer.
+
+The scripts in ``finetune/`` call these in order and differ only in what they make trainable and what they
+save; the loop itself is `lit_qa.training.fit`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+
+from lit_qa.args import EvalArgs, TrainArgs
+from lit_qa.checkpoint import check_checkpoint_dir, load_model
+from lit_qa.config import Config
+from lit_qa.data import load_prepared, read_prepare_config
+from lit_qa.distributed import FSDPArgs, make_strategy
+from lit_qa.errors import LitQAError
+from lit_qa.lora import count_parameters
+from lit_qa.model import GPT
+from lit_qa.precision import resolve_precision, weights_dtype
+from lit_qa.tokenizer import Tokenizer, check_vocab_matches
+from lit_qa.training import latest_checkpoint
+
+
+def check_inputs(data_dir: Path, checkpoint_dir: Path, out_dir: Path, resume: Any, overwrite: bool) -> dict[str, Any]:
+    """Fail before any process starts: the base checkpoint and the prepared data exist, and ``out_dir`` holds
+    no checkpoints unless resuming (``overwrite`` deletes them). Returns the data's ``prepare_config.json``."""
+    check_checkpoint_dir(checkpoint_dir)
+    prepare_config = read_prepare_config(data_dir)
+    if resume is False and latest_checkpoint(out_dir) is not None:
+        if not overwrite:
+            raise LitQAError(f"{out_dir} already holds checkpoints; pass --resume auto to continue or --overwrite to start over")
+        for old in [*out_dir.glob("step-*"), out_dir / "final"]:
+            shutil.rmtree(old, ignore_errors=True)
+    return prepare_config
+
+
+def make_fabric(
+    out_dir: Path, precision: str, devices: int, num_nodes: int, strategy: str, fsdp_args: FSDPArgs, train_args: TrainArgs
+) -> tuple[L.Fabric, str]:
+    """A Fabric with TensorBoard and CSV loggers under ``out_dir/logs``; returns it and the resolved precision."""
+    accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(precision, accelerator)
+    train_args.validate(devices * num_nodes)
+    loggers = [TensorBoardLogger(out_dir / "logs", name="tensorboard"), CSVLogger(out_dir / "logs", name="csv")]
+    strategy = make_strategy(strategy, devices * num_nodes, fsdp_args)
+    fabric = L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                      precision=precision, loggers=loggers)  # fmt: skip
+    return fabric, precision
+
+
+def load_data_and_model(
+    fabric: L.Fabric,
+    data_dir: Path,
+    checkpoint_dir: Path,
+    precision: str,
+    eval_args: EvalArgs,
+    prepare_config: dict[str, Any],
+) -> tuple[Tokenizer, list[dict], list[dict], GPT, Config]:
+    """The tokenizer, the prepared train and validation samples and the base model (on the CPU; Fabric moves
+    or shards it), checking that data, tokenizer and weights belong together."""
+    tokenizer = Tokenizer(checkpoint_dir)
+    with fabric.rank_zero_first():
+        train_data, val_data = load_prepared(data_dir, "train"), load_prepared(data_dir, "val")
+    model, config = load_model(checkpoint_dir, dtype=weights_dtype(precision))
+    check_vocab_matches(tokenizer, config.padded_vocab_size, checkpoint_dir)
+    prepared_vocab = prepare_config["tokenizer"]["vocab_size"]
+    if prepared_vocab != tokenizer.vocab_size:
+        raise LitQAError(f"{data_dir} was prepared with another tokenizer ({prepared_vocab} tokens, "
+                         f"{checkpoint_dir} has {tokenizer.vocab_size}); run scripts/prepare_squad.py again")  # fmt: skip
+    # Room for the longest sample, and for the sample answers generated at each validation.
+    longest = max(len(s["input_ids"]) for s in train_data + val_data)
+    model.max_seq_length = min(config.block_size, longest + eval_args.max_new_tokens)
+    return tokenizer, train_data, val_data, model, config
+
+
+def print_parameter_counts(fabric: L.Fabric, model: torch.nn.Module, precision: str) -> None:
+    name = model.config.name
+    fabric.print(f"{name}: {count_parameters(model, trainable_only=True):,} trainable of "
+                 f"{count_parameters(model):,} parameters; precision {precision}")  # fmt: skip
+
+
+def make_optimizer(fabric: L.Fabric, model: torch.nn.Module, train_args: TrainArgs) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (fused kernels on GPU), set up by Fabric."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=train_args.learning_rate, weight_decay=train_args.weight_decay,
+                                  betas=(train_args.beta1, train_args.beta2), fused=fabric.device.type == "cuda")  # fmt: skip
+    return fabric.setup_optimizers(optimizer)
