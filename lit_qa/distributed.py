@@ -42,9 +42,10 @@ class FSDPArgs:
     reshard_after_forward: bool = True
 
 
-def make_strategy(strategy: str, world_size: int, fsdp_args: FSDPArgs | None = None) -> Any:
+def make_strategy(strategy: str, world_size: int, fsdp_args: FSDPArgs | None = None, precision: str = "32-true") -> Any:
     """The Fabric strategy for ``--strategy``: "auto" and "ddp" pass through, "fsdp" becomes FSDP2 sharding
-    over all ``world_size`` (devices x nodes) processes."""
+    over all ``world_size`` (devices x nodes) processes. Under "bf16-mixed", FSDP keeps fp32 shards (the
+    optimizer's master weights) but gathers and computes in bf16 and reduces gradients in fp32."""
     if strategy not in STRATEGIES:
         raise LitQAError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     if strategy != "fsdp":
@@ -54,21 +55,22 @@ def make_strategy(strategy: str, world_size: int, fsdp_args: FSDPArgs | None = N
     fsdp_args = fsdp_args or FSDPArgs()
 
     def parallelize(model: nn.Module, device_mesh: Any) -> nn.Module:
-        return shard_model(model, device_mesh["data_parallel"], fsdp_args)
+        return shard_model(model, device_mesh["data_parallel"], fsdp_args, mixed_bf16=precision == "bf16-mixed")
 
     return ModelParallelStrategy(parallelize_fn=parallelize, data_parallel_size=world_size, tensor_parallel_size=1)
 
 
-def shard_model(model: nn.Module, mesh: Any, fsdp_args: FSDPArgs) -> nn.Module:
+def shard_model(model: nn.Module, mesh: Any, fsdp_args: FSDPArgs, mixed_bf16: bool = False) -> nn.Module:
     """Apply FSDP2 to each transformer block, then to the root (embedding, final norm and head)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     offload = CPUOffloadPolicy() if fsdp_args.cpu_offload else OffloadPolicy()
-    blocks = model.transformer.h
-    for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=fsdp_args.reshard_after_forward, offload_policy=offload)
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16 else None
+    common = dict(mesh=mesh, offload_policy=offload, mp_policy=mixed or MixedPrecisionPolicy())
+    for block in model.transformer.h:
+        fully_shard(block, reshard_after_forward=fsdp_args.reshard_after_forward, **common)
     # The root's parameters (embedding, head) are needed right after the last block: keep them gathered.
-    fully_shard(model, mesh=mesh, reshard_after_forward=False, offload_policy=offload)
+    fully_shard(model, reshard_after_forward=False, **common)
     return model
 
 
@@ -79,15 +81,17 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def full_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def full_state_dict(state: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
     """Gather ``DTensor`` shards into whole CPU tensors; plain tensors are just moved to the CPU.
 
-    A collective under FSDP: call it on every rank with the same keys, even if only rank 0 uses the result.
+    A collective under FSDP: call it on every rank with the same keys. Ranks that will not write pass
+    ``keep=False`` and get an empty dict, so a whole model is never held in CPU memory on every rank.
     """
     gathered = {}
     for key, value in state.items():
-        value = value.full_tensor() if hasattr(value, "full_tensor") else value
-        gathered[key] = value.detach().to("cpu").contiguous()
+        value = value.full_tensor() if hasattr(value, "full_tensor") else value  # one tensor at a time
+        if keep:
+            gathered[key] = value.detach().to("cpu").contiguous()
     return gathered
 
 

@@ -50,7 +50,7 @@ def make_fabric(
     precision = resolve_precision(precision, accelerator)
     train_args.validate(devices * num_nodes)
     loggers = [TensorBoardLogger(out_dir / "logs", name="tensorboard"), CSVLogger(out_dir / "logs", name="csv")]
-    strategy = make_strategy(strategy, devices * num_nodes, fsdp_args)
+    strategy = make_strategy(strategy, devices * num_nodes, fsdp_args, precision)
     fabric = L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                       precision=precision, loggers=loggers)  # fmt: skip
     return fabric, precision

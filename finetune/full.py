@@ -1,0 +1,118 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""Full fine-tuning for SQuAD 2.0 on prepared data (see scripts/prepare_squad.py): every weight trains.
+
+One GPU or CPU (small models):
+
+    python finetune/full.py --data_dir data/squad2 --checkpoint_dir checkpoints/SmolLM2-135M-Instruct
+
+A 7B sharded over 8 GPUs (FSDP2: parameters, gradients and optimizer states split over the devices),
+bf16 compute with fp32 master weights, activations recomputed to save memory:
+
+    python finetune/full.py --devices 8 --strategy fsdp --precision bf16-mixed \\
+        --train.activation_checkpointing true --data_dir data/squad2 --checkpoint_dir checkpoints/Llama-2-7b-hf
+
+Several nodes: launch the same command on each with ``torchrun --nnodes 2 --nproc_per_node 8 ...`` (or
+``fabric run``, or under SLURM) and add ``--num_nodes 2``. Continue a stopped run with ``--resume auto``.
+Outputs in ``--out_dir``: ``step-*/`` and ``final/`` hold a complete lit checkpoint (weights, config,
+tokenizer, prompt settings) that evaluate/base.py and scripts/convert_checkpoint.py load; ``step-*/`` also
+holds the resume state (``training_state.pt``, or ``sharded_state/`` with one file per rank under FSDP).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+
+from lit_qa.args import EvalArgs, TrainArgs
+from lit_qa.checkpoint import save_checkpoint
+from lit_qa.convert_hf import tokenizer_files
+from lit_qa.data import CONFIG_FILE as PREPARE_CONFIG_FILE
+from lit_qa.distributed import FSDPArgs, Strategy, full_state_dict
+from lit_qa.errors import run_cli
+from lit_qa.launch import check_inputs, load_data_and_model, make_fabric, make_optimizer, print_parameter_counts
+from lit_qa.training import fit, save_hyperparameters, setup_model
+
+
+def setup(
+    data_dir: Path = Path("data/squad2"),
+    checkpoint_dir: Path = Path("checkpoints/SmolLM2-135M-Instruct"),
+    out_dir: Path = Path("out/finetune/full"),
+    precision: str = "auto",
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: Strategy = "auto",
+    fsdp: FSDPArgs = FSDPArgs(),
+    train: TrainArgs = TrainArgs(learning_rate=3e-5),
+    eval: EvalArgs = EvalArgs(),
+    resume: bool | Literal["auto"] | Path = False,
+    overwrite: bool = False,
+    seed: int = 42,
+) -> None:
+    """Fine-tune every weight. Defaults follow the known-good 7B full recipe (AdamW lr 3e-5, global batch 128,
+    100 warm-up steps then cosine decay, gradient clipping at 1.0).
+
+    Args:
+        data_dir: Folder written by scripts/prepare_squad.py (train.pt, val.pt, prepare_config.json).
+        checkpoint_dir: The base model, a lit checkpoint folder (scripts/convert_checkpoint.py).
+        out_dir: Where checkpoints and logs go.
+        precision: "auto" (bf16-true on GPUs and on CPUs with native bf16, 32-true elsewhere), "32-true",
+            "bf16-true", "bf16-mixed" (fp32 master weights, bf16 compute: the better choice for full
+            fine-tuning on GPUs when memory allows), "16-mixed".
+        devices: Devices per node.
+        num_nodes: Number of nodes.
+        strategy: "auto", "ddp" (a whole model, its gradients and optimizer states on every device) or "fsdp"
+            (FSDP2: all three sharded over the devices; what a 7B and up needs).
+        fsdp: CPU offload and resharding under ``--strategy fsdp``.
+        train: Training hyperparameters (micro batch x accumulation x devices = global batch).
+        eval: Validation hyperparameters.
+        resume: Continue from the latest checkpoint in out_dir (True / "auto") or from a given step folder.
+        overwrite: Start over in an out_dir that already holds checkpoints (they are deleted).
+        seed: Random seed for dropout and data order.
+    """
+    prepare_config = check_inputs(data_dir, checkpoint_dir, out_dir, resume, overwrite)
+    fabric, precision = make_fabric(out_dir, precision, devices, num_nodes, strategy, fsdp, train)
+    fabric.launch(main, data_dir, checkpoint_dir, out_dir, precision, train, eval, resume, seed, prepare_config)
+
+
+def main(
+    fabric: L.Fabric,
+    data_dir: Path,
+    checkpoint_dir: Path,
+    out_dir: Path,
+    precision: str,
+    train_args: TrainArgs,
+    eval_args: EvalArgs,
+    resume: bool | str | Path,
+    seed: int,
+    prepare_config: dict,
+) -> None:
+    fabric.seed_everything(seed)
+    tokenizer, train_data, val_data, model, config = load_data_and_model(
+        fabric, data_dir, checkpoint_dir, precision, eval_args, prepare_config
+    )
+    model.requires_grad_(True)
+    print_parameter_counts(fabric, model, precision)
+    model = setup_model(fabric, model, train_args)
+    optimizer = make_optimizer(fabric, model, train_args)
+    if fabric.global_rank == 0:
+        save_hyperparameters(out_dir, data_dir=data_dir, checkpoint_dir=checkpoint_dir, precision=precision,
+                             train=train_args, eval=eval_args, seed=seed)  # fmt: skip
+    extra_files = {**tokenizer_files(checkpoint_dir), PREPARE_CONFIG_FILE: data_dir / PREPARE_CONFIG_FILE}
+
+    def save_fn(folder: Path) -> None:
+        # A complete, consolidated checkpoint: evaluate/base.py and the converter load it as they load a base.
+        state = full_state_dict(model.module.state_dict(), keep=fabric.global_rank == 0)  # a collective
+        if fabric.global_rank == 0:
+            save_checkpoint(folder, config, state, extra_files, overwrite=True)
+
+    fit(fabric, model, optimizer, train_data, val_data, train_args, eval_args, out_dir, save_fn, tokenizer,
+        resume=resume, seed=seed)  # fmt: skip
+    save_fn(out_dir / "final")
+    fabric.barrier()
+    fabric.print(f"Saved the fine-tuned model to {out_dir / 'final'}")
+
+
+if __name__ == "__main__":
+    run_cli(setup)

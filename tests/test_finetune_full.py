@@ -1,0 +1,81 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""Full fine-tuning through the command line: finetune/full.py on one process, and FSDP2 on two (gloo)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from helpers import make_tiny_checkpoint, run_script
+from safetensors.torch import load_file
+from test_finetune_lora import squad_file
+
+from lit_qa.checkpoint import load_model
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("full")
+    checkpoint = make_tiny_checkpoint(root)
+    train_file = squad_file(root / "train.json", articles=8)
+    data_dir = root / "data"
+    result = run_script("scripts/prepare_squad.py", "--train_file", str(train_file), "--out_dir", str(data_dir),
+                        "--checkpoint_dir", str(checkpoint), "--max_seq_length", "128", "--val_fraction", "0.25")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return checkpoint, data_dir, train_file
+
+
+def finetune_full(out_dir, checkpoint, data_dir, *extra):
+    return run_script(
+        "finetune/full.py", "--data_dir", str(data_dir), "--checkpoint_dir", str(checkpoint),
+        "--out_dir", str(out_dir), "--precision", "32-true", "--train.global_batch_size", "4",
+        "--train.micro_batch_size", "2", "--train.max_steps", "4", "--train.warmup_steps", "1",
+        "--train.save_interval", "2", "--train.learning_rate", "0.001", "--eval.interval", "2",
+        "--eval.max_batches", "2", "--eval.num_samples", "1", "--eval.max_new_tokens", "4", *extra,
+    )  # fmt: skip
+
+
+def test_full_finetune_writes_a_checkpoint_that_evaluation_loads(prepared, tmp_path):
+    checkpoint, data_dir, train_file = prepared
+    result = finetune_full(tmp_path / "run", checkpoint, data_dir)
+    assert result.returncode == 0, result.stderr
+    final = tmp_path / "run" / "final"
+    base, tuned = load_file(checkpoint / "lit_model.safetensors"), load_file(final / "lit_model.safetensors")
+    assert base.keys() == tuned.keys()
+    assert all(not torch.equal(base[key], tuned[key]) for key in base)  # every weight trained
+    assert (final / "prepare_config.json").is_file() and (final / "tokenizer.json").is_file()
+    # The trainable-parameter count is the whole model.
+    model, _ = load_model(final)
+    assert f"{sum(p.numel() for p in model.parameters()):,} trainable of" in result.stdout
+
+    result = run_script("evaluate/base.py", "--checkpoint_dir", str(final), "--eval_file", str(train_file),
+                        "--out_dir", str(tmp_path / "eval"), "--max_new_tokens", "4", "--precision", "32-true")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["total"] == 32
+
+
+def test_two_process_fsdp_matches_one_process_and_resumes_from_shards(prepared, tmp_path):
+    """FSDP2 shards weights, gradients and AdamW states over 2 processes: same weights as 1 process; a run
+    resumed from its sharded step-2 checkpoint ends exactly where the uninterrupted one did; the
+    consolidated checkpoint loads in one process."""
+    checkpoint, data_dir, _ = prepared
+    assert finetune_full(tmp_path / "one", checkpoint, data_dir).returncode == 0
+    run = tmp_path / "fsdp"
+    args = ("--devices", "2", "--strategy", "fsdp")
+    result = finetune_full(run, checkpoint, data_dir, *args)
+    assert result.returncode == 0, result.stderr
+    one, sharded = load_file(tmp_path / "one" / "final" / "lit_model.safetensors"), load_file(run / "final" / "lit_model.safetensors")
+    for key, tensor in one.items():
+        torch.testing.assert_close(sharded[key], tensor, rtol=1e-4, atol=1e-6, msg=key)
+    assert len(list((run / "step-000002" / "sharded_state").glob("*.distcp"))) == 2  # one file per rank
+
+    for folder in (run / "step-000004", run / "final"):
+        shutil.rmtree(folder)
+    result = finetune_full(run, checkpoint, data_dir, *args, "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    resumed = load_file(run / "final" / "lit_model.safetensors")
+    for key, tensor in sharded.items():
+        torch.testing.assert_close(resumed[key], tensor, rtol=0, atol=0, msg=key)
+    load_model(run / "final")  # consolidated: a plain single-process checkpoint
