@@ -31,7 +31,8 @@ from lit_qa.convert_hf import tokenizer_files
 from lit_qa.data import CONFIG_FILE as PREPARE_CONFIG_FILE
 from lit_qa.distributed import FSDPArgs, Strategy, full_state_dict
 from lit_qa.errors import run_cli
-from lit_qa.launch import check_inputs, load_data_and_model, make_fabric, make_optimizer, print_parameter_counts
+from lit_qa.launch import (check_inputs, launch, load_data_and_model, make_fabric, make_optimizer,
+                           print_parameter_counts)  # fmt: skip
 from lit_qa.training import fit, save_hyperparameters, setup_model
 
 
@@ -73,7 +74,7 @@ def setup(
     """
     prepare_config = check_inputs(data_dir, checkpoint_dir, out_dir, resume, overwrite)
     fabric, precision = make_fabric(out_dir, precision, devices, num_nodes, strategy, fsdp, train)
-    fabric.launch(main, data_dir, checkpoint_dir, out_dir, precision, train, eval, resume, seed, prepare_config)
+    launch(fabric, main, data_dir, checkpoint_dir, out_dir, precision, train, eval, resume, seed, prepare_config)
 
 
 def main(

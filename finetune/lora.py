@@ -26,7 +26,8 @@ import lightning as L
 from lit_qa.args import EvalArgs, TrainArgs
 from lit_qa.distributed import FSDPArgs, Strategy, full_state_dict
 from lit_qa.errors import run_cli
-from lit_qa.launch import check_inputs, load_data_and_model, make_fabric, make_optimizer, print_parameter_counts
+from lit_qa.launch import (check_inputs, launch, load_data_and_model, make_fabric, make_optimizer,
+                           print_parameter_counts)  # fmt: skip
 from lit_qa.lora import LoRAConfig, apply_lora, lora_state_dict, mark_only_lora_as_trainable, save_lora_checkpoint
 from lit_qa.training import fit, save_hyperparameters, setup_model
 
@@ -70,7 +71,7 @@ def setup(
     """
     prepare_config = check_inputs(data_dir, checkpoint_dir, out_dir, resume, overwrite)
     fabric, precision = make_fabric(out_dir, precision, devices, num_nodes, strategy, fsdp, train)
-    fabric.launch(main, data_dir, checkpoint_dir, out_dir, precision, lora, train, eval, resume, seed, prepare_config)
+    launch(fabric, main, data_dir, checkpoint_dir, out_dir, precision, lora, train, eval, resume, seed, prepare_config)
 
 
 def main(

@@ -8,7 +8,9 @@ save; the loop itself is `lit_qa.training.fit`.
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ def make_fabric(
     out_dir: Path, precision: str, devices: int, num_nodes: int, strategy: str, fsdp_args: FSDPArgs, train_args: TrainArgs
 ) -> tuple[L.Fabric, str]:
     """A Fabric with TensorBoard and CSV loggers under ``out_dir/logs``; returns it and the resolved precision."""
+    devices, num_nodes, strategy, precision = fabric_cli_overrides(devices, num_nodes, strategy, precision)
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(precision, accelerator)
     train_args.validate(devices * num_nodes)
@@ -54,6 +57,29 @@ def make_fabric(
     fabric = L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                       precision=precision, loggers=loggers)  # fmt: skip
     return fabric, precision
+
+
+def fabric_cli_overrides(devices: int, num_nodes: int, strategy: str, precision: str) -> tuple[int, int, str, str]:
+    """Under ``fabric run``, the launcher's ``--devices``, ``--num_nodes``, ``--strategy`` and ``--precision``
+    win: it started the processes (and it takes those flags even when written after the script). Its strategy
+    name is taken over here (and removed from the environment, where Fabric would read it) because its
+    "fsdp" would mean FSDP1, which refuses CPUs; ours is FSDP2."""
+    if os.environ.get("LT_CLI_USED") != "1":
+        return devices, num_nodes, strategy, precision
+    if os.environ.get("LT_DEVICES", "").isdigit():
+        devices = int(os.environ["LT_DEVICES"])
+    num_nodes = int(os.environ.get("LT_NUM_NODES", num_nodes))
+    strategy = os.environ.pop("LT_STRATEGY", strategy)
+    precision = os.environ.get("LT_PRECISION", precision)
+    return devices, num_nodes, strategy, precision
+
+
+def launch(fabric: L.Fabric, main: Callable[..., Any], *args: Any) -> Any:
+    """Run ``main(fabric, *args)`` on every process: ``fabric.launch`` starts the processes itself unless
+    ``fabric run`` (or torchrun, SLURM) already did."""
+    if os.environ.get("LT_CLI_USED") == "1":  # Fabric's own CLI forbids a second launch
+        return main(fabric, *args)
+    return fabric.launch(main, *args)
 
 
 def load_data_and_model(

@@ -79,3 +79,37 @@ def test_two_process_fsdp_matches_one_process_and_resumes_from_shards(prepared, 
     for key, tensor in sharded.items():
         torch.testing.assert_close(resumed[key], tensor, rtol=0, atol=0, msg=key)
     load_model(run / "final")  # consolidated: a plain single-process checkpoint
+
+
+def test_torchrun_and_fabric_run_launch_the_same_training(prepared, tmp_path):
+    """Processes started by torchrun or by `fabric run` (instead of by the script) train the same weights."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    checkpoint, data_dir, _ = prepared
+    bin_dir = os.path.dirname(sys.executable)
+    script_args = ["finetune/full.py", "--data_dir", str(data_dir), "--checkpoint_dir", str(checkpoint),
+                   "--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--train.max_steps", "2",
+                   "--train.warmup_steps", "1", "--train.learning_rate", "0.001", "--eval.num_samples", "0",
+                   "--strategy", "fsdp"]  # fmt: skip
+    launchers = {
+        "torchrun": [f"{bin_dir}/torchrun", "--standalone", "--nproc_per_node", "2", *script_args,
+                     "--devices", "2", "--precision", "32-true"],
+        # `fabric run` takes --devices/--precision/--strategy itself, wherever they are written.
+        "fabric": [f"{bin_dir}/fabric", "run", "--accelerator", "cpu", "--devices", "2", "--precision", "32-true",
+                   *script_args],
+    }  # fmt: skip
+    weights = {}
+    for name, command in launchers.items():
+        result = subprocess.run([*command, "--out_dir", str(tmp_path / name)], capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 0, result.stderr[-3000:]
+        weights[name] = load_file(tmp_path / name / "final" / "lit_model.safetensors")
+    result = finetune_full(tmp_path / "one", checkpoint, data_dir, "--train.max_steps", "2", "--eval.num_samples", "0")
+    assert result.returncode == 0, result.stderr
+    one = load_file(tmp_path / "one" / "final" / "lit_model.safetensors")
+    for key, tensor in one.items():
+        for name in launchers:
+            torch.testing.assert_close(weights[name][key], tensor, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
