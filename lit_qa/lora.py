@@ -43,27 +43,32 @@ what is needed to rebuild the layers) and ``base_checkpoint.json`` (which base m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import shutil
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from lit_qa.checkpoint import WEIGHTS_FILE, check_checkpoint_dir, load_model, load_state_dict, write_folder_atomically
+from lit_qa.checkpoint import load_model
 from lit_qa.config import Config
 from lit_qa.errors import LitQAError
+from lit_qa.finetuned import (
+    BASE_RECORD_FILE,
+    check_finetuned_dir,
+    load_trained_tensors,
+    read_method_config,
+    resolve_base,
+    save_finetuned_dir,
+)
+from lit_qa.finetuned import read_base_record as _read_base_record
 from lit_qa.model import GPT
 
 LORA_WEIGHTS_FILE = "lit_lora.safetensors"
 LORA_CONFIG_FILE = "lora_config.json"
-BASE_RECORD_FILE = "base_checkpoint.json"
 LORA_FILES = (LORA_WEIGHTS_FILE, LORA_CONFIG_FILE, BASE_RECORD_FILE)
 
 # LoRAConfig flag -> the linear layers it targets inside each block (names as in lit_qa.model).
@@ -134,21 +139,7 @@ class LoRAConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> LoRAConfig:
         """Read a ``lora_config.json``, failing with the file name on bad content."""
-        path = Path(path)
-        try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise LitQAError(f"{path}: LoRA config not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LitQAError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(values, dict):
-            raise LitQAError(f"{path}: expected a JSON object")
-        if unknown := sorted(set(values) - {f.name for f in fields(cls)}):
-            raise LitQAError(f"{path}: unknown LoRA config fields {unknown}")
-        try:
-            return cls(**values)
-        except (LitQAError, TypeError) as e:
-            raise LitQAError(f"{path}: {e}") from None
+        return read_method_config(cls, path, "LoRA")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -306,41 +297,6 @@ def merge_lora_weights(model: GPT) -> bool:
     return untied
 
 
-def weights_fingerprint(checkpoint_dir: str | Path, sample_bytes: int = 4096) -> str:
-    """A cheap identity of a checkpoint's weights file, to tell which base model an adapter belongs to.
-
-    Hashes the safetensors header (names, dtypes, shapes), the file size, and the first and last
-    ``sample_bytes`` of every tensor. The header alone is not enough: two models of the same architecture
-    have identical headers. A 7B model costs ~2 MB of reads instead of hashing 13 GB. A base that differs
-    only in the middle of some tensors would not be told apart; that is an accepted blind spot.
-
-    Raises:
-        LitQAError: If the file is missing or not a safetensors file.
-    """
-    path = Path(checkpoint_dir) / WEIGHTS_FILE
-    digest = hashlib.sha256()
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            length_bytes = f.read(8)
-            header_length = int.from_bytes(length_bytes, "little")
-            if len(length_bytes) < 8 or header_length > size - 8:
-                raise ValueError("bad header length")
-            header_bytes = f.read(header_length)
-            digest.update(length_bytes + header_bytes + str(size).encode())
-            header = json.loads(header_bytes)
-            for name in sorted(k for k in header if k != "__metadata__"):
-                begin, end = header[name]["data_offsets"]
-                for start in (begin, max(begin, end - sample_bytes)):
-                    f.seek(8 + header_length + start)
-                    digest.update(f.read(min(sample_bytes, end - start)))
-    except OSError as e:
-        raise LitQAError(f"cannot read {path}: {e}") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise LitQAError(f"{path} is not a readable safetensors file ({e})") from None
-    return f"sha256:{digest.hexdigest()}"
-
-
 def save_lora_checkpoint(
     out_dir: str | Path,
     model: nn.Module,
@@ -350,7 +306,8 @@ def save_lora_checkpoint(
     overwrite: bool = False,
     tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write an adapter folder: LoRA tensors, `LoRAConfig` and the base model's identity, all or nothing.
+    """Write an adapter folder: LoRA tensors, `LoRAConfig` and the base model's identity, all or nothing
+    (`lit_qa.finetuned.save_finetuned_dir`).
 
     Call it on one process only (rank 0). Under FSDP the LoRA tensors are shards: gather them on every rank
     first (``lit_qa.distributed.full_state_dict(lora_state_dict(model))``) and pass them as ``tensors``.
@@ -360,7 +317,7 @@ def save_lora_checkpoint(
         model: A model with LoRA applied.
         lora_config: The config the LoRA was applied with, saved as ``lora_config.json``.
         base_checkpoint_dir: The base checkpoint folder; its path (as given), ``lit_config`` and a weights
-            fingerprint (`weights_fingerprint`) go to ``base_checkpoint.json``.
+            fingerprint (`lit_qa.finetuned.weights_fingerprint`) go to ``base_checkpoint.json``.
         extra: More files for the folder, ``{file name: content}``: a `Path` is copied, anything else
             written as JSON (e.g. ``{"hyperparameters.json": asdict(train_args)}``).
         overwrite: Replace a non-empty ``out_dir``.
@@ -373,30 +330,12 @@ def save_lora_checkpoint(
         LitQAError: If ``model`` has no LoRA, the base folder is not a checkpoint, an ``extra`` name is
             invalid, or ``out_dir`` is not empty without ``overwrite``.
     """
-    if tensors is None:
-        tensors = {key: value.detach().to("cpu").contiguous() for key, value in lora_state_dict(model).items()}
+    tensors = lora_state_dict(model) if tensors is None else tensors
     if not tensors:
         raise LitQAError("the model has no LoRA layers to save; call apply_lora first")
-    base = check_checkpoint_dir(base_checkpoint_dir)
-    record = dict(
-        path=str(base_checkpoint_dir),
-        lit_config=asdict(Config.from_checkpoint(base)),
-        fingerprint=weights_fingerprint(base),
+    return save_finetuned_dir(
+        out_dir, tensors, LORA_WEIGHTS_FILE, lora_config, LORA_CONFIG_FILE, base_checkpoint_dir, extra, overwrite
     )
-    extra = extra or {}
-    for name in extra:
-        if name in LORA_FILES or not name or Path(name).name != name:
-            raise LitQAError(f"extra file name {name!r} is not a plain file name or is reserved")
-    with write_folder_atomically(out_dir, overwrite) as tmp:
-        save_file(tensors, tmp / LORA_WEIGHTS_FILE, metadata={"format": "pt"})
-        lora_config.save(tmp / LORA_CONFIG_FILE)
-        (tmp / BASE_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        for name, content in extra.items():
-            if isinstance(content, Path):
-                shutil.copyfile(content, tmp / name)
-            else:
-                (tmp / name).write_text(json.dumps(content, indent=2, default=str) + "\n")
-    return Path(out_dir)
 
 
 def check_lora_dir(lora_dir: str | Path) -> Path:
@@ -405,15 +344,7 @@ def check_lora_dir(lora_dir: str | Path) -> Path:
     Raises:
         LitQAError: If the folder is missing or lacks one of its files; the message lists what it has.
     """
-    path = Path(lora_dir)
-    if not path.is_dir():
-        raise LitQAError(f"LoRA folder {path} does not exist")
-    if missing := [name for name in LORA_FILES if not (path / name).is_file()]:
-        present = sorted(p.name for p in path.iterdir())
-        raise LitQAError(
-            f"{path} is not a LoRA checkpoint: missing {', '.join(missing)} (it has: {', '.join(present) or 'nothing'})"
-        )
-    return path
+    return check_finetuned_dir(lora_dir, LORA_FILES, "LoRA")
 
 
 def read_base_record(lora_dir: str | Path) -> dict[str, Any]:
@@ -422,14 +353,7 @@ def read_base_record(lora_dir: str | Path) -> dict[str, Any]:
     Raises:
         LitQAError: If the file is missing or malformed.
     """
-    path = check_lora_dir(lora_dir) / BASE_RECORD_FILE
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LitQAError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(record, dict) or not {"path", "lit_config", "fingerprint"} <= record.keys():
-        raise LitQAError(f"{path}: expected an object with path, lit_config and fingerprint")
-    return record
+    return _read_base_record(check_lora_dir(lora_dir))
 
 
 def load_lora_checkpoint(
@@ -458,59 +382,8 @@ def load_lora_checkpoint(
     """
     lora_dir = check_lora_dir(lora_dir)
     lora_config = LoRAConfig.from_file(lora_dir / LORA_CONFIG_FILE)
-    record = read_base_record(lora_dir)
-    if base_checkpoint_dir is None and not Path(record["path"]).is_dir():
-        raise LitQAError(
-            f"base checkpoint {record['path']} recorded in {lora_dir / BASE_RECORD_FILE} does not exist; "
-            "pass the base checkpoint folder explicitly"
-        )
-    base = check_checkpoint_dir(record["path"] if base_checkpoint_dir is None else base_checkpoint_dir)
-    _check_same_base(lora_dir, base, record, allow_different_base)
-
+    base = resolve_base(lora_dir, base_checkpoint_dir, allow_different_base, "LoRA")
     model, config = load_model(base, device=device, dtype=dtype)
     apply_lora(model, lora_config)
-    weights_path = lora_dir / LORA_WEIGHTS_FILE
-    tensors = load_state_dict(weights_path)
-    expected = {key: value.shape for key, value in lora_state_dict(model).items()}
-    problems = []
-    if missing := sorted(expected.keys() - tensors.keys()):
-        problems.append(f"missing LoRA tensors {_names(missing)}")
-    if unexpected := sorted(tensors.keys() - expected.keys()):
-        problems.append(f"unexpected tensors {_names(unexpected)}")
-    for key in sorted(tensors.keys() & expected.keys()):
-        if tensors[key].shape != expected[key]:
-            shape, needed = tuple(tensors[key].shape), tuple(expected[key])
-            problems.append(f"{key} has shape {shape} but {LORA_CONFIG_FILE} and the base need {needed}")
-    if problems:
-        raise LitQAError(f"{weights_path} does not match {LORA_CONFIG_FILE} and the base model: " + "; ".join(problems))
-    # Copies into the LoRA parameters, casting to their device and dtype; the base keys are checked above.
-    model.load_state_dict(tensors, strict=False)
+    load_trained_tensors(model, lora_dir / LORA_WEIGHTS_FILE, lora_state_dict(model), LORA_CONFIG_FILE, "LoRA")
     return model.eval(), config, lora_config
-
-
-def _check_same_base(lora_dir: Path, base: Path, record: dict[str, Any], allow_different_base: bool) -> None:
-    recorded, actual = record["lit_config"], asdict(Config.from_checkpoint(base))
-    if not isinstance(recorded, dict):
-        raise LitQAError(f"{lora_dir / BASE_RECORD_FILE}: lit_config must be an object")
-    # The name is only a label; every other field changes the computation.
-    differences = [
-        f"{key} {recorded.get(key)!r} vs {actual.get(key)!r}"
-        for key in sorted(recorded.keys() | actual.keys())
-        if key != "name" and recorded.get(key) != actual.get(key)
-    ]
-    if differences:
-        raise LitQAError(
-            f"LoRA in {lora_dir} was trained on another architecture than {base}: {', '.join(differences)}"
-        )
-    fingerprint = weights_fingerprint(base)
-    if fingerprint != record["fingerprint"] and not allow_different_base:
-        raise LitQAError(
-            f"LoRA in {lora_dir} was trained on a different base checkpoint ({record['path']}, "
-            f"{str(record['fingerprint'])[:19]}...) than {base} ({fingerprint[:19]}...); "
-            "pass allow_different_base=True (--allow_different_base) to load it anyway"
-        )
-
-
-def _names(keys: list[str], limit: int = 5) -> str:
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more

@@ -194,18 +194,24 @@ class CausalSelfAttention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("input_pos was given but no KV cache is set: call model.set_kv_cache() first")
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, ng, L, hs)
+        y = self.attend(q, k, v, mask)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # (B, T, nh * hs)
+        return self.o_proj(y)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of (B, nh, T, hs) queries over (B, ng, L, hs) keys/values; causal when ``mask`` is None.
+
+        A method of its own so that `lit_qa.adapter.AdapterAttention` can add its prefix attention here.
+        """
         # Written out, this is softmax(q @ k.T / sqrt(hs) + causal/padding mask) @ v, where each key/value
         # head serves n_head // n_query_groups consecutive query heads.
         if mask is None and _SDPA_HAS_GQA:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, nh, T, hs)
-        elif mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, nh, T, hs)
+        if mask is None:
             repeats = self.n_head // self.n_query_groups
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)  # (B, nh, T, hs)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        else:
-            y = grouped_query_attention(q, k, v, mask)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # (B, T, nh * hs)
-        return self.o_proj(y)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return grouped_query_attention(q, k, v, mask)  # (B, nh, T, hs)
 
 
 class LLaMAMLP(nn.Module):

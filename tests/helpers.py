@@ -63,6 +63,15 @@ def make_tiny_checkpoint(root: Path) -> Path:
     return save_checkpoint(root / "tiny", config, model.state_dict(), extra_files=files)
 
 
+def sgd_step(model: torch.nn.Module, idx: torch.Tensor, lr: float = 0.5) -> None:
+    """One SGD step on the next-token loss of ``idx`` (B, T), over the parameters that require grad."""
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.roll(-1, dims=1).flatten())
+    loss.backward()
+    optimizer.step()
+
+
 def load_script(relative: str) -> ModuleType:
     """Import a script (evaluate/, finetune/ and scripts/ are not packages) as a module."""
     path = REPO / relative

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from helpers import sgd_step
 from safetensors.torch import save_file
 
 from lit_qa.checkpoint import load_model, load_state_dict, save_checkpoint
@@ -98,13 +99,7 @@ def test_only_lora_parameters_train(name):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(lora_filter(n) for n in trainable)
     before = {n: p.detach().clone() for n, p in model.state_dict().items()}
-
-    model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    idx = idx_for(model)
-    loss = nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.roll(-1, dims=1).flatten())
-    loss.backward()
-    optimizer.step()
+    sgd_step(model, idx_for(model))
 
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]) != lora_filter(key), key

@@ -1,0 +1,99 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""Evaluate a base model with a fine-tuned LLaMA-Adapter (v1 or v2) on SQuAD 2.0.
+
+    python evaluate/adapter.py --adapter_dir out/finetune/adapter/final --eval_file data/squad2/dev-v2.0.json
+
+The adapter folder says which base model it belongs to (``base_checkpoint.json``), which adapter it is
+(``adapter_config.json``) and how its training prompts were built (``prepare_config.json``), so by default
+nothing has to be repeated here. Unlike LoRA, an adapter cannot be merged into the weights (its prompts are
+attention inputs), so the model decodes with the adapter layers in place, in the chosen precision.
+Outputs are those of ``evaluate/base.py``: ``predictions.json`` and ``metrics.json`` in ``--out_dir``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+from lit_qa.adapter import check_adapter_dir, load_adapter_checkpoint, read_adapter_base_record
+from lit_qa.errors import run_cli
+from lit_qa.evaluation import autocast, format_summary, prompt_settings, resolve_device, run_evaluation, select_subset
+from lit_qa.precision import resolve_precision, weights_dtype
+from lit_qa.squad import load_squad
+from lit_qa.tokenizer import Tokenizer, check_vocab_matches
+
+
+def main(
+    adapter_dir: Path = Path("out/finetune/adapter/final"),
+    checkpoint_dir: Path | None = None,
+    eval_file: Path = Path("data/squad2/dev-v2.0.json"),
+    out_dir: Path = Path("out/evaluate/adapter"),
+    limit: int | None = None,
+    seed: int = 1234,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    na_threshold: float | Literal["auto"] | None = 0.5,
+    calibration_file: Path | None = None,
+    precision: str = "auto",
+    device: str = "auto",
+    prompt_style: str | None = None,
+    no_answer: str | None = None,
+    allow_different_base: bool = False,
+) -> dict:
+    """Answer SQuAD 2.0 questions with a base model plus LLaMA-Adapter and score them.
+
+    Args:
+        adapter_dir: The adapter folder written by finetune/adapter.py or finetune/adapter_v2.py (``final`` or a
+            ``step-*`` folder).
+        checkpoint_dir: The base checkpoint folder; None uses the path recorded in the adapter's base_checkpoint.json.
+        eval_file: A SQuAD 2.0 (or 1.1) file in the official format.
+        out_dir: Where predictions.json and metrics.json go.
+        limit: Evaluate a stratified random subset of this many questions; None evaluates all.
+        seed: Seed of the subset.
+        batch_size: Questions decoded together (longest prompts first).
+        max_new_tokens: Longest answer in tokens.
+        na_threshold: Answer "no answer" only when the model puts at least this probability on starting the
+            no-answer string (instead of comparing it with single answer tokens); "auto" tunes it for F1 on
+            ``calibration_file``; null for plain greedy decoding.
+        calibration_file: Held-out SQuAD questions to tune ``--na_threshold auto`` on, e.g. the validation
+            split that scripts/prepare_squad.py writes (val-v2.0.json). Never the evaluation file.
+        precision: "auto" (bf16 on GPUs and on CPUs with native bf16, 32-true elsewhere), "32-true",
+            "bf16-true", "16-true", "bf16-mixed", "16-mixed".
+        device: "auto", "cpu" or "cuda".
+        prompt_style: The prompt template; defaults to the one the adapter was trained with.
+        no_answer: The no-answer reply; defaults to the one the adapter was trained with.
+        allow_different_base: Evaluate even if the base weights are not those the adapter was trained on.
+    """
+    check_adapter_dir(adapter_dir)
+    prompt_style, no_answer = prompt_settings(adapter_dir, prompt_style, no_answer)
+    questions = select_subset(load_squad(eval_file), limit, seed)  # a bad file fails before the model loads
+    base = Path(read_adapter_base_record(adapter_dir)["path"]) if checkpoint_dir is None else checkpoint_dir
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+
+    t0 = time.perf_counter()
+    model, config, adapter_config = load_adapter_checkpoint(
+        adapter_dir, base, device, weights_dtype(precision), allow_different_base
+    )
+    tokenizer = Tokenizer(base)
+    check_vocab_matches(tokenizer, config.padded_vocab_size, base)
+    layers = f"layers {adapter_config.start_layer}..{config.n_layer - 1}"
+    print(f"loaded {config.name or base} + LLaMA-Adapter v{adapter_config.version} ({layers}) from {adapter_dir} "
+          f"({precision}, {device}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
+
+    info = dict(checkpoint_dir=str(base), adapter_dir=str(adapter_dir), eval_file=str(eval_file), precision=precision,
+                device=device, limit=limit, seed=seed)  # fmt: skip
+    with autocast(precision, device):
+        metrics = run_evaluation(
+            model, tokenizer, questions, out_dir, prompt_style, no_answer, batch_size, max_new_tokens, info,
+            na_threshold=na_threshold,
+            calibration_questions=load_squad(calibration_file) if calibration_file else None,
+        )
+    print(format_summary(metrics, out_dir))
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main)
