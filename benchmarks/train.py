@@ -12,9 +12,9 @@ value projections on both sides (the known-good 7B recipe). The Hugging Face mod
 exported with `lit_qa.convert_hf.convert_lit_to_hf`.
 
 Model FLOPs utilisation (MFU) counts the useful work of the transformer blocks only: the matmuls of the
-forward pass (2 FLOPs per weight per token) plus causal attention, doubled for LoRA (the backward pass needs
-input gradients, not weight gradients) and tripled for full fine-tuning; the output head is not counted,
-since only the answer positions need it. It is measured against the peak of a large ``torch.mm`` in the
+forward pass (2 FLOPs per weight per token) plus causal attention, doubled for LoRA and adapters (the
+backward pass needs input gradients, not weight gradients) and tripled for full fine-tuning; the output
+head is not counted, since only the answer positions need it. It is measured against the peak of a large ``torch.mm`` in the
 same run (and on GPU also against the datasheet).
 """
 
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.utils import describe_machine, print_table, write_json
+from lit_qa.adapter import AdapterConfig, apply_adapter, mark_only_adapter_as_trainable
 from lit_qa.checkpoint import load_model
 from lit_qa.config import Config
 from lit_qa.data import QuestionEncoder, collate
@@ -41,6 +42,7 @@ from lit_qa.squad import load_squad
 from lit_qa.tokenizer import Tokenizer
 from lit_qa.training import checkpoint_blocks, compile_blocks, token_loss_sum
 
+METHODS = ("lora", "full", "adapter", "adapter_v2")  # transformers + peft runs only the first two
 IMPLEMENTATIONS = ("lit-qa", "lit-qa --compile", "transformers")
 OPTIONAL_IMPLEMENTATIONS = ("lit-qa --activation_checkpointing",)
 LORA = LoRAConfig(r=8, alpha=16, dropout=0.05, query=True, value=True)
@@ -72,6 +74,9 @@ def lit_model(checkpoint_dir: Path, method: str, dtype: torch.dtype, device: str
     if method == "lora":
         apply_lora(model, LORA)
         mark_only_lora_as_trainable(model)
+    elif method.startswith("adapter"):
+        apply_adapter(model, AdapterConfig(version=2 if method == "adapter_v2" else 1))
+        mark_only_adapter_as_trainable(model)
     if "--activation_checkpointing" in options:
         checkpoint_blocks(model)
     if "--compile" in options:
@@ -156,7 +161,7 @@ def flops_per_token(config: Config, seq_length: int, method: str) -> float:
     ) + config.n_layer * 3 * config.n_embd * config.intermediate_size
     attention = config.n_layer * 2 * seq_length * config.n_embd  # QK^T and AV, causal halves 4*T*C
     forward = 2 * block_weights + attention
-    return forward * (2 if method == "lora" else 3)
+    return forward * (3 if method == "full" else 2)  # frozen weights need input gradients only
 
 
 def main(
@@ -177,7 +182,7 @@ def main(
     Args:
         checkpoint_dir: A lit checkpoint folder.
         squad_file: Official-format SQuAD file the training prompts come from.
-        methods: "lora" and/or "full".
+        methods: Any of "lora", "full", "adapter", "adapter_v2" (the last two for lit-qa only).
         implementations: Any of "lit-qa", "lit-qa --compile", "transformers", "lit-qa --activation_checkpointing".
         precision: "32-true" or "bf16-true" (weights and activations, both sides).
         device: "cpu" or "cuda".
@@ -187,14 +192,16 @@ def main(
         steps: Timed steps.
         out: Where to write the JSON results.
     """
-    if precision not in DTYPES or any(m not in ("lora", "full") for m in methods):
-        raise LitQAError(f"--precision must be one of {list(DTYPES)} and --methods from lora, full")
+    if precision not in DTYPES or any(m not in METHODS for m in methods):
+        raise LitQAError(f"--precision must be one of {list(DTYPES)} and --methods from {', '.join(METHODS)}")
     config = Config.from_checkpoint(checkpoint_dir)
     peak = matmul_peak_tflops(DTYPES[precision], device)
     datasheet = next((v for k, v in DATASHEET_TFLOPS.items() if device == "cuda" and k in torch.cuda.get_device_name()), None)
     rows, results = [], {}
     for method in methods:
         for implementation in implementations:
+            if implementation == "transformers" and method not in ("lora", "full"):
+                continue  # peft has no LLaMA-Adapter for LLaMA models
             args = [implementation, method, str(checkpoint_dir), str(squad_file), precision, device,
                     str(micro_batch_size), str(seq_length), str(warmup), str(steps)]  # fmt: skip
             run = subprocess.run([sys.executable, "-m", "benchmarks.train", "--worker", json.dumps(args)],
