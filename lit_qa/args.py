@@ -91,8 +91,10 @@ class TrainArgs:
             problems.append(f"--train.max_time_minutes must be > 0, got {self.max_time_minutes}")
         if self.max_seq_length is not None and self.max_seq_length < 2:
             problems.append(f"--train.max_seq_length must be >= 2, got {self.max_seq_length}")
+        if world_size < 1:
+            problems.append(f"--devices x --num_nodes must be >= 1, got {world_size}")
         per_step = self.micro_batch_size * world_size
-        if self.global_batch_size % per_step:
+        if per_step > 0 and self.global_batch_size % per_step:
             problems.append(
                 f"--train.global_batch_size={self.global_batch_size} must be a multiple of micro_batch_size x devices"
                 f" = {self.micro_batch_size} x {world_size}"

@@ -41,7 +41,7 @@ from lit_qa.tokenizer import Tokenizer
 PREDICTIONS_FILE = "predictions.json"
 METRICS_FILE = "metrics.json"
 NA_PROBS_FILE = "na_probs.json"
-PARTIAL_FILE = "predictions.partial.json"
+PARTIAL_FILE = "predictions.partial.jsonl"  # header line, then one line per answered question
 
 
 def select_subset(questions: list[Question], limit: int | None, seed: int = 1234) -> list[Question]:
@@ -161,6 +161,7 @@ def score_questions(
     progress: bool = True,
     on_batch: Callable[[dict[str, str]], None] | None = None,
     na_threshold: float | None = 0.5,
+    result: Answers | None = None,
 ) -> Answers:
     """Answer questions by greedy decoding, and score how likely each is to have no answer.
 
@@ -183,6 +184,8 @@ def score_questions(
         progress: Show a progress bar (in questions) on stderr.
         on_batch: Called with each batch's final ``{id: answer}``, e.g. to save partial results.
         na_threshold: Abstain when P(first token of the no-answer string) >= this; None for plain greedy decoding.
+        result: Answers known already (from an interrupted run): those questions are skipped, and the new
+            answers are added to this object.
 
     Returns:
         The final answers, and with ``na_threshold`` the best spans and abstain probabilities.
@@ -201,16 +204,17 @@ def score_questions(
         )
     # The encoder's length limit only drives windowing, where the prompt alone must fit (no answer tokens).
     encoder = QuestionEncoder(tokenizer, max_prompt_length, prompt_style, no_answer)
-    prompts = {q.id: prompt_for(encoder, q) for q in questions}
+    result = result if result is not None else Answers(final={})
+    todo = [q for q in questions if q.id not in result.final]
+    prompts = {q.id: prompt_for(encoder, q) for q in todo}
     if windowed := sum(was_windowed for _, was_windowed in prompts.values()):
-        print(f"{windowed} of {len(questions)} contexts were windowed to fit {max_prompt_length} tokens",
+        print(f"{windowed} of {len(todo)} contexts were windowed to fit {max_prompt_length} tokens",
               file=sys.stderr)  # fmt: skip
     # Longest first: a batch pads to its longest prompt, so similar lengths waste little, and an
     # out-of-memory error shows up in the first batch rather than at the end.
-    order = sorted(questions, key=lambda q: -len(prompts[q.id][0]))
+    order = sorted(todo, key=lambda q: -len(prompts[q.id][0]))
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0  # never attended to, any valid id works
     abstain_token = int(tokenizer.encode(no_answer, bos=False)[0])
-    result = Answers(final={})
     with tqdm(total=len(order), desc="answering", unit="q", disable=not progress, mininterval=1.0) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
@@ -288,8 +292,10 @@ def run_evaluation(
 ) -> dict[str, Any]:
     """Answer, score and write ``predictions.json`` and ``metrics.json`` into ``out_dir``.
 
-    While it runs, the answers so far are saved to ``predictions.partial.json`` every few seconds (removed
-    at the end), so a long run that dies still leaves something to look at.
+    Each batch's answers are appended to ``predictions.partial.jsonl`` as they come (the file is removed at
+    the end). Run again with the same questions, model and settings after a crash or a kill, and only the
+    questions not in that file are answered; a file from other settings is ignored with a warning, so the
+    answers of two different runs are never mixed.
 
     Args:
         model, tokenizer, questions, prompt_style, no_answer, batch_size, max_new_tokens: See `score_questions`.
@@ -304,16 +310,6 @@ def run_evaluation(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    partial: dict[str, str] = {}
-    last_write = time.monotonic()
-
-    def save_partial(batch_answers: dict[str, str]) -> None:
-        nonlocal last_write
-        partial.update(batch_answers)
-        if time.monotonic() - last_write > 10:  # rewriting the whole file every batch would be quadratic
-            write_json(out_dir / PARTIAL_FILE, partial)
-            last_write = time.monotonic()
-
     calibration = {}
     if na_threshold == "auto":
         if not calibration_questions:
@@ -324,9 +320,23 @@ def run_evaluation(
         calibration = {"calibration_questions": len(calibration_questions), "calibration_f1": round(calibration_f1, 3)}
         print(f"no-answer threshold {na_threshold:.4f} (F1 {calibration_f1:.2f} on {len(calibration_questions)} "
               "calibration questions)", file=sys.stderr)  # fmt: skip
+    settings = partial_settings(model, questions, prompt_style, no_answer, max_new_tokens, na_threshold, info)
+    partial_path = out_dir / PARTIAL_FILE
+    scored = read_partial(partial_path, settings)
+    if resumed := len(scored.final):
+        print(f"resuming {resumed} of {len(questions)} answers from {partial_path}", file=sys.stderr)
+    # Rewritten whole first: a line cut short by a kill must not run into the next one appended.
+    known = "".join(partial_line(scored, qid) for qid in scored.final)
+    write_atomic(partial_path, (json.dumps({"settings": settings}) + "\n" + known).encode())
     start = time.perf_counter()
-    scored = score_questions(model, tokenizer, questions, prompt_style, no_answer, batch_size, max_new_tokens,
-                             on_batch=save_partial, na_threshold=na_threshold)  # fmt: skip
+    with open(partial_path, "a", encoding="utf-8") as partial:
+
+        def save_partial(batch_answers: dict[str, str]) -> None:
+            partial.write("".join(partial_line(scored, qid) for qid in batch_answers))
+            partial.flush()  # in the OS's hands now: a killed process loses nothing
+
+        score_questions(model, tokenizer, questions, prompt_style, no_answer, batch_size, max_new_tokens,
+                        on_batch=save_partial, na_threshold=na_threshold, result=scored)  # fmt: skip
     predictions = scored.final
     seconds = time.perf_counter() - start
     metrics = {
@@ -335,7 +345,8 @@ def run_evaluation(
         "num_questions": len(questions),
         "question_ids_sha256": question_ids_sha256(questions),
         "seconds": round(seconds, 3),
-        "questions_per_second": round(len(questions) / seconds, 3),
+        "questions_per_second": round((len(questions) - resumed) / max(seconds, 1e-9), 3),
+        **({"resumed_answers": resumed} if resumed else {}),
         "prompt_style": prompt_style,
         "no_answer": no_answer,
         "batch_size": batch_size,
@@ -351,6 +362,72 @@ def run_evaluation(
     write_json(out_dir / METRICS_FILE, metrics)
     (out_dir / PARTIAL_FILE).unlink(missing_ok=True)
     return metrics
+
+
+def partial_settings(
+    model: torch.nn.Module,
+    questions: list[Question],
+    prompt_style: str,
+    no_answer: str,
+    max_new_tokens: int,
+    na_threshold: float | None,
+    info: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What a partial answers file must have been written with to be resumed: the same questions, weights,
+    prompt and decoding settings, and run settings (``info``). The batch size is left out: it does not change
+    the answers, and a smaller one is the usual fix for an out-of-memory crash."""
+    settings = {"question_ids_sha256": question_ids_sha256(questions), "weights": weights_sample_sha256(model),
+                "prompt_style": prompt_style, "no_answer": no_answer, "max_new_tokens": max_new_tokens,
+                "na_threshold": na_threshold, **(info or {})}  # fmt: skip
+    return json.loads(json.dumps(settings, default=str))  # as it reads back from the file
+
+
+def weights_sample_sha256(model: torch.nn.Module) -> str:
+    """A cheap fingerprint of the weights: every tensor's name and shape and its first and last 8 values (a
+    retrained model differs in those; hashing every weight of a 7B model would take longer than a batch)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        values = torch.cat([flat[:8], flat[-8:]]).to("cpu", torch.float64)
+        digest.update(f"{name}{tuple(tensor.shape)}".encode() + values.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_partial(path: Path, settings: dict[str, Any]) -> Answers:
+    """The answers in a partial file written with ``settings``; none (with a warning) if it was written with
+    other settings. A last line cut short by a kill is dropped."""
+    answers = Answers(final={})
+    if not path.is_file():
+        return answers
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    try:
+        saved = json.loads(lines[0])["settings"]
+    except (IndexError, KeyError, TypeError, json.JSONDecodeError):
+        saved = None
+    saved = saved if isinstance(saved, dict) else {}
+    if saved != settings:
+        differs = sorted(k for k in settings.keys() | saved.keys() if saved.get(k) != settings.get(k))
+        print(f"warning: ignoring {path}: written with other settings (differs in: {', '.join(differs)})",
+              file=sys.stderr)  # fmt: skip
+        return answers
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+            qid, answer = entry["id"], entry["answer"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break
+        answers.final[qid] = answer
+        if "abstain_prob" in entry:
+            answers.best_span[qid], answers.abstain_prob[qid] = entry["best_span"], entry["abstain_prob"]
+    return answers
+
+
+def partial_line(answers: Answers, qid: str) -> str:
+    """One question's answer (and with a threshold its best span and abstain probability) as a JSON line."""
+    entry = {"id": qid, "answer": answers.final[qid]}
+    if qid in answers.abstain_prob:
+        entry.update(best_span=answers.best_span[qid], abstain_prob=answers.abstain_prob[qid])
+    return json.dumps(entry, ensure_ascii=False) + "\n"
 
 
 def format_summary(metrics: dict[str, Any], out_dir: Path) -> str:

@@ -49,6 +49,8 @@ def make_fabric(
 ) -> tuple[L.Fabric, str]:
     """A Fabric with TensorBoard and CSV loggers under ``out_dir/logs``; returns it and the resolved precision."""
     devices, num_nodes, strategy, precision = fabric_cli_overrides(devices, num_nodes, strategy, precision)
+    if devices < 1 or num_nodes < 1:
+        raise LitQAError(f"--devices and --num_nodes must be >= 1, got devices={devices}, num_nodes={num_nodes}")
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(precision, accelerator)
     train_args.validate(devices * num_nodes)
@@ -97,10 +99,13 @@ def load_data_and_model(
         train_data, val_data = load_prepared(data_dir, "train"), load_prepared(data_dir, "val")
     model, config = load_model(checkpoint_dir, dtype=weights_dtype(precision))
     check_vocab_matches(tokenizer, config.padded_vocab_size, checkpoint_dir)
-    prepared_vocab = prepare_config["tokenizer"]["vocab_size"]
-    if prepared_vocab != tokenizer.vocab_size:
-        raise LitQAError(f"{data_dir} was prepared with another tokenizer ({prepared_vocab} tokens, "
+    prepared = prepare_config["tokenizer"]
+    if prepared["vocab_size"] != tokenizer.vocab_size:
+        raise LitQAError(f"{data_dir} was prepared with another tokenizer ({prepared['vocab_size']} tokens, "
                          f"{checkpoint_dir} has {tokenizer.vocab_size}); run scripts/prepare_squad.py again")  # fmt: skip
+    if prepared.get("sha256") not in (None, tokenizer.file_sha256()):  # same size, other token ids
+        raise LitQAError(f"{data_dir} was prepared with another tokenizer (its vocabulary file differs from "
+                         f"{checkpoint_dir}'s); run scripts/prepare_squad.py again")  # fmt: skip
     # Room for the longest sample, and for the sample answers generated at each validation.
     longest = max(len(s["input_ids"]) for s in train_data + val_data)
     model.max_seq_length = min(config.block_size, longest + eval_args.max_new_tokens)

@@ -14,6 +14,8 @@ with ``encode(..., bos=, eos=)`` and a BOS is never added twice.
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,16 @@ class Tokenizer:
     decoding drops that first one again, so leading spaces survive too. A sentencepiece model trained with
     NFKC normalization or ``remove_extra_whitespaces`` changes the text while encoding and cannot round trip.
     """
+
+    def file_sha256(self) -> str:
+        """SHA-256 of the vocabulary file (tokenizer.json or tokenizer.model): identifies the tokenizer beyond its
+        size, e.g. to check that prepared data was tokenized by this very tokenizer."""
+        digest = hashlib.sha256()
+        name = "tokenizer.json" if self.backend == "huggingface" else "tokenizer.model"
+        with (self.checkpoint_dir / name).open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
 
     def __init__(self, checkpoint_dir: Path | str) -> None:
         """Read the tokenizer files of ``checkpoint_dir``.

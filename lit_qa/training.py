@@ -8,6 +8,10 @@ Determinism and exact resume: the order of micro-batches is a pure function of (
 checkpoint records the optimizer, the scheduler, the position in that order and the RNG state. A run
 stopped after step k and resumed ends with exactly the weights of a run that never stopped.
 
+SIGTERM or SIGINT (Ctrl-C) stops the run cleanly: the current optimizer step finishes, a checkpoint is
+saved and the process exits (status 0 after SIGTERM, 130 after SIGINT) with a line saying how to resume.
+A second signal stops at once; checkpoints are written atomically, so that never leaves a broken one.
+
 Gradient accumulation is exact too: each micro-batch's summed token loss is divided by the number of
 loss tokens in the whole global batch (known in advance, since every rank computes the same order), so
 k accumulated micro-batches give the gradient of one batch k times bigger.
@@ -20,8 +24,11 @@ import os
 import re
 import resource
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -44,6 +51,12 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 class NonFiniteLossError(LitQAError):
     """The loss or the gradient norm became NaN or infinite."""
+
+
+class TrainingStopped(SystemExit):
+    """Raised by `fit` after a SIGTERM or SIGINT, once the checkpoint is saved: the process exits with status
+    0 after SIGTERM (a polite request, e.g. a scheduler's preemption) and 130 after SIGINT (Ctrl-C, so a
+    ``train && evaluate`` chain stops). Scripts let it through, so they do not save ``final/``."""
 
 
 def fit(
@@ -80,6 +93,11 @@ def fit(
 
     Returns:
         The final progress counters (step, epoch, tokens seen, last validation loss, ...).
+
+    Raises:
+        TrainingStopped: After a SIGTERM or SIGINT, once the current step is done and saved.
+        NonFiniteLossError: On a NaN or infinite loss or gradient, with ``nan_policy="stop"``.
+        LitQAError: On bad settings or data, or when a checkpoint cannot be written (e.g. a full disk).
     """
     world_size = fabric.world_size
     train_args.validate(world_size)
@@ -88,6 +106,13 @@ def fit(
     max_length = min(train_args.max_seq_length or math.inf, getattr(model, "module", model).max_seq_length)
     lengths = [len(sample["input_ids"]) for sample in train_data]
     loss_token_counts = [count_loss_tokens(sample, max_length) for sample in train_data]
+    if empty := [i for i, count in enumerate(loss_token_counts) if count == 0]:
+        sample = train_data[empty[0]]
+        raise LitQAError(
+            f"cropping samples to {max_length} tokens (--train.max_seq_length or the model's limit) leaves no answer "
+            f"token in {len(empty)} of {len(train_data)} training samples (e.g. {sample.get('id', empty[0])}, "
+            f"{len(sample['input_ids'])} tokens); raise it or prepare the data with a smaller --max_seq_length"
+        )
     steps_per_epoch = len(lengths) // train_args.global_batch_size
     if steps_per_epoch == 0:
         raise LitQAError(
@@ -119,80 +144,133 @@ def fit(
     deadline = time.monotonic() + 60 * train_args.max_time_minutes if train_args.max_time_minutes else math.inf
     step_batches = []
     pad_id = tokenizer_pad_id(tokenizer)
-    while progress["step"] < total_steps:
-        if not step_batches:
-            step_batches = rank_batches_of_epoch(
-                lengths, loss_token_counts, train_args, progress["epoch"], seed, world_size, fabric.global_rank
-            )[progress["step_in_epoch"] :]
+    stop = None
+    with signals_caught() as signals:
+        while progress["step"] < total_steps:
             if not step_batches:
-                progress["epoch"], progress["step_in_epoch"] = progress["epoch"] + 1, 0
-                continue
-        micro_batches, loss_tokens = step_batches.pop(0)
-        step_loss = torch.zeros((), device=fabric.device)
-        for i, indices in enumerate(micro_batches):
-            samples = [train_data[j] for j in indices]
-            batch = collate(samples, pad_id, max_length, train_args.pad_multiple)
-            batch = {key: value.to(fabric.device) for key, value in batch.items()}
-            with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
-                # Sum of token losses / tokens of the global batch, times world_size because DDP averages ranks.
-                loss = token_loss_sum(model, batch, train_args.loss_positions_only) * world_size / loss_tokens
-                fabric.backward(loss)
-            step_loss += loss.detach()
-            window_tokens += int(batch["input_ids"].numel())
-        grad_norm = fabric.clip_gradients(
-            model, optimizer, max_norm=train_args.max_grad_norm or float("inf"), error_if_nonfinite=False
-        )
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-        step_loss = fabric.all_reduce(step_loss, reduce_op="mean")
-        # One device-to-host sync per optimizer step, which also feeds the log below.
-        if bool(torch.isfinite(step_loss)) and bool(torch.isfinite(torch.as_tensor(grad_norm))):
-            optimizer.step()
-        else:
-            handle_non_finite(fabric, train_args, progress, out_dir, float(step_loss), float(grad_norm))
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        progress["step"] += 1
-        progress["step_in_epoch"] += 1
-        step = progress["step"]
-        progress_bar.update(1)
-
-        if step % train_args.log_interval == 0 or step == total_steps:
-            elapsed = time.perf_counter() - window_start
-            metrics = {
-                "train/loss": float(step_loss),
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/grad_norm": float(grad_norm),
-                "train/tokens_per_sec": window_tokens * world_size / elapsed,
-                "train/epoch": progress["epoch"] + progress["step_in_epoch"] / steps_per_epoch,
-                "train/memory_gb": peak_memory_gb(fabric.device),
-            }
-            fabric.log_dict(metrics, step=step)
-            progress_bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
-                                     tok_s=f"{metrics['train/tokens_per_sec']:.0f}")  # fmt: skip
-            progress["tokens"] += window_tokens * world_size
-            window_start, window_tokens = time.perf_counter(), 0
-
-        # Rank 0's clock decides, so every rank stops at the same step.
-        out_of_time = deadline != math.inf and fabric.broadcast(time.monotonic() > deadline)
-        if out_of_time:
-            fabric.print(f"\nTime budget of {train_args.max_time_minutes} minutes reached at step {step}/{total_steps}")
-        # Save first: whatever validation does, this step's work is on disk.
-        if step % train_args.save_interval == 0 or step == total_steps or out_of_time:
-            save_training_checkpoint(fabric, out_dir / f"step-{step:06d}", model, optimizer, scheduler, progress,
-                                     trainable, save_fn)  # fmt: skip
-        if step % eval_args.interval == 0 or step == total_steps or out_of_time:
-            progress["val_loss"] = validate(
-                fabric, model, val_data, train_args.micro_batch_size, eval_args.max_batches, train_args.pad_multiple
+                step_batches = rank_batches_of_epoch(
+                    lengths, loss_token_counts, train_args, progress["epoch"], seed, world_size, fabric.global_rank
+                )[progress["step_in_epoch"] :]
+                if not step_batches:
+                    progress["epoch"], progress["step_in_epoch"] = progress["epoch"] + 1, 0
+                    continue
+            micro_batches, loss_tokens = step_batches.pop(0)
+            step_loss = torch.zeros((), device=fabric.device)
+            for i, indices in enumerate(micro_batches):
+                samples = [train_data[j] for j in indices]
+                batch = collate(samples, pad_id, max_length, train_args.pad_multiple)
+                batch = {key: value.to(fabric.device) for key, value in batch.items()}
+                with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
+                    # Sum of token losses / tokens of the global batch, times world_size because DDP averages ranks.
+                    loss = token_loss_sum(model, batch, train_args.loss_positions_only) * world_size / loss_tokens
+                    fabric.backward(loss)
+                step_loss += loss.detach()
+                window_tokens += int(batch["input_ids"].numel())
+            grad_norm = fabric.clip_gradients(
+                model, optimizer, max_norm=train_args.max_grad_norm or float("inf"), error_if_nonfinite=False
             )
-            fabric.log_dict({"val/loss": progress["val_loss"]}, step=step)
-            fabric.print(f"\nstep {step}: val loss {progress['val_loss']:.4f}")
-            print_sample_generations(fabric, model, val_data, tokenizer, eval_args)
-        if out_of_time:
-            break
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+            step_loss = fabric.all_reduce(step_loss, reduce_op="mean")
+            # One device-to-host sync per optimizer step, which also feeds the log below.
+            if bool(torch.isfinite(step_loss)) and bool(torch.isfinite(torch.as_tensor(grad_norm))):
+                optimizer.step()
+            else:
+                handle_non_finite(fabric, train_args, progress, out_dir, float(step_loss), float(grad_norm))
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            progress["step"] += 1
+            progress["step_in_epoch"] += 1
+            step = progress["step"]
+            progress_bar.update(1)
+
+            if step % train_args.log_interval == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                metrics = {
+                    "train/loss": float(step_loss),
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm),
+                    "train/tokens_per_sec": window_tokens * world_size / elapsed,
+                    "train/epoch": progress["epoch"] + progress["step_in_epoch"] / steps_per_epoch,
+                    "train/memory_gb": peak_memory_gb(fabric.device),
+                }
+                fabric.log_dict(metrics, step=step)
+                progress_bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
+                                         tok_s=f"{metrics['train/tokens_per_sec']:.0f}")  # fmt: skip
+                progress["tokens"] += window_tokens * world_size
+                window_start, window_tokens = time.perf_counter(), 0
+
+            stop = stop_reason(fabric, signals, deadline)
+            if stop == "time":
+                minutes = train_args.max_time_minutes
+                fabric.print(f"\nTime budget of {minutes} minutes reached at step {step}/{total_steps}")
+            # Save first: whatever validation does, this step's work is on disk.
+            if step % train_args.save_interval == 0 or step == total_steps or stop:
+                save_training_checkpoint(fabric, out_dir / f"step-{step:06d}", model, optimizer, scheduler, progress,
+                                         trainable, save_fn)  # fmt: skip
+            # After a signal the user is waiting for the process to end: no validation then.
+            if (step % eval_args.interval == 0 or step == total_steps or stop == "time") and stop in (None, "time"):
+                progress["val_loss"] = validate(
+                    fabric, model, val_data, train_args.micro_batch_size, eval_args.max_batches, train_args.pad_multiple
+                )
+                fabric.log_dict({"val/loss": progress["val_loss"]}, step=step)
+                fabric.print(f"\nstep {step}: val loss {progress['val_loss']:.4f}")
+                print_sample_generations(fabric, model, val_data, tokenizer, eval_args)
+            if stop:
+                break
     progress_bar.close()
     for logger in fabric.loggers:
         logger.finalize("success")
+    if stop in ("SIGTERM", "SIGINT"):
+        saved = out_dir / f"step-{progress['step']:06d}"
+        fabric.print(f"\nstopped by {stop} at step {progress['step']}/{total_steps}; saved {saved}; "
+                     "continue with --resume auto")  # fmt: skip
+        raise TrainingStopped(0 if stop == "SIGTERM" else 128 + signal.SIGINT)
     return progress
+
+
+@contextmanager
+def signals_caught(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[list[int]]:
+    """Record SIGTERM and SIGINT in the yielded list instead of dying, so the loop can save and stop.
+
+    A second signal goes to the previous handler (by default: stop at once, which checkpoints survive since
+    they are renamed into place only when complete). The previous handlers come back on exit. Nothing
+    changes off the main thread (only it may set handlers) or for a signal ignored from the start (nohup).
+    """
+    received: list[int] = []
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.getsignal(s) for s in signums} if in_main_thread else {}
+    previous = {s: handler for s, handler in previous.items() if handler not in (None, signal.SIG_IGN)}
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    def record(signum: int, frame: Any) -> None:
+        if received:  # the user insists
+            restore()
+            signal.raise_signal(signum)
+        else:
+            received.append(signum)
+
+    for s in previous:
+        signal.signal(s, record)
+    try:
+        yield received
+    finally:
+        restore()
+
+
+def stop_reason(fabric: L.Fabric, signals: list[int], deadline: float) -> str | None:
+    """Why to stop after this step, the same on every rank: "SIGTERM" or "SIGINT" if any rank received it,
+    "time" once rank 0's clock passes ``deadline``, else None."""
+    signum = signals[0] if signals else 0
+    out_of_time = fabric.global_rank == 0 and time.monotonic() > deadline
+    if fabric.world_size > 1:  # one tiny collective per step
+        flags = fabric.all_reduce(torch.tensor([signum, int(out_of_time)], device=fabric.device), reduce_op="max")
+        signum, out_of_time = int(flags[0]), bool(flags[1])
+    if signum:
+        return signal.Signals(signum).name
+    return "time" if out_of_time else None
 
 
 def lr_factor(step: int, train_args: TrainArgs, total_steps: int) -> float:
@@ -407,25 +485,35 @@ def save_training_checkpoint(
     """
     tmp_dir = step_dir.with_name(step_dir.name + ".tmp")
     if fabric.global_rank == 0:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        # Left by a run killed while saving this step (save_fn may have its own ".tmp-<pid>" folder inside).
+        for stale in step_dir.parent.glob(f"{step_dir.name}.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
     fabric.barrier()
-    save_fn(tmp_dir)
-    if fabric.global_rank == 0:
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-    counters = {
-        "progress": dict(progress),
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    module = getattr(model, "module", model)
-    if is_sharded(module):
-        # FSDP: every rank writes its own shard; nothing is gathered on one rank.
-        counters["scheduler"] = scheduler.state_dict()
-        save_sharded_state(tmp_dir, module, getattr(optimizer, "optimizer", optimizer), counters, fabric.global_rank)
-    else:
-        state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, **counters}
-        # Only what is trained: the frozen base model is already on disk in its checkpoint folder.
-        fabric.save(tmp_dir / STATE_FILE, state, filter={"model": lambda key, _: key in trainable})
+    try:
+        save_fn(tmp_dir)
+        if fabric.global_rank == 0:
+            tmp_dir.mkdir(parents=True, exist_ok=True)
+        counters = {
+            "progress": dict(progress),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        module = getattr(model, "module", model)
+        if is_sharded(module):
+            # FSDP: every rank writes its own shard; nothing is gathered on one rank.
+            counters["scheduler"] = scheduler.state_dict()
+            save_sharded_state(tmp_dir, module, getattr(optimizer, "optimizer", optimizer), counters,
+                               fabric.global_rank)  # fmt: skip
+        else:
+            state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, **counters}
+            # Only what is trained: the frozen base model is already on disk in its checkpoint folder.
+            fabric.save(tmp_dir / STATE_FILE, state, filter={"model": lambda key, _: key in trainable})
+    except OSError as e:  # disk full, quota, permissions: the previous checkpoint is untouched
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        latest = latest_checkpoint(step_dir.parent)
+        reason = os.strerror(e.errno) if e.errno else str(e).splitlines()[0]
+        raise LitQAError(f"cannot write checkpoint {step_dir}: {reason}; the last complete checkpoint is "
+                         f"{latest or 'none'} (free space, then continue with --resume auto)") from None  # fmt: skip
     fabric.barrier()
     if fabric.global_rank == 0:
         if step_dir.exists():

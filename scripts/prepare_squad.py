@@ -49,7 +49,6 @@ SQUAD_URLS = {
     "train-v2.0.json": "https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v2.0.json",
     "dev-v2.0.json": "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v2.0.json",
 }
-TOKENIZER_FILE = {"huggingface": "tokenizer.json", "sentencepiece": "tokenizer.model"}
 OUTPUT_FILES = tuple(f"{split}.pt" for split in SPLITS) + (VAL_SQUAD_FILE, STATS_FILE, CONFIG_FILE)
 
 
@@ -107,7 +106,7 @@ def main(
             "bos_id": tokenizer.bos_id,
             "eos_id": tokenizer.eos_id,
             "add_bos": tokenizer.add_bos,
-            "sha256": sha256(checkpoint_dir / TOKENIZER_FILE[tokenizer.backend]),
+            "sha256": tokenizer.file_sha256(),
         },
         "max_seq_length": max_seq_length,
         "prompt_style": prompt_style,
