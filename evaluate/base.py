@@ -8,6 +8,12 @@ Writes ``predictions.json`` (official format: id -> answer, "" for no answer) an
 metrics, the always-no-answer baseline on the same questions, speed and settings) into ``--out_dir``.
 ``--limit`` evaluates a fixed stratified subset (same ``--seed``, same questions). Compare runs with
 ``scripts/compare_results.py``.
+
+Quantized: ``--quantize bnb.nf4`` (bnb.fp4, bnb.int8) quantizes the block linears after loading;
+``--quantize gptq.int4 --gptq_checkpoint FOLDER`` evaluates the model scripts/quantize_gptq.py wrote to FOLDER
+(tokenizer and prompt settings still come from ``--checkpoint_dir``). For a LoRA: merge it
+(scripts/merge_lora.py), quantize the merged folder with scripts/quantize_gptq.py, then evaluate that here.
+``metrics.json`` records the mode and the weights' size in bytes (``quantize``, ``weights_bytes``).
 """
 
 from __future__ import annotations
@@ -17,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from lit_qa.checkpoint import load_model
 from lit_qa.errors import run_cli
 from lit_qa.evaluation import autocast, format_summary, prompt_settings, resolve_device, run_evaluation, select_subset
 from lit_qa.precision import resolve_precision, weights_dtype
+from lit_qa.quantize import check_quantize_args, load_for_inference, weights_size_bytes
 from lit_qa.squad import load_squad
 from lit_qa.tokenizer import Tokenizer, check_vocab_matches
 
@@ -39,6 +45,8 @@ def main(
     device: str = "auto",
     prompt_style: str | None = None,
     no_answer: str | None = None,
+    quantize: str | None = None,
+    gptq_checkpoint: Path | None = None,
 ) -> dict:
     """Answer SQuAD 2.0 questions with a full model and score them.
 
@@ -62,22 +70,28 @@ def main(
             (written by finetune/full.py), else "plain". For a merged LoRA, pass the style it was trained with.
         no_answer: The no-answer reply named in the prompt and mapped to ""; defaults like ``prompt_style``, else
             "unanswerable".
+        quantize: Quantize the model: "bnb.int8", "bnb.nf4", "bnb.fp4" (bitsandbytes, applied after loading) or
+            "gptq.int4" (loaded from ``gptq_checkpoint``); None keeps full precision.
+        gptq_checkpoint: A folder written by scripts/quantize_gptq.py; only with ``--quantize gptq.int4``.
     """
     # A full fine-tune (finetune/full.py) records its prompt settings; a converted base model has none.
     prompt_style, no_answer = prompt_settings(checkpoint_dir, prompt_style, no_answer, warn_if_unknown=False)
     questions = select_subset(load_squad(eval_file), limit, seed)  # a bad file fails before the model loads
+    check_quantize_args(quantize, gptq_checkpoint)
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
 
     t0 = time.perf_counter()
-    model, config = load_model(checkpoint_dir, device=device, dtype=weights_dtype(precision))
+    model, config = load_for_inference(checkpoint_dir, device, weights_dtype(precision), quantize, gptq_checkpoint)
     tokenizer = Tokenizer(checkpoint_dir)
     check_vocab_matches(tokenizer, config.padded_vocab_size, checkpoint_dir)
-    print(f"loaded {config.name or checkpoint_dir} ({precision}, {device}) in {time.perf_counter() - t0:.1f} s",
-          file=sys.stderr)  # fmt: skip
+    print(f"loaded {config.name or checkpoint_dir} ({precision}, {device}, {quantize or 'not quantized'}) "
+          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
 
     info = dict(checkpoint_dir=str(checkpoint_dir), eval_file=str(eval_file), precision=precision, device=device,
-                limit=limit, seed=seed)  # fmt: skip
+                limit=limit, seed=seed, quantize=quantize, weights_bytes=weights_size_bytes(model))  # fmt: skip
+    if gptq_checkpoint is not None:
+        info["gptq_checkpoint"] = str(gptq_checkpoint)
     with autocast(precision, device):
         metrics = run_evaluation(
             model, tokenizer, questions, out_dir, prompt_style, no_answer, batch_size, max_new_tokens, info,

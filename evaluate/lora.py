@@ -7,6 +7,13 @@ The adapter folder says which base model it belongs to (``base_checkpoint.json``
 prompts were built (``prepare_config.json``), so by default nothing has to be repeated here. The adapter is
 merged into the weights before decoding: the same maths as running it unmerged, with no extra matmuls.
 Outputs are those of ``evaluate/base.py``: ``predictions.json`` and ``metrics.json`` in ``--out_dir``.
+
+Quantized: ``--quantize bnb.nf4`` (bnb.fp4, bnb.int8) merges the adapter in full precision first and then
+quantizes the merged model, exactly as a base model would be quantized (merging into already quantized weights
+is not exact). An adapter trained with ``finetune/lora.py --quantize`` (QLoRA) records its mode in
+``quantize.json``; evaluating it with another ``--quantize`` prints a warning. Even with the same mode the merged
+model is quantize(W + BA), not the quantize(W) + BA it was trained as: close, not identical. For gptq.int4,
+merge (scripts/merge_lora.py), quantize the merged folder (scripts/quantize_gptq.py) and use evaluate/base.py.
 """
 
 from __future__ import annotations
@@ -16,10 +23,11 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from lit_qa.errors import run_cli
+from lit_qa.errors import LitQAError, run_cli
 from lit_qa.evaluation import autocast, format_summary, prompt_settings, resolve_device, run_evaluation, select_subset
 from lit_qa.lora import check_lora_dir, load_lora_checkpoint, merge_lora_weights, read_base_record
 from lit_qa.precision import resolve_precision, weights_dtype
+from lit_qa.quantize import check_quantize_args, quantize_model, warn_if_trained_quantized, weights_size_bytes
 from lit_qa.squad import load_squad
 from lit_qa.tokenizer import Tokenizer, check_vocab_matches
 
@@ -40,6 +48,7 @@ def main(
     prompt_style: str | None = None,
     no_answer: str | None = None,
     allow_different_base: bool = False,
+    quantize: str | None = None,
 ) -> dict:
     """Answer SQuAD 2.0 questions with a base model plus LoRA adapter and score them.
 
@@ -63,8 +72,17 @@ def main(
         prompt_style: The prompt template; defaults to the one the adapter was trained with.
         no_answer: The no-answer reply; defaults to the one the adapter was trained with.
         allow_different_base: Evaluate even if the base weights are not those the adapter was trained on.
+        quantize: "bnb.int8", "bnb.nf4" or "bnb.fp4": merge the adapter in full precision, then quantize the merged
+            model. None keeps full precision. For gptq.int4, merge (scripts/merge_lora.py), quantize the merged
+            folder (scripts/quantize_gptq.py) and evaluate it with evaluate/base.py.
     """
     check_lora_dir(lora_dir)
+    if quantize == "gptq.int4":
+        raise LitQAError("evaluate/lora.py does not take --quantize gptq.int4 (GPTQ calibrates on the merged weights): "
+                         "merge with scripts/merge_lora.py, quantize the merged folder with scripts/quantize_gptq.py, "
+                         "then run evaluate/base.py --quantize gptq.int4 --gptq_checkpoint <that output>")  # fmt: skip
+    check_quantize_args(quantize)
+    warn_if_trained_quantized(lora_dir, quantize)
     prompt_style, no_answer = prompt_settings(lora_dir, prompt_style, no_answer)
     questions = select_subset(load_squad(eval_file), limit, seed)  # a bad file fails before the model loads
     base = Path(read_base_record(lora_dir)["path"]) if checkpoint_dir is None else checkpoint_dir
@@ -73,16 +91,19 @@ def main(
 
     t0 = time.perf_counter()
     model, config, lora_config = load_lora_checkpoint(
-        lora_dir, base, device, weights_dtype(precision), allow_different_base
+        lora_dir, base, "cpu" if quantize else device, weights_dtype(precision), allow_different_base
     )
     merge_lora_weights(model)  # the sum is formed in float32 and rounded once to the weights' dtype
+    if quantize:
+        quantize_model(model, quantize, device=device)  # after merging, layer by layer onto the device
     tokenizer = Tokenizer(base)
     check_vocab_matches(tokenizer, config.padded_vocab_size, base)
-    print(f"loaded {config.name or base} + LoRA r={lora_config.r} from {lora_dir} ({precision}, {device}) "
-          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
+    print(f"loaded {config.name or base} + LoRA r={lora_config.r} from {lora_dir} ({precision}, {device}, "
+          f"{quantize or 'not quantized'}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
 
     info = dict(checkpoint_dir=str(base), lora_dir=str(lora_dir), eval_file=str(eval_file), precision=precision,
-                device=device, limit=limit, seed=seed)  # fmt: skip
+                device=device, limit=limit, seed=seed, quantize=quantize,
+                weights_bytes=weights_size_bytes(model))  # fmt: skip
     with autocast(precision, device):
         metrics = run_evaluation(
             model, tokenizer, questions, out_dir, prompt_style, no_answer, batch_size, max_new_tokens, info,

@@ -12,6 +12,8 @@ Several GPUs, one or more nodes (every rank agrees on the data order; rank 0 wri
 
 The CPU demo on the embedded default: ``python finetune/lora.py --config configs/lora-smollm2-cpu.yaml``.
 Continue a stopped run with ``--resume auto`` (or ``--resume out/finetune/lora/step-000200``).
+QLoRA: ``--quantize bnb.nf4`` (or bnb.fp4, bnb.int8) quantizes the frozen base before LoRA is applied; one device
+or DDP, not FSDP. The adapter folder records the mode in ``quantize.json``.
 Outputs in ``--out_dir``: ``step-*/`` checkpoints (LoRA weights + resume state), ``final/``, and
 TensorBoard/CSV logs under ``logs/``.
 """
@@ -29,6 +31,7 @@ from lit_qa.errors import run_cli
 from lit_qa.launch import (check_inputs, launch, load_data_and_model, make_fabric, make_optimizer,
                            print_parameter_counts)  # fmt: skip
 from lit_qa.lora import LoRAConfig, apply_lora, lora_state_dict, mark_only_lora_as_trainable, save_lora_checkpoint
+from lit_qa.quantize import check_qlora_args, quantize_model, quantize_record
 from lit_qa.training import fit, save_hyperparameters, setup_model
 
 
@@ -47,6 +50,7 @@ def setup(
     resume: bool | Literal["auto"] | Path = False,
     overwrite: bool = False,
     seed: int = 42,
+    quantize: str | None = None,
 ) -> None:
     """Fine-tune a LoRA adapter. Defaults follow the known-good 7B recipe (lr 3e-4, global batch 128,
     100 warm-up steps, LoRA r 8 / alpha 16 / dropout 0.05 on the query and value projections).
@@ -68,10 +72,14 @@ def setup(
         resume: Continue from the latest checkpoint in out_dir (True / "auto") or from a given step folder.
         overwrite: Start over in an out_dir that already holds checkpoints (they are deleted).
         seed: Random seed for LoRA initialisation, dropout and data order.
+        quantize: QLoRA: "bnb.nf4", "bnb.fp4" or "bnb.int8" quantizes the frozen base (not with --strategy fsdp);
+            None keeps it in full precision.
     """
     prepare_config = check_inputs(data_dir, checkpoint_dir, out_dir, resume, overwrite)
     fabric, precision = make_fabric(out_dir, precision, devices, num_nodes, strategy, fsdp, train)
-    launch(fabric, main, data_dir, checkpoint_dir, out_dir, precision, lora, train, eval, resume, seed, prepare_config)
+    check_qlora_args(quantize, fabric)
+    launch(fabric, main, data_dir, checkpoint_dir, out_dir, precision, lora, train, eval, resume, seed, prepare_config,
+           quantize)  # fmt: skip
 
 
 def main(
@@ -86,11 +94,14 @@ def main(
     resume: bool | str | Path,
     seed: int,
     prepare_config: dict,
+    quantize: str | None = None,
 ) -> None:
     fabric.seed_everything(seed)  # the same seed on every rank: identical LoRA initialisation
     tokenizer, train_data, val_data, model, config = load_data_and_model(
         fabric, data_dir, checkpoint_dir, precision, eval_args, prepare_config
     )
+    if quantize:  # QLoRA: quantize the frozen base first; LoRA then calls the quantized layers
+        quantize_model(model, quantize, for_training=True)
     apply_lora(model, lora_config)
     mark_only_lora_as_trainable(model)
     print_parameter_counts(fabric, model, precision)
@@ -98,14 +109,16 @@ def main(
     optimizer = make_optimizer(fabric, model, train_args)
     if fabric.global_rank == 0:
         save_hyperparameters(out_dir, data_dir=data_dir, checkpoint_dir=checkpoint_dir, precision=precision,
-                             lora=lora_config, train=train_args, eval=eval_args, seed=seed)  # fmt: skip
+                             quantize=quantize, lora=lora_config, train=train_args, eval=eval_args,
+                             seed=seed)  # fmt: skip
 
     def save_fn(folder: Path) -> None:
         # The adapter, its config, the base's identity and the prompt settings evaluation must reuse.
         tensors = full_state_dict(lora_state_dict(model.module))  # every rank: a collective under FSDP
         if fabric.global_rank == 0:
-            save_lora_checkpoint(folder, model.module, lora_config, checkpoint_dir, tensors=tensors,
-                                 extra={"prepare_config.json": prepare_config}, overwrite=True)  # fmt: skip
+            extra = {"prepare_config.json": prepare_config, **quantize_record(quantize)}
+            save_lora_checkpoint(folder, model.module, lora_config, checkpoint_dir, tensors=tensors, extra=extra,
+                                 overwrite=True)  # fmt: skip
 
     fit(fabric, model, optimizer, train_data, val_data, train_args, eval_args, out_dir, save_fn, tokenizer,
         resume=resume, seed=seed)  # fmt: skip

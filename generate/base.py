@@ -5,6 +5,10 @@
         --prompt "The capital of France is" --max_new_tokens 50
 
 Sampling: ``--temperature 0.8 --top_k 50 --top_p 0.95`` (temperature 0 is greedy decoding).
+
+Quantized: ``--quantize bnb.nf4`` (or bnb.fp4, bnb.int8) quantizes the block linears after loading;
+``--quantize gptq.int4 --gptq_checkpoint FOLDER`` loads a model that scripts/quantize_gptq.py wrote to FOLDER
+(the tokenizer still comes from ``--checkpoint_dir``). The size of the weights is printed with the load time.
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from lit_qa.checkpoint import load_model
 from lit_qa.errors import LitQAError, run_cli
 from lit_qa.generate import check_sampling_args, generate
 from lit_qa.precision import resolve_precision, weights_dtype
+from lit_qa.quantize import check_quantize_args, load_for_inference, weights_size_bytes
 from lit_qa.tokenizer import Tokenizer, check_vocab_matches
 
 
@@ -33,6 +37,8 @@ def main(
     precision: str = "auto",
     device: str = "auto",
     seed: int = 1234,
+    quantize: str | None = None,
+    gptq_checkpoint: Path | None = None,
 ) -> None:
     """Print continuations of ``prompt`` and the decoding speed.
 
@@ -47,8 +53,12 @@ def main(
         precision: "auto" (bf16 on GPUs and CPUs with native bf16, fp32 elsewhere), "32-true", "bf16-true", "16-true".
         device: "auto", "cpu" or "cuda".
         seed: Random seed for sampling.
+        quantize: Quantize the model: "bnb.int8", "bnb.nf4", "bnb.fp4" (bitsandbytes, applied after loading) or
+            "gptq.int4" (loaded from ``gptq_checkpoint``); None keeps full precision.
+        gptq_checkpoint: A folder written by scripts/quantize_gptq.py; only with ``--quantize gptq.int4``.
     """
     check_sampling_args(temperature, top_k, top_p)
+    check_quantize_args(quantize, gptq_checkpoint)
     if max_new_tokens < 1 or num_samples < 1:
         raise LitQAError("--max_new_tokens and --num_samples must be >= 1")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -56,11 +66,12 @@ def main(
     torch.manual_seed(seed)
 
     t0 = time.perf_counter()
-    model, config = load_model(checkpoint_dir, device=device, dtype=weights_dtype(precision))
+    model, config = load_for_inference(checkpoint_dir, device, weights_dtype(precision), quantize, gptq_checkpoint)
     tokenizer = Tokenizer(checkpoint_dir)
     check_vocab_matches(tokenizer, config.padded_vocab_size, checkpoint_dir)
     model.eval()
-    print(f"Loaded {config.name} ({precision}) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    print(f"Loaded {config.name} ({precision}, {quantize or 'not quantized'}, {weights_size_bytes(model) / 1e6:.1f} MB "
+          f"of weights) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)  # fmt: skip
 
     encoded = tokenizer.encode(prompt, device=device)
     model.max_seq_length = min(config.block_size, encoded.numel() + max_new_tokens)

@@ -155,26 +155,38 @@ class LoRALinear(nn.Module):
 
     Merging is explicit (`merge`), never a side effect of ``train()``/``eval()``: lit-llama merged on
     ``eval()`` and unmerged on ``train()``, and W + BA - BA drifted away from W over many evaluations.
+
+    QLoRA: when ``base`` is quantized (its weight is not floating point, e.g. `bitsandbytes.nn.Linear4bit` from
+    `lit_qa.quantize.bnb`), it is kept as the submodule ``base_layer`` and called in `forward`; A and B take its
+    ``compute_dtype``. Their keys stay ``...q_proj.lora_A``. Such a layer cannot be merged (`merge` raises).
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float) -> None:
         """Wrap ``base``'s weight (and bias); the LoRA tensors are created on its device and in its dtype.
 
         Args:
-            base: The linear layer to adapt. Its parameters are shared, not copied.
+            base: The linear layer to adapt. Its parameters are shared, not copied. A quantized layer is kept whole.
             r: Rank of the update.
             alpha: Scale numerator: the update is multiplied by alpha / r.
             dropout: Dropout probability on the LoRA path's input.
         """
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.register_parameter("bias", base.bias)
         self.r, self.scaling = r, alpha / r
-        w = base.weight
+        device = base.weight.device
+        if base.weight.is_floating_point():
+            self.base_layer = None
+            self.weight = base.weight
+            self.register_parameter("bias", base.bias)
+            dtype = base.weight.dtype
+        else:
+            # QLoRA (Dettmers et al. 2023): the weight holds quantized codes (`lit_qa.quantize.bnb`) that only the
+            # layer's own forward computes with, so the frozen base stays a submodule and is called as it is.
+            self.base_layer = base
+            dtype = base.compute_dtype
         # On the meta device these are shape-only placeholders, initialised after `to_empty`.
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=w.device, dtype=w.dtype))
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.reset_parameters()
@@ -190,7 +202,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
         if self.merged:
             return out
         # (..., in) @ (in, r) @ (r, out): never materialises the (out, in) product B @ A.
@@ -209,6 +221,9 @@ class LoRALinear(nn.Module):
         """
         if self.merged:
             return
+        if self.base_layer is not None:
+            raise LitQAError("cannot merge LoRA into a quantized base: quantize(W + BA) != quantize(W) + BA; "
+                             "merge into the full-precision base (scripts/merge_lora.py) and quantize the result")
         self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
         self.merged = True
 

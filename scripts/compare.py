@@ -1,0 +1,229 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""Quantize and compare: one model in full precision, LLM.int8, nf4 and GPTQ int4 on the same SQuAD questions.
+
+    python scripts/compare.py --checkpoint_dir checkpoints/SmolLM2-135M-Instruct --lora_dir out/finetune/lora/final \\
+        --eval_file ../shared/data/squad2/demo-eval-v2.0.json --limit 200 --calibration data/squad2-demo
+
+Prints and saves one table — EM, F1, HasAns F1, NoAns accuracy, weights size, peak memory, generation
+tokens/s and the difference to full precision — as ``comparison.md``, ``comparison.json`` and
+``comparison.png`` in ``--out_dir``. A LoRA adapter is merged into its base first (in full precision), and
+that merged model is what every format quantizes: exact for LoRA, and what one would serve. GPTQ int4 is
+calibrated on ``--calibration`` (the prepared training prompts, or a text file) unless ``--gptq_checkpoint``
+gives a model already quantized from the same weights. Each format runs in its own process, so its peak
+memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lit_qa.errors import LitQAError, run_cli
+
+FORMATS = ("full", "bnb.int8", "bnb.nf4", "gptq.int4")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(
+    checkpoint_dir: Path = Path("checkpoints/SmolLM2-135M-Instruct"),
+    lora_dir: Path | None = None,
+    eval_file: Path = Path("data/squad2/dev-v2.0.json"),
+    out_dir: Path = Path("out/compare"),
+    formats: tuple[str, ...] = FORMATS,
+    limit: int | None = 200,
+    seed: int = 1234,
+    calibration: Path | None = None,
+    gptq_checkpoint: Path | None = None,
+    group_size: int = 128,
+    n_samples: int = 128,
+    na_threshold: float | Literal["auto"] | None = None,
+    calibration_file: Path | None = None,
+    precision: str = "auto",
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    overwrite: bool = False,
+) -> list[dict]:
+    """Evaluate ``checkpoint_dir`` (with ``lora_dir`` merged in) in each of ``formats`` and tabulate the results.
+
+    Args:
+        checkpoint_dir: The base model, a lit checkpoint folder.
+        lora_dir: A LoRA adapter to merge into the base before quantizing (optional).
+        eval_file: Official-format SQuAD file to evaluate on.
+        out_dir: Where the table, the per-format evaluations and the merged/quantized models go.
+        formats: Any of "full", "bnb.int8", "bnb.nf4", "bnb.fp4", "gptq.int4".
+        limit: A fixed, stratified subset of this many questions (the same for every format).
+        seed: Seed of that subset.
+        calibration: GPTQ calibration data: a folder from scripts/prepare_squad.py or a .txt file.
+        gptq_checkpoint: An existing GPTQ folder of the same (merged) weights; skips quantizing.
+        group_size: GPTQ group size.
+        n_samples: GPTQ calibration samples.
+        na_threshold: Abstain rule of the evaluator (see evaluate/base.py): a float, "auto" (tuned per format
+            on ``calibration_file``) or null for plain greedy decoding.
+        calibration_file: Held-out SQuAD questions for ``--na_threshold auto``.
+        precision: Precision of the full model and of the quantized models' activations.
+        batch_size: Questions decoded together.
+        max_new_tokens: Longest answer.
+        overwrite: Redo formats whose results already exist in ``out_dir``.
+    """
+    from lit_qa.quantize import QUANTIZE_CHOICES
+
+    unknown = [f for f in formats if f != "full" and f not in QUANTIZE_CHOICES]
+    if unknown:
+        raise LitQAError(f"--formats: unknown {unknown}; choose from full, {', '.join(QUANTIZE_CHOICES)}")
+    if "gptq.int4" in formats and gptq_checkpoint is None and calibration is None:
+        raise LitQAError("gptq.int4 needs --calibration (prepared data folder or .txt) or --gptq_checkpoint")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir, prompt_dir = checkpoint_dir, lora_dir or checkpoint_dir
+    if lora_dir is not None:
+        model_dir = out_dir / "merged"
+        if overwrite or not model_dir.is_dir():
+            run(["scripts/merge_lora.py", "--lora_dir", lora_dir, "--out_dir", model_dir,
+                 "--base_checkpoint_dir", checkpoint_dir, "--overwrite", "true"])  # fmt: skip
+    gptq_seconds = None
+    if "gptq.int4" in formats and gptq_checkpoint is None:
+        gptq_checkpoint = out_dir / "gptq-int4"
+        if overwrite or not gptq_checkpoint.is_dir():
+            start = time.perf_counter()
+            run(["scripts/quantize_gptq.py", "--checkpoint_dir", model_dir, "--out_dir", gptq_checkpoint,
+                 "--calibration", calibration, "--group_size", group_size, "--n_samples", n_samples,
+                 "--overwrite", "true"])  # fmt: skip
+            gptq_seconds = time.perf_counter() - start
+
+    rows = []
+    for fmt in formats:
+        result_file = out_dir / fmt / "compare_result.json"
+        if overwrite or not result_file.is_file():
+            job = dict(format=fmt, model_dir=str(model_dir), prompt_dir=str(prompt_dir), eval_file=str(eval_file),
+                       out_dir=str(out_dir / fmt), limit=limit, seed=seed, gptq_checkpoint=str(gptq_checkpoint),
+                       na_threshold=na_threshold, calibration_file=str(calibration_file) if calibration_file else None,
+                       precision=precision, batch_size=batch_size, max_new_tokens=max_new_tokens)  # fmt: skip
+            run(["scripts/compare.py", "--worker", json.dumps(job)])
+        rows.append(json.loads(result_file.read_text()))
+    table = add_differences(rows)
+    write_outputs(out_dir, table, {"gptq_quantization_seconds": gptq_seconds, "eval_file": str(eval_file),
+                                   "limit": limit, "lora_dir": str(lora_dir) if lora_dir else None})  # fmt: skip
+    return table
+
+
+def run(args: list) -> None:
+    """Run a repository script as a subprocess; its error line becomes ours."""
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines() or ["(no output)"]
+        raise LitQAError(f"{args[0]} failed: {lines[-1]}")
+
+
+def worker(job: dict) -> dict:
+    """Load one format, evaluate it, measure decoding speed, weights size and peak memory; save and return."""
+    from lit_qa.evaluation import prompt_settings, resolve_device, run_evaluation, select_subset
+    from lit_qa.generate import generate
+    from lit_qa.precision import resolve_precision, weights_dtype
+    from lit_qa.quantize import load_for_inference, weights_size_bytes
+    from lit_qa.squad import load_squad
+    from lit_qa.tokenizer import Tokenizer
+
+    fmt = job["format"]
+    device = resolve_device("auto")
+    precision = resolve_precision(job["precision"], device)
+    dtype = weights_dtype(precision)
+    quantize = None if fmt == "full" else fmt
+    model, _ = load_for_inference(Path(job["model_dir"]), device, dtype, quantize, Path(job["gptq_checkpoint"]))
+    model.eval()
+    tokenizer = Tokenizer(job["model_dir"])
+    prompt_style, no_answer = prompt_settings(Path(job["prompt_dir"]), None, None, warn_if_unknown=False)
+    questions = select_subset(load_squad(job["eval_file"]), job["limit"], job["seed"])
+    calibration = load_squad(job["calibration_file"]) if job["calibration_file"] else None
+    metrics = run_evaluation(model, tokenizer, questions, Path(job["out_dir"]), prompt_style, no_answer,
+                             job["batch_size"], job["max_new_tokens"], {"format": fmt, "precision": precision},
+                             na_threshold=job["na_threshold"], calibration_questions=calibration)  # fmt: skip
+    tokens_per_sec = decode_speed(model, generate, device)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 1e9
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    result = {"format": fmt, "precision": precision, "EM": metrics["exact"], "F1": metrics["f1"],
+              "HasAns F1": metrics.get("HasAns_f1"), "NoAns accuracy": metrics.get("NoAns_exact"),
+              "weights GB": weights_size_bytes(model) / 1e9, "peak memory GB": peak,
+              "tokens/s": tokens_per_sec, "questions": metrics["total"]}  # fmt: skip
+    (Path(job["out_dir"]) / "compare_result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def decode_speed(model: torch.nn.Module, generate, device: str) -> float:
+    """Greedy tokens/s at batch 1: 64 new tokens after a 128-token prompt (less on tiny test models), stop tokens
+    ignored, best of two runs."""
+    new_tokens = min(64, model.max_seq_length // 4)
+    prompt = torch.arange(min(128, model.max_seq_length - new_tokens), device=device) % model.config.vocab_size
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        generate(model, [prompt], new_tokens)
+        best = min(best, time.perf_counter() - start)
+    return new_tokens / best
+
+
+def add_differences(rows: list[dict]) -> list[dict]:
+    """Add each format's F1 difference to the full-precision row (if present)."""
+    full = next((r for r in rows if r["format"] == "full"), None)
+    for row in rows:
+        row["F1 vs full"] = None if full is None else row["F1"] - full["F1"]
+    return rows
+
+
+def write_outputs(out_dir: Path, rows: list[dict], extra: dict) -> None:
+    """``comparison.md`` (printed too), ``comparison.json`` and ``comparison.png``."""
+    columns = ["format", "EM", "F1", "HasAns F1", "NoAns accuracy", "weights GB", "peak memory GB", "tokens/s",
+               "F1 vs full"]  # fmt: skip
+
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:+.2f}" if isinstance(value, float) and value < 0 else (
+            f"{value:.2f}" if isinstance(value, float) else str(value))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    markdown = "\n".join(lines) + "\n"
+    print(markdown)
+    (out_dir / "comparison.md").write_text(markdown)
+    (out_dir / "comparison.json").write_text(json.dumps({"rows": rows, **extra}, indent=2) + "\n")
+    plot(rows, out_dir / "comparison.png")
+    if extra.get("gptq_quantization_seconds"):
+        print(f"GPTQ quantization took {extra['gptq_quantization_seconds']:.0f} s")
+    print(f"wrote {out_dir / 'comparison.md'}, comparison.json and comparison.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Bar charts of F1 and weights size per format, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    names = [row["format"] for row in rows]
+    fig, (f1_axis, size_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    f1_axis.bar(names, [row["F1"] for row in rows], color="tab:blue")
+    f1_axis.set_ylabel("SQuAD F1")
+    size_axis.bar(names, [row["weights GB"] for row in rows], color="tab:orange")
+    size_axis.set_ylabel("weights (GB)")
+    for axis in (f1_axis, size_axis):
+        axis.tick_params(axis="x", rotation=20)
+    fig.suptitle(f"{rows[0]['questions']} SQuAD questions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        try:
+            worker(json.loads(sys.argv[2]))
+        except LitQAError as e:
+            sys.exit(f"error: {e}")
+    else:
+        run_cli(main)
