@@ -117,13 +117,17 @@ class AdapterAttention(CausalSelfAttention):
     state-dict names) and adds ``adapter_wte`` (prompt_length, n_embd) and ``adapter_gate`` (n_head,).
     """
 
-    def __init__(self, base: CausalSelfAttention, config: Config, prompt_length: int) -> None:
-        """Adopt ``base``'s projections; the adapter tensors are created on their device and in their dtype.
+    def __init__(
+        self, base: CausalSelfAttention, config: Config, prompt_length: int, like: torch.Tensor | None = None
+    ) -> None:
+        """Adopt ``base``'s projections; the adapter tensors are created on the device and in the dtype of ``like``
+        (default: the query projection's weight; pass the embedding when the projections are quantized).
 
         Args:
             base: The attention layer to adapt. Its projections are shared, not copied.
             config: The model's config.
             prompt_length: Number of prompt embeddings.
+            like: A floating-point tensor whose device and dtype the adapter tensors take.
         """
         # Built on meta, the parent's fresh projections cost neither memory nor initialisation; they are
         # replaced by the base's own right away.
@@ -131,7 +135,7 @@ class AdapterAttention(CausalSelfAttention):
             super().__init__(config)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
         self.kv_cache = base.kv_cache
-        w = base.q_proj.weight
+        w = base.q_proj.weight if like is None else like
         self.adapter_wte = nn.Parameter(torch.empty(prompt_length, config.n_embd, device=w.device, dtype=w.dtype))
         self.adapter_gate = nn.Parameter(torch.empty(config.n_head, device=w.device, dtype=w.dtype))
         self.reset_parameters()
@@ -175,12 +179,19 @@ class AdapterV2Linear(nn.Module):
     module under its own name (the very Parameter, so a tied head keeps sharing the embedding).
     """
 
-    def __init__(self, base: nn.Linear) -> None:
+    def __init__(self, base: nn.Module, like: torch.Tensor | None = None) -> None:
+        """Wrap ``base``: a linear layer whose parameters are shared, or a quantized one (bitsandbytes, GPTQ
+        `lit_qa.quantize.int4.Int4Linear`), kept whole as the submodule ``base_layer`` and called as it is.
+        The scale and bias take ``like``'s device and dtype (default: the base weight's)."""
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.register_parameter("bias", base.bias)
-        w = base.weight
+        if is_quantized(base):
+            self.base_layer = base
+        else:
+            self.base_layer = None
+            self.weight = base.weight
+            self.register_parameter("bias", base.bias)
+        w = base.weight if like is None else like
         self.adapter_bias = nn.Parameter(torch.empty(self.out_features, device=w.device, dtype=w.dtype))
         self.adapter_scale = nn.Parameter(torch.empty(self.out_features, device=w.device, dtype=w.dtype))
         self.reset_parameters()
@@ -191,7 +202,7 @@ class AdapterV2Linear(nn.Module):
         nn.init.ones_(self.adapter_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
         # Under mixed precision the scale and bias are float32: compute in it, hand on the layer's dtype.
         return (self.adapter_scale * (out + self.adapter_bias)).to(out.dtype)
 
@@ -223,18 +234,34 @@ def apply_adapter(model: GPT, adapter_config: AdapterConfig) -> GPT:
         )
     if adapter_version(model):
         raise LitQAError("the model already has adapters; apply_adapter was called twice")
+    # The adapter tensors follow the embedding's device and dtype, which stay full precision in quantized models.
+    like = model.transformer.wte.weight
     for block in model.transformer.h[adapter_config.start_layer :]:
         # New modules start in training mode; keep the model's mode.
-        attn = AdapterAttention(block.attn, model.config, adapter_config.prompt_length)
+        attn = AdapterAttention(block.attn, model.config, adapter_config.prompt_length, like)
         block.attn = attn.train(block.attn.training)
     if adapter_config.version == 2:
-        linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        linears = [name for name, module in model.named_modules() if is_linear(module)]
         for name in linears:
             parent_name, _, child_name = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             layer = getattr(parent, child_name)
-            setattr(parent, child_name, AdapterV2Linear(layer).train(layer.training))
+            setattr(parent, child_name, AdapterV2Linear(layer, like).train(layer.training))
     return model
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A linear layer, full precision or quantized (bitsandbytes layers subclass nn.Linear; GPTQ's does not)."""
+    from lit_qa.quantize.int4 import Int4Linear
+
+    return isinstance(module, (nn.Linear, Int4Linear))
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    """Whether a linear layer's weight holds codes only its own forward can compute with (bitsandbytes int8/4-bit,
+    or GPTQ's packed buffers, which have no ``weight`` at all)."""
+    weight = getattr(layer, "weight", None)
+    return not isinstance(weight, torch.Tensor) or not weight.is_floating_point()
 
 
 def adapter_version(model: nn.Module) -> int:
@@ -327,9 +354,15 @@ def load_adapter_checkpoint(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     allow_different_base: bool = False,
+    quantize: str | None = None,
+    gptq_checkpoint: str | Path | None = None,
 ) -> tuple[GPT, Config, AdapterConfig]:
     """Load a base checkpoint with an adapter (v1 or v2, as its config says) on top, after checking they belong
     together.
+
+    Quantized (``quantize``), only the base's linear layers are quantized and the adapter stays in the model's
+    dtype: the adapter computes on the quantized layers' outputs (v2 scales and shifts them), so this is exactly
+    the model one would serve; unlike LoRA there is nothing to merge first.
 
     Args:
         adapter_dir: A folder written by `save_adapter_checkpoint`.
@@ -338,6 +371,9 @@ def load_adapter_checkpoint(
         dtype: Cast the base weights (and the adapter tensors with them); None keeps the base's dtype.
         allow_different_base: Load even if the base weights are not those the adapter was trained on. The
             architecture must still match.
+        quantize: "bnb.int8", "bnb.nf4", "bnb.fp4" (quantize the base after loading) or "gptq.int4" (load the base
+            from ``gptq_checkpoint``, which scripts/quantize_gptq.py made from the same base); None: full precision.
+        gptq_checkpoint: The GPTQ folder of the base, for ``quantize="gptq.int4"``.
 
     Returns:
         The model (in eval mode), its config and the `AdapterConfig`.
@@ -349,7 +385,12 @@ def load_adapter_checkpoint(
     adapter_dir = check_adapter_dir(adapter_dir)
     adapter_config = AdapterConfig.from_file(adapter_dir / ADAPTER_CONFIG_FILE)
     base = resolve_base(adapter_dir, base_checkpoint_dir, allow_different_base, KIND)
-    model, config = load_model(base, device=device, dtype=dtype)
+    if quantize is None:
+        model, config = load_model(base, device=device, dtype=dtype)
+    else:
+        from lit_qa.quantize import load_for_inference  # bitsandbytes / GPTQ code only when asked for
+
+        model, config = load_for_inference(Path(base), str(device), dtype, quantize, gptq_checkpoint)
     apply_adapter(model, adapter_config)
     load_trained_tensors(
         model, adapter_dir / ADAPTER_WEIGHTS_FILE, adapter_state_dict(model), ADAPTER_CONFIG_FILE, KIND

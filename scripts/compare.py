@@ -42,6 +42,7 @@ def main(
     calibration: Path | None = None,
     gptq_checkpoint: Path | None = None,
     group_size: int = 128,
+    act_order: bool = False,
     n_samples: int = 128,
     na_threshold: float | Literal["auto"] | None = None,
     calibration_file: Path | None = None,
@@ -63,6 +64,7 @@ def main(
         calibration: GPTQ calibration data: a folder from scripts/prepare_squad.py or a .txt file.
         gptq_checkpoint: An existing GPTQ folder of the same (merged) weights; skips quantizing.
         group_size: GPTQ group size.
+        act_order: GPTQ in order of decreasing activation energy (slower to quantize, usually more accurate).
         n_samples: GPTQ calibration samples.
         na_threshold: Abstain rule of the evaluator (see evaluate/base.py): a float, "auto" (tuned per format
             on ``calibration_file``) or null for plain greedy decoding.
@@ -92,8 +94,8 @@ def main(
         if overwrite or not gptq_checkpoint.is_dir():
             start = time.perf_counter()
             run(["scripts/quantize_gptq.py", "--checkpoint_dir", model_dir, "--out_dir", gptq_checkpoint,
-                 "--calibration", calibration, "--group_size", group_size, "--n_samples", n_samples,
-                 "--overwrite", "true"])  # fmt: skip
+                 "--calibration", calibration, "--group_size", group_size, "--act_order", act_order,
+                 "--n_samples", n_samples, "--overwrite", "true"])  # fmt: skip
             gptq_seconds = time.perf_counter() - start
 
     rows = []
@@ -152,6 +154,9 @@ def worker(job: dict) -> dict:
               "HasAns F1": metrics.get("HasAns_f1"), "NoAns accuracy": metrics.get("NoAns_exact"),
               "weights GB": weights_size_bytes(model) / 1e9, "peak memory GB": peak,
               "tokens/s": tokens_per_sec, "questions": metrics["total"]}  # fmt: skip
+    if fmt == "gptq.int4":
+        settings = json.loads((Path(job["gptq_checkpoint"]) / "quantize_config.json").read_text())
+        result["format"] += f" g{settings['group_size']}" + (" act-order" if settings.get("desc_act") else "")
     (Path(job["out_dir"]) / "compare_result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -171,7 +176,7 @@ def decode_speed(model: torch.nn.Module, generate, device: str) -> float:
 
 def add_differences(rows: list[dict]) -> list[dict]:
     """Add each format's F1 difference to the full-precision row (if present)."""
-    full = next((r for r in rows if r["format"] == "full"), None)
+    full = next((r for r in rows if r["format"] == "full"), None)  # GPTQ rows are labelled with their settings
     for row in rows:
         row["F1 vs full"] = None if full is None else row["F1"] - full["F1"]
     return rows

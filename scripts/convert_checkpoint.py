@@ -19,13 +19,21 @@ The kind of source is read from its contents, not its name:
       python scripts/convert_checkpoint.py --source SmolLM2-135M-Instruct.Q4_1.gguf \\
           --out_dir checkpoints/SmolLM2-135M-Instruct
 
-* a lit-qa folder exported back to Hugging Face (loadable with ``LlamaForCausalLM.from_pretrained``)::
+* a Hugging Face GPTQ folder (AutoGPTQ / GPTQModel / transformers, ``quantization_config`` with
+  ``quant_method: gptq``): imported as a lit-qa GPTQ folder for ``--quantize gptq.int4 --gptq_checkpoint``,
+  packed tensors unchanged::
+
+      python scripts/convert_checkpoint.py --source hf/Llama-2-7B-GPTQ --out_dir checkpoints/Llama-2-7b-gptq-int4
+
+* a lit-qa folder exported back to Hugging Face (loadable with ``LlamaForCausalLM.from_pretrained``; a GPTQ
+  folder from scripts/quantize_gptq.py is exported in the AutoGPTQ layout)::
 
       python scripts/convert_checkpoint.py --to hf --source out/finetune/full/final --out_dir out/hf
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -85,7 +93,12 @@ def main(
 
         if dtype is not None or name is not None:
             raise LitQAError("--dtype and --name apply to conversion into lit-qa, not to --to hf")
-        written = convert_lit_to_hf(source, out_dir, overwrite=overwrite)
+        if is_gptq_folder(source):
+            from lit_qa.quantize.gptq import export_hf_gptq
+
+            written = export_hf_gptq(source, out_dir, overwrite=overwrite)
+        else:
+            written = convert_lit_to_hf(source, out_dir, overwrite=overwrite)
     else:
         written = _convert_to_lit(source, out_dir, name, torch_dtype, overwrite)
     _print_contents(written)
@@ -102,9 +115,30 @@ def _convert_to_lit(source: Path, out_dir: Path, name: str | None, dtype: torch.
         from lit_qa.convert_meta import convert_meta_checkpoint
 
         return convert_meta_checkpoint(source, out_dir, name=name, dtype=dtype, overwrite=overwrite)
+    if is_gptq_folder(source):
+        from lit_qa.quantize.gptq import import_hf_gptq
+
+        if dtype is not None:
+            raise LitQAError(f"{source} holds GPTQ-quantized weights: --dtype does not apply")
+        return import_hf_gptq(source, out_dir, name=name, overwrite=overwrite)
     from lit_qa.convert_hf import convert_hf_checkpoint
 
     return convert_hf_checkpoint(source, out_dir, name=name, dtype=dtype, overwrite=overwrite)
+
+
+def is_gptq_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds GPTQ-quantized weights: a ``quantize_config.json``, or a Hugging Face
+    ``config.json`` whose ``quantization_config`` says ``quant_method: gptq``."""
+    if (folder / "quantize_config.json").is_file():
+        return True
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return False
+    try:
+        quantization = json.loads(config_path.read_text(encoding="utf-8")).get("quantization_config") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False  # the regular converter reports what is wrong with the file
+    return isinstance(quantization, dict) and quantization.get("quant_method") == "gptq"
 
 
 def _print_contents(folder: Path) -> None:

@@ -328,3 +328,52 @@ def test_saving_without_an_adapter_is_refused(tmp_path):
     base = save_checkpoint(tmp_path / "base", model.config, model.state_dict())
     with pytest.raises(LitQAError, match=r"no adapter to save; call apply_adapter first"):
         save_adapter_checkpoint(tmp_path / "adapter", model, AdapterConfig(), base)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("quantize", ["bnb.int8", "bnb.nf4", "gptq.int4"])
+def test_quantized_base_keeps_the_adapter_in_full_precision(tmp_path, version, quantize):
+    from lit_qa.quantize.bnb import is_bnb_layer
+    from lit_qa.quantize.gptq import GPTQConfig, gptq_state_dict, quantize_model, save_gptq_checkpoint
+    from lit_qa.quantize.int4 import Int4Linear
+
+    # 64 wide: bitsandbytes' CPU 4-bit kernels need rows of whole 64-weight blocks.
+    torch.manual_seed(0)
+    base_model = GPT(Config.from_name("tiny-gqa", n_embd=64, intermediate_size=128)).eval()
+    base = save_checkpoint(tmp_path / "base", base_model.config, base_model.state_dict())
+    gptq_dir = None
+    if quantize == "gptq.int4":
+        calibration = [torch.randint(0, base_model.config.vocab_size, (48,)) for _ in range(8)]
+        quantized_base = GPT(base_model.config).eval()
+        quantized_base.load_state_dict(base_model.state_dict())
+        packed, _ = quantize_model(quantized_base, calibration, GPTQConfig(group_size=32), progress=False)
+        gptq_dir = save_gptq_checkpoint(tmp_path / "gptq", base_model.config, gptq_state_dict(quantized_base, packed),
+                                        GPTQConfig(group_size=32).to_quantize_config())  # fmt: skip
+    adapter_config = AdapterConfig(version=version, prompt_length=4, start_layer=1)
+    apply_adapter(base_model, adapter_config)
+    open_gates(base_model)
+    adapter_dir = save_adapter_checkpoint(tmp_path / "adapter", base_model, adapter_config, base)
+    idx = idx_for(base_model)
+    expected = logits(base_model, idx)
+
+    model, _, _ = load_adapter_checkpoint(adapter_dir, quantize=quantize, gptq_checkpoint=gptq_dir)
+    q_proj = model.transformer.h[0].attn.q_proj
+    q_proj = q_proj.base_layer if version == 2 else q_proj
+    assert isinstance(q_proj, Int4Linear) if quantize == "gptq.int4" else is_bnb_layer(q_proj)
+    # The adapter itself is loaded exactly, in full precision.
+    saved = adapter_state_dict(base_model)
+    for name, tensor in adapter_state_dict(model).items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, saved[name]), name
+    quantized = logits(model, idx)
+    error = ((quantized - expected).norm() / expected.norm()).item()
+    # Quantization error bounds of the plain model (tests/test_quantize_bnb.py, tests/test_gptq.py) ...
+    assert error < {"bnb.int8": 0.02, "bnb.nf4": 0.15, "gptq.int4": 0.1}[quantize]
+    # ... and the adapter still matters: without its trained gates/scales the output is much further away.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, AdapterAttention):
+                module.adapter_gate.zero_()
+            if isinstance(module, AdapterV2Linear):
+                module.adapter_bias.zero_()
+                module.adapter_scale.fill_(1.0)
+    assert ((logits(model, idx) - expected).norm() / expected.norm()).item() > 2 * error

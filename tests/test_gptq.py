@@ -233,6 +233,19 @@ def test_hf_export_and_import_round_trip(quantized, tmp_path):
     assert all(torch.equal(hf_tensors[k], again[k]) for k in hf_tensors) and hf_tensors.keys() == again.keys()
 
 
+def test_convert_checkpoint_imports_and_exports_gptq_folders(quantized, tmp_path):
+    _, _, out_dir, hf_dir = quantized
+    convert = load_script("scripts/convert_checkpoint.py")
+    convert.main(hf_dir, tmp_path / "imported")  # detected as GPTQ from config.json's quantization_config
+    original, imported = load_file(out_dir / "model.safetensors"), load_file(tmp_path / "imported" / "model.safetensors")
+    assert original.keys() == imported.keys() and all(torch.equal(original[k], imported[k]) for k in original)
+    convert.main(tmp_path / "imported", tmp_path / "exported", to="hf")  # detected from quantize_config.json
+    hf_tensors, exported = load_file(hf_dir / "model.safetensors"), load_file(tmp_path / "exported" / "model.safetensors")
+    assert hf_tensors.keys() == exported.keys() and all(torch.equal(hf_tensors[k], exported[k]) for k in hf_tensors)
+    with pytest.raises(LitQAError, match="--dtype does not apply"):
+        convert.main(hf_dir, tmp_path / "cast", dtype="bfloat16")
+
+
 def test_act_order_asymmetric_model_quantization(tmp_path):
     checkpoint = make_tiny_checkpoint(tmp_path)
     model, config = load_model(checkpoint)
