@@ -35,9 +35,9 @@ from lit_qa.adapter import (
 from lit_qa.args import EvalArgs, TrainArgs
 from lit_qa.distributed import FSDPArgs, Strategy, full_state_dict
 from lit_qa.errors import run_cli
-from lit_qa.launch import (check_inputs, launch, load_data_and_model, make_fabric, make_optimizer,
-                           print_parameter_counts)  # fmt: skip
-from lit_qa.training import fit, save_hyperparameters, setup_model
+from lit_qa.launch import (check_inputs, launch, load_data_and_model, load_val_questions, make_fabric,
+                           make_optimizer, print_parameter_counts)  # fmt: skip
+from lit_qa.training import fit, print_best, save_hyperparameters, setup_model
 
 
 def setup(
@@ -116,11 +116,13 @@ def main(
             save_adapter_checkpoint(folder, model.module, adapter_config, checkpoint_dir, tensors=tensors,
                                     extra={"prepare_config.json": prepare_config}, overwrite=True)  # fmt: skip
 
-    fit(fabric, model, optimizer, train_data, val_data, train_args, eval_args, out_dir, save_fn, tokenizer,
-        resume=resume, seed=seed)  # fmt: skip
+    val_questions = load_val_questions(data_dir, eval_args, prepare_config)
+    progress = fit(fabric, model, optimizer, train_data, val_data, train_args, eval_args, out_dir, save_fn, tokenizer,
+                   resume=resume, seed=seed, val_questions=val_questions)  # fmt: skip
     save_fn(out_dir / "final")
     fabric.barrier()
     fabric.print(f"Saved the LLaMA-Adapter v{adapter_config.version} to {out_dir / 'final'}")
+    print_best(fabric, progress, out_dir)
 
 
 if __name__ == "__main__":

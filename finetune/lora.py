@@ -14,8 +14,8 @@ The CPU demo on the embedded default: ``python finetune/lora.py --config configs
 Continue a stopped run with ``--resume auto`` (or ``--resume out/finetune/lora/step-000200``).
 QLoRA: ``--quantize bnb.nf4`` (or bnb.fp4, bnb.int8) quantizes the frozen base before LoRA is applied; one device
 or DDP, not FSDP. The adapter folder records the mode in ``quantize.json``.
-Outputs in ``--out_dir``: ``step-*/`` checkpoints (LoRA weights + resume state), ``final/``, and
-TensorBoard/CSV logs under ``logs/``.
+Outputs in ``--out_dir``: ``step-*/`` checkpoints (LoRA weights + resume state), ``final/``, ``best/`` (with
+``--eval.f1_questions``: the step with the best validation F1) and TensorBoard/CSV logs under ``logs/``.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import lightning as L
 from lit_qa.args import EvalArgs, TrainArgs
 from lit_qa.distributed import FSDPArgs, Strategy, full_state_dict
 from lit_qa.errors import run_cli
-from lit_qa.launch import (check_inputs, launch, load_data_and_model, make_fabric, make_optimizer,
-                           print_parameter_counts)  # fmt: skip
+from lit_qa.launch import (check_inputs, launch, load_data_and_model, load_val_questions, make_fabric,
+                           make_optimizer, print_parameter_counts)  # fmt: skip
 from lit_qa.lora import LoRAConfig, apply_lora, lora_state_dict, mark_only_lora_as_trainable, save_lora_checkpoint
 from lit_qa.quantize import check_qlora_args, quantize_model, quantize_record
-from lit_qa.training import fit, save_hyperparameters, setup_model
+from lit_qa.training import fit, print_best, save_hyperparameters, setup_model
 
 
 def setup(
@@ -120,11 +120,13 @@ def main(
             save_lora_checkpoint(folder, model.module, lora_config, checkpoint_dir, tensors=tensors, extra=extra,
                                  overwrite=True)  # fmt: skip
 
-    fit(fabric, model, optimizer, train_data, val_data, train_args, eval_args, out_dir, save_fn, tokenizer,
-        resume=resume, seed=seed)  # fmt: skip
+    val_questions = load_val_questions(data_dir, eval_args, prepare_config)
+    progress = fit(fabric, model, optimizer, train_data, val_data, train_args, eval_args, out_dir, save_fn, tokenizer,
+                   resume=resume, seed=seed, val_questions=val_questions)  # fmt: skip
     save_fn(out_dir / "final")
     fabric.barrier()
     fabric.print(f"Saved the LoRA adapter to {out_dir / 'final'}")
+    print_best(fabric, progress, out_dir)
 
 
 if __name__ == "__main__":

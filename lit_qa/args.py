@@ -122,8 +122,14 @@ class EvalArgs:
         interval: Validate every this many optimizer steps (and at the end).
         max_batches: Validation micro-batches per validation (the same ones every time).
         num_samples: Validation questions whose generated answers are printed to the log.
-        max_new_tokens: Token budget of those sample generations.
+        max_new_tokens: Token budget of those sample generations and of the ``f1_questions`` answers.
         initial_validation: Run the full validation before the first step too (a short check always runs).
+        f1_questions: Also answer this many fixed questions of the validation split (``val-v2.0.json`` in the
+            data folder) by greedy generation at each validation, and log their EM and F1 (official SQuAD
+            2.0 metric); 0 turns it off, and with it its cost.
+        f1_batch_size: Questions decoded together for ``f1_questions``.
+        best_metric: What ``out_dir/best/`` keeps the best step by: "f1" (of ``f1_questions``), "loss" (the
+            validation loss), "none" (no ``best/``), or "auto": "f1" when ``f1_questions`` > 0, else "none".
     """
 
     interval: int = 50
@@ -131,10 +137,27 @@ class EvalArgs:
     num_samples: int = 3
     max_new_tokens: int = 32
     initial_validation: bool = False
+    f1_questions: int = 0
+    f1_batch_size: int = 8
+    best_metric: Literal["auto", "f1", "loss", "none"] = "auto"
 
     def validate(self) -> None:
-        problems = [f"--eval.{name} must be >= 1" for name in ("interval", "max_batches") if getattr(self, name) < 1]
+        """Raise one `LitQAError` listing every out-of-range value."""
+        positive = ("interval", "max_batches", "f1_batch_size")
+        problems = [f"--eval.{name} must be >= 1" for name in positive if getattr(self, name) < 1]
         if self.num_samples < 0 or self.max_new_tokens < 1:
             problems.append("--eval.num_samples must be >= 0 and --eval.max_new_tokens >= 1")
+        if self.f1_questions < 0:
+            problems.append(f"--eval.f1_questions must be >= 0, got {self.f1_questions}")
+        if self.best_metric not in ("auto", "f1", "loss", "none"):
+            problems.append(f"--eval.best_metric must be auto, f1, loss or none, got {self.best_metric!r}")
+        elif self.best_metric == "f1" and self.f1_questions == 0:
+            problems.append("--eval.best_metric f1 needs --eval.f1_questions > 0")
         if problems:
             raise LitQAError("; ".join(problems))
+
+    def tracked_metric(self) -> str | None:
+        """The validation metric ``best/`` is chosen by ("f1" or "loss"), or None when no ``best/`` is kept."""
+        if self.best_metric == "auto":
+            return "f1" if self.f1_questions > 0 else None
+        return None if self.best_metric == "none" else self.best_metric

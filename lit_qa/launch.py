@@ -21,14 +21,20 @@ from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 from lit_qa.args import EvalArgs, TrainArgs
 from lit_qa.checkpoint import check_checkpoint_dir, load_model
 from lit_qa.config import Config
-from lit_qa.data import load_prepared, read_prepare_config
+from lit_qa.data import VAL_SQUAD_FILE, load_prepared, read_prepare_config
 from lit_qa.distributed import FSDPArgs, make_strategy
 from lit_qa.errors import LitQAError
+from lit_qa.evaluation import select_subset
 from lit_qa.lora import count_parameters
 from lit_qa.model import GPT
 from lit_qa.precision import resolve_precision, weights_dtype
+from lit_qa.prompts import NO_ANSWER
+from lit_qa.squad import load_squad
 from lit_qa.tokenizer import Tokenizer, check_vocab_matches
-from lit_qa.training import latest_checkpoint
+from lit_qa.training import BEST_DIR, ValQuestions, latest_checkpoint
+
+# Fixed rather than --seed: runs with different seeds validate on the same questions, so their F1s compare.
+VAL_SUBSET_SEED = 1234
 
 
 def check_inputs(data_dir: Path, checkpoint_dir: Path, out_dir: Path, resume: Any, overwrite: bool) -> dict[str, Any]:
@@ -39,7 +45,7 @@ def check_inputs(data_dir: Path, checkpoint_dir: Path, out_dir: Path, resume: An
     if resume is False and latest_checkpoint(out_dir) is not None:
         if not overwrite:
             raise LitQAError(f"{out_dir} already holds checkpoints; pass --resume auto to continue or --overwrite to start over")
-        for old in [*out_dir.glob("step-*"), out_dir / "final"]:
+        for old in [*out_dir.glob("step-*"), out_dir / "final", out_dir / BEST_DIR]:
             shutil.rmtree(old, ignore_errors=True)
     return prepare_config
 
@@ -110,6 +116,21 @@ def load_data_and_model(
     longest = max(len(s["input_ids"]) for s in train_data + val_data)
     model.max_seq_length = min(config.block_size, longest + eval_args.max_new_tokens)
     return tokenizer, train_data, val_data, model, config
+
+
+def load_val_questions(data_dir: Path, eval_args: EvalArgs, prepare_config: dict[str, Any]) -> ValQuestions | None:
+    """The validation questions answered at each validation for EM/F1 (``--eval.f1_questions`` of them, a fixed
+    subset of the val articles that scripts/prepare_squad.py wrote to ``val-v2.0.json``), with the data's prompt
+    settings; None when ``f1_questions`` is 0. (The evaluation file is never read during training.)"""
+    if eval_args.f1_questions == 0:
+        return None
+    path = Path(data_dir) / VAL_SQUAD_FILE
+    if not path.is_file():
+        raise LitQAError(f"{path} does not exist (--eval.f1_questions needs it); prepare {data_dir} again with "
+                         "scripts/prepare_squad.py --overwrite")  # fmt: skip
+    questions = select_subset(questions=load_squad(path), limit=eval_args.f1_questions, seed=VAL_SUBSET_SEED)
+    prompt_style, no_answer = prepare_config.get("prompt_style", "plain"), prepare_config.get("no_answer", NO_ANSWER)
+    return ValQuestions(questions, prompt_style, no_answer)
 
 
 def print_parameter_counts(fabric: L.Fabric, model: torch.nn.Module, precision: str) -> None:

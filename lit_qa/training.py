@@ -5,8 +5,14 @@ The scripts in ``finetune/`` differ only in what they make trainable and what th
 `fit`. To customise the loop, copy `fit` into your script and change it there.
 
 Determinism and exact resume: the order of micro-batches is a pure function of (seed, epoch), and a
-checkpoint records the optimizer, the scheduler, the position in that order and the RNG state. A run
-stopped after step k and resumed ends with exactly the weights of a run that never stopped.
+checkpoint records the optimizer, the scheduler, the fp16 loss scale, the position in that order and every
+rank's RNG state. Validation never moves the RNG, and the model is in training mode for every step whether
+the run started fresh or resumed, so a run stopped after step k and resumed ends with exactly the weights of
+a run that never stopped, dropout included.
+
+Model selection: with ``--eval.f1_questions N`` each validation also answers N fixed questions of the
+validation split by greedy generation and scores them with the official SQuAD metric; the step with the
+best validation F1 (or loss, ``--eval.best_metric``) is kept in ``out_dir/best/``.
 
 SIGTERM or SIGINT (Ctrl-C) stops the run cleanly: the current optimizer step finishes, a checkpoint is
 saved and the process exits (status 0 after SIGTERM, 130 after SIGINT) with a line saying how to resume.
@@ -19,6 +25,9 @@ k accumulated micro-batches give the gradient of one batch k times bigger.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import math
 import os
 import re
@@ -29,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +51,36 @@ from lit_qa.args import EvalArgs, TrainArgs
 from lit_qa.data import collate
 from lit_qa.distributed import SHARDED_STATE_DIR, is_sharded, load_sharded_state, save_sharded_state
 from lit_qa.errors import LitQAError
+from lit_qa.evaluation import answer_questions
 from lit_qa.generate import generate
+from lit_qa.squad import Question, evaluate_predictions
 from lit_qa.tokenizer import Tokenizer
 
 STATE_FILE = "training_state.pt"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+BEST_DIR = "best"
+BEST_FILE = "best.json"  # inside best/: the step and the validation metrics it was chosen by
+# Below this loss scale, non-finite fp16 gradients are not an overflow of the scaling but of the gradients.
+MIN_LOSS_SCALE = 1.0
 
 
 class NonFiniteLossError(LitQAError):
     """The loss or the gradient norm became NaN or infinite."""
+
+
+@dataclass
+class ValQuestions:
+    """Validation questions answered by generation at each validation (``--eval.f1_questions``).
+
+    Attributes:
+        questions: A fixed subset of the validation split, in file order.
+        prompt_style: The prompt template the data was prepared with.
+        no_answer: The string the model is trained to say for an unanswerable question.
+    """
+
+    questions: list[Question]
+    prompt_style: str
+    no_answer: str
 
 
 class TrainingStopped(SystemExit):
@@ -72,6 +102,7 @@ def fit(
     tokenizer: Tokenizer,
     resume: bool | str | Path = False,
     seed: int = 42,
+    val_questions: ValQuestions | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``train_data`` with AdamW-style ``optimizer``, validating and checkpointing as it goes.
 
@@ -83,16 +114,18 @@ def fit(
         val_data: Prepared validation samples.
         train_args: Batch sizes, schedule, clipping, intervals.
         eval_args: Validation settings.
-        out_dir: Run folder; checkpoints go to ``out_dir/step-000200/`` and so on.
+        out_dir: Run folder; checkpoints go to ``out_dir/step-000200/`` and so on, the best one to ``out_dir/best/``.
         save_fn: Writes what the method trains (e.g. the LoRA weights and their config) into a folder.
             Called on every rank; it must write on rank 0 only.
         tokenizer: Decodes the sample generations printed at each validation.
         resume: False to start fresh; True or "auto" to continue from the latest checkpoint in ``out_dir``
             ("auto" starts fresh if there is none); a path to continue from that checkpoint folder.
         seed: Seed of the data order (the model's dropout uses the global torch RNG).
+        val_questions: Questions answered by generation at each validation for EM/F1 (`load_val_questions`
+            in ``lit_qa.launch``); None computes the validation loss only.
 
     Returns:
-        The final progress counters (step, epoch, tokens seen, last validation loss, ...).
+        The final progress counters (step, epoch, tokens seen, last validation metrics, the best step, ...).
 
     Raises:
         TrainingStopped: After a SIGTERM or SIGINT, once the current step is done and saved.
@@ -102,6 +135,9 @@ def fit(
     world_size = fabric.world_size
     train_args.validate(world_size)
     eval_args.validate()
+    if eval_args.f1_questions and val_questions is None:
+        raise LitQAError("--eval.f1_questions needs the validation questions (lit_qa.launch.load_val_questions)")
+    val_questions = val_questions if eval_args.f1_questions else None
     # Crop to the model's limit too, so padding lengths up to a multiple of pad_multiple never exceeds it.
     max_length = min(train_args.max_seq_length or math.inf, getattr(model, "module", model).max_seq_length)
     lengths = [len(sample["input_ids"]) for sample in train_data]
@@ -123,19 +159,31 @@ def fit(
     trainable = trainable_parameter_names(model)
     if train_args.compile:
         compile_blocks(model)
-    progress = {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0, "val_loss": None}
+    progress = {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0, "val_loss": None, "val": None, "best": None}
+    criterion = best_criterion(eval_args, val_questions)
 
     checkpoint = find_resume_checkpoint(out_dir, resume)
     if checkpoint is not None:
         load_training_state(fabric, checkpoint, model, optimizer, scheduler, progress, trainable)
         fabric.print(f"Resumed from {checkpoint} at step {progress['step']}")
+        if progress["best"] is not None and progress["best"].get("criterion") != criterion:
+            fabric.print(f"{out_dir / BEST_DIR} was chosen by {progress['best'].get('criterion')}, now by "
+                         f"{criterion}: the best step is chosen anew")  # fmt: skip
+            progress["best"] = None
     else:
+        remove_stale_best(fabric, out_dir)
         # Fail fast: a short validation exercises the model and the data before any training time is spent.
-        batches = eval_args.max_batches if eval_args.initial_validation else 2
-        val_loss = validate(fabric, model, val_data, train_args.micro_batch_size, batches, train_args.pad_multiple)
         if eval_args.initial_validation:
-            progress["val_loss"] = val_loss
-            fabric.print(f"step 0: val loss {val_loss:.4f}")
+            run_validation(fabric, model, val_data, val_questions, tokenizer, train_args, eval_args, progress)
+        else:
+            with rng_kept(fabric.device):
+                validate(fabric, model, val_data, train_args.micro_batch_size, 2, train_args.pad_multiple)
+                if val_questions is not None:
+                    first_two = replace(val_questions, questions=val_questions.questions[:2])
+                    generation_metrics(fabric, model, tokenizer, first_two, eval_args)
+    # load_model returns an eval-mode model: without this a resumed run (which skips the check above) would
+    # train without dropout, and diverge from the run it continues.
+    model.train()
 
     progress_bar = tqdm(
         total=total_steps, initial=progress["step"], desc="training", unit="step", disable=fabric.global_rank != 0
@@ -166,16 +214,13 @@ def fit(
                     fabric.backward(loss)
                 step_loss += loss.detach()
                 window_tokens += int(batch["input_ids"].numel())
+            # Unscales fp16 gradients first (--precision 16-mixed), so the norm is that of the true gradients.
             grad_norm = fabric.clip_gradients(
                 model, optimizer, max_norm=train_args.max_grad_norm or float("inf"), error_if_nonfinite=False
             )
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
             step_loss = fabric.all_reduce(step_loss, reduce_op="mean")
-            # One device-to-host sync per optimizer step, which also feeds the log below.
-            if bool(torch.isfinite(step_loss)) and bool(torch.isfinite(torch.as_tensor(grad_norm))):
-                optimizer.step()
-            else:
-                handle_non_finite(fabric, train_args, progress, out_dir, float(step_loss), float(grad_norm))
+            optimizer_step(fabric, optimizer, train_args, progress, out_dir, step_loss, grad_norm)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             progress["step"] += 1
@@ -193,6 +238,8 @@ def fit(
                     "train/epoch": progress["epoch"] + progress["step_in_epoch"] / steps_per_epoch,
                     "train/memory_gb": peak_memory_gb(fabric.device),
                 }
+                if (scaler := loss_scaler(fabric)) is not None:
+                    metrics["train/loss_scale"] = scaler.get_scale()
                 fabric.log_dict(metrics, step=step)
                 progress_bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
                                          tok_s=f"{metrics['train/tokens_per_sec']:.0f}")  # fmt: skip
@@ -203,18 +250,17 @@ def fit(
             if stop == "time":
                 minutes = train_args.max_time_minutes
                 fabric.print(f"\nTime budget of {minutes} minutes reached at step {step}/{total_steps}")
-            # Save first: whatever validation does, this step's work is on disk.
+            # Validate before saving, so the checkpoint records this step's validation and the best step so far;
+            # best/ is written before that checkpoint, so no resumed run counts on a best/ that is not on disk.
+            # After a signal the user is waiting for the process to end: no validation then.
+            if (step % eval_args.interval == 0 or step == total_steps or stop == "time") and stop in (None, "time"):
+                run_validation(fabric, model, val_data, val_questions, tokenizer, train_args, eval_args, progress)
+                if update_best(progress, eval_args.tracked_metric(), criterion):
+                    save_best(fabric, out_dir, save_fn, progress["best"])
+                    fabric.print(f"step {step} is the best so far by {criterion}: saved {out_dir / BEST_DIR}")
             if step % train_args.save_interval == 0 or step == total_steps or stop:
                 save_training_checkpoint(fabric, out_dir / f"step-{step:06d}", model, optimizer, scheduler, progress,
                                          trainable, save_fn)  # fmt: skip
-            # After a signal the user is waiting for the process to end: no validation then.
-            if (step % eval_args.interval == 0 or step == total_steps or stop == "time") and stop in (None, "time"):
-                progress["val_loss"] = validate(
-                    fabric, model, val_data, train_args.micro_batch_size, eval_args.max_batches, train_args.pad_multiple
-                )
-                fabric.log_dict({"val/loss": progress["val_loss"]}, step=step)
-                fabric.print(f"\nstep {step}: val loss {progress['val_loss']:.4f}")
-                print_sample_generations(fabric, model, val_data, tokenizer, eval_args)
             if stop:
                 break
     progress_bar.close()
@@ -226,6 +272,14 @@ def fit(
                      "continue with --resume auto")  # fmt: skip
         raise TrainingStopped(0 if stop == "SIGTERM" else 128 + signal.SIGINT)
     return progress
+
+
+def print_best(fabric: L.Fabric, progress: dict[str, Any], out_dir: Path) -> None:
+    """Say where the best checkpoint is (the scripts call this at the end), if one was selected."""
+    best = progress.get("best")
+    if best:
+        fabric.print(f"Best checkpoint (step {best['step']}, by {best['criterion']}: {format_val(best['val'])}): "
+                     f"{out_dir / BEST_DIR}")  # fmt: skip
 
 
 @contextmanager
@@ -396,6 +450,7 @@ def validate(
     pad_multiple: int = 64,
 ) -> float:
     """Mean token loss over the first ``max_batches`` validation micro-batches (the same every time)."""
+    was_training = model.training
     model.eval()
     total, tokens = torch.zeros((), device=fabric.device), torch.zeros((), device=fabric.device)
     starts = list(range(0, min(len(val_data), max_batches * micro_batch_size), micro_batch_size))
@@ -412,7 +467,7 @@ def validate(
         if i < len(own):
             total += loss_sum
             tokens += (batch["labels"][:, 1:] != -100).sum()
-    model.train()
+    model.train(was_training)
     total, tokens = fabric.all_reduce(total, reduce_op="sum"), fabric.all_reduce(tokens, reduce_op="sum")
     if tokens == 0:
         raise LitQAError("the validation split has no answer tokens to compute a loss on")
@@ -428,14 +483,147 @@ def print_sample_generations(
     module = getattr(model, "module", model)
     fits = [s for s in val_data if int((s["labels"] == -100).sum()) + eval_args.max_new_tokens <= module.max_seq_length]
     samples = fits[:: max(1, len(fits) // eval_args.num_samples)][: eval_args.num_samples]  # spread out
+    was_training = module.training
     module.eval()
     prompts = [sample["input_ids"][sample["labels"] == -100] for sample in samples]
     outputs = generate(module, prompts, eval_args.max_new_tokens, stop_ids=tokenizer.eos_ids)
-    module.train()
+    module.train(was_training)
     for sample, output in zip(samples, outputs):
         target = sample["labels"][sample["labels"] != -100]
         expected = tokenizer.decode(target[~torch.isin(target, torch.tensor(sorted(tokenizer.eos_ids)))])
         fabric.print(f"  [{sample.get('id', '?')}] generated {tokenizer.decode(output)!r}, expected {expected!r}")
+
+
+def run_validation(
+    fabric: L.Fabric,
+    model: torch.nn.Module,
+    val_data: list[dict[str, Any]],
+    val_questions: ValQuestions | None,
+    tokenizer: Tokenizer,
+    train_args: TrainArgs,
+    eval_args: EvalArgs,
+    progress: dict[str, Any],
+) -> dict[str, float]:
+    """Validate at the current step: the loss, and with ``val_questions`` generation EM/F1; logged as
+    ``val/*``, printed, followed by the sample generations, and stored in ``progress``.
+
+    The global RNG is left as it was (`rng_kept`): validation only observes the run.
+    """
+    with rng_kept(fabric.device):
+        metrics = {"loss": validate(fabric, model, val_data, train_args.micro_batch_size, eval_args.max_batches,
+                                    train_args.pad_multiple)}  # fmt: skip
+        if val_questions is not None:
+            metrics.update(generation_metrics(fabric, model, tokenizer, val_questions, eval_args))
+        fabric.log_dict({f"val/{name}": value for name, value in metrics.items()}, step=progress["step"])
+        fabric.print(f"\nstep {progress['step']}: {format_val(metrics)}")
+        print_sample_generations(fabric, model, val_data, tokenizer, eval_args)
+    progress["val_loss"], progress["val"] = metrics["loss"], metrics
+    return metrics
+
+
+def format_val(metrics: dict[str, float]) -> str:
+    """``val loss 1.2345, F1 52.10, EM 48.00, has-answer F1 40.20, no-answer accuracy 63.00`` (what is there)."""
+    labels = {"f1": "F1", "em": "EM", "has_ans_f1": "has-answer F1", "no_ans_acc": "no-answer accuracy"}
+    return ", ".join([f"val loss {metrics['loss']:.4f}"] + [f"{label} {metrics[key]:.2f}" for key, label in
+                                                            labels.items() if key in metrics])  # fmt: skip
+
+
+@torch.no_grad()
+def generation_metrics(
+    fabric: L.Fabric, model: torch.nn.Module, tokenizer: Tokenizer, val_questions: ValQuestions, eval_args: EvalArgs
+) -> dict[str, float]:
+    """Greedy answers to ``val_questions`` scored with the official SQuAD 2.0 metric (0-100): ``f1``, ``em``,
+    and ``has_ans_f1`` / ``no_ans_acc`` where the subset has answerable / unanswerable questions.
+
+    Prompts longer than ``model.max_seq_length - eval_args.max_new_tokens`` are windowed to fit (training
+    sets that length from the prepared samples), as the evaluation scripts do for the model's full length.
+    """
+    module = getattr(model, "module", model)
+    was_training = module.training
+    module.eval()
+    # Every rank answers every question and rank 0's scores are kept. Sharding the questions would not work
+    # under FSDP: each forward pass all-gathers the sharded weights, a collective every rank must join equally
+    # often, but decoding a batch stops once all its answers have ended, so ranks answering different
+    # questions would run different numbers of forward passes and hang. The same questions give the same
+    # passes on every rank (under DDP that repeats the work, in the wall time of one process).
+    quiet = contextlib.redirect_stderr(io.StringIO()) if fabric.global_rank else contextlib.nullcontext()
+    try:
+        with fabric.autocast(), quiet:
+            predictions = answer_questions(model=module, tokenizer=tokenizer, questions=val_questions.questions,
+                                           prompt_style=val_questions.prompt_style, no_answer=val_questions.no_answer,
+                                           batch_size=eval_args.f1_batch_size, max_new_tokens=eval_args.max_new_tokens,
+                                           progress=False, na_threshold=None)  # fmt: skip
+    finally:
+        module.train(was_training)
+    scores = evaluate_predictions(val_questions.questions, predictions)
+    metrics = {"f1": scores["f1"], "em": scores["exact"]}
+    if "HasAns_f1" in scores:
+        metrics["has_ans_f1"] = scores["HasAns_f1"]
+    if "NoAns_exact" in scores:  # for an unanswerable question EM is whether the model abstained
+        metrics["no_ans_acc"] = scores["NoAns_exact"]
+    return fabric.broadcast(metrics, src=0) if fabric.world_size > 1 else metrics
+
+
+@contextmanager
+def rng_kept(device: torch.device) -> Iterator[None]:
+    """Put the global torch RNG (CPU, and CUDA on ``device``) back as it was on exit.
+
+    Whether and how often validation runs must not shift the dropout masks of the steps after it. (Eval
+    mode and greedy decoding draw nothing today; a sampling decoder would.)
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+
+
+def best_criterion(eval_args: EvalArgs, val_questions: ValQuestions | None) -> str | None:
+    """What ``best/`` is chosen by, e.g. "val f1 on 200 questions"; None when no ``best/`` is kept.
+
+    A resumed run whose criterion differs (another metric or question count) chooses the best step anew.
+    """
+    metric = eval_args.tracked_metric()
+    if metric == "f1" and val_questions is not None:
+        return f"val f1 on {len(val_questions.questions)} questions"
+    if metric == "loss":
+        return f"val loss on {eval_args.max_batches} batches"
+    return None
+
+
+def update_best(progress: dict[str, Any], metric: str | None, criterion: str | None) -> bool:
+    """Record the current step as the best if its validation ``metric`` ("f1": higher is better, "loss":
+    lower) beats the best so far, strictly (a tie keeps the earlier step); return whether it did."""
+    if metric is None or criterion is None:
+        return False
+    value, best = progress["val"][metric], progress["best"]
+    if best is not None and not (value > best["value"] if metric == "f1" else value < best["value"]):
+        return False
+    progress["best"] = {"step": progress["step"], "criterion": criterion, "metric": metric, "value": value,
+                        "val": progress["val"]}  # fmt: skip
+    return True
+
+
+def save_best(fabric: L.Fabric, out_dir: Path, save_fn: Callable[[Path], None], best: dict[str, Any]) -> None:
+    """Write what ``save_fn`` writes, plus ``best.json`` (the step, the criterion and its validation metrics),
+    into ``out_dir/best/``, atomically like a step checkpoint, replacing the previous best."""
+
+    def write(folder: Path) -> None:
+        save_fn(folder)
+        if fabric.global_rank == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / BEST_FILE).write_text(json.dumps(best, indent=2) + "\n")
+
+    write_folder(fabric, out_dir / BEST_DIR, write)
+
+
+def remove_stale_best(fabric: L.Fabric, out_dir: Path) -> None:
+    """A fresh start's history begins now: a ``best/`` left in ``out_dir`` (e.g. by a run killed before its
+    first step checkpoint) belongs to another run."""
+    if fabric.global_rank == 0:
+        if (out_dir / BEST_DIR).exists():
+            fabric.print(f"Removing {out_dir / BEST_DIR}: it is not from this run")
+        for stale in out_dir.glob(f"{BEST_DIR}*"):
+            if stale.name == BEST_DIR or stale.name.startswith((f"{BEST_DIR}.tmp", f"{BEST_DIR}.old")):
+                shutil.rmtree(stale, ignore_errors=True)
+    fabric.barrier()
 
 
 def tokenizer_pad_id(tokenizer: Tokenizer) -> int:
@@ -468,6 +656,73 @@ def handle_non_finite(
     raise NonFiniteLossError(f"non-finite {what}; stopping ({kept}; lower the learning rate or use --train.nan_policy skip)")
 
 
+def loss_scaler(fabric: L.Fabric) -> torch.amp.GradScaler | None:
+    """The GradScaler of ``--precision 16-mixed`` (fp16 gradients underflow without loss scaling), else None."""
+    return getattr(fabric.strategy.precision, "scaler", None)
+
+
+def optimizer_step(
+    fabric: L.Fabric,
+    optimizer: torch.optim.Optimizer,
+    train_args: TrainArgs,
+    progress: dict[str, Any],
+    out_dir: Path,
+    step_loss: torch.Tensor,
+    grad_norm: torch.Tensor,
+) -> None:
+    """Take the optimizer step, unless the loss or the gradients are non-finite: then ``nan_policy`` decides.
+
+    Under fp16 loss scaling, non-finite gradients at a finite loss are normally an overflow of the *scaled*
+    gradients, which is the scaler's business: ``optimizer.step()`` goes through it, and it skips the update
+    and halves the scale. Only once the scale is below `MIN_LOSS_SCALE` do they count as non-finite. A
+    non-finite loss always does (the loss is computed before scaling).
+    """
+    scaler = loss_scaler(fabric)
+    # One device-to-host sync per optimizer step, which also feeds the log.
+    loss_finite = bool(torch.isfinite(step_loss))
+    grads_finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+    overflow = loss_finite and not grads_finite and scaler is not None and scaler.get_scale() >= MIN_LOSS_SCALE
+    if loss_finite and (grads_finite or overflow):
+        optimizer.step()
+        return
+    handle_non_finite(fabric, train_args, progress, out_dir, float(step_loss), float(grad_norm))
+    if scaler is not None:
+        # Skipped without optimizer.step(): end the scaler's step (it unscaled these gradients) ourselves,
+        # or the next step's unscaling fails.
+        scaler.update()
+
+
+def rng_states(fabric: L.Fabric) -> dict[str, Any]:
+    """The global RNG states a checkpoint records: this process's CPU and CUDA ones and, with several processes,
+    every rank's (``rank_rng``, row r = rank r's CPU state followed by its CUDA state if any): ranks start with
+    the same seed, but each one's dropout draws as many numbers as its own micro-batches' shapes need."""
+    states = {
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    if fabric.world_size > 1:  # a collective: every rank calls this
+        own = torch.get_rng_state()
+        if fabric.device.type == "cuda":
+            own = torch.cat([own, torch.cuda.get_rng_state(fabric.device)])
+        states["rank_rng"] = fabric.all_gather(own.to(fabric.device)).cpu()
+    return states
+
+
+def restore_rng_states(fabric: L.Fabric, states: dict[str, Any]) -> None:
+    """Set this rank's global RNG from what `rng_states` saved; on another number of ranks every rank gets rank
+    0's state (the run continues deterministically, though not as the saved one would have)."""
+    rank_rng = states.get("rank_rng")
+    if isinstance(rank_rng, torch.Tensor) and rank_rng.shape[0] == fabric.world_size:
+        own, cpu_size = rank_rng[fabric.global_rank], torch.get_rng_state().numel()
+        torch.set_rng_state(own[:cpu_size].clone())
+        if fabric.device.type == "cuda" and own.numel() > cpu_size:
+            torch.cuda.set_rng_state(own[cpu_size:].clone(), fabric.device)
+        return
+    torch.set_rng_state(states["rng"])
+    if states.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda_rng"])
+
+
 def save_training_checkpoint(
     fabric: L.Fabric,
     step_dir: Path,
@@ -478,48 +733,66 @@ def save_training_checkpoint(
     trainable: set[str],
     save_fn: Callable[[Path], None],
 ) -> None:
-    """Write the method's weights and the resume state into ``step_dir`` atomically.
+    """Write the method's weights and the resume state into ``step_dir`` atomically (see `write_folder`).
 
-    Everything goes to a temporary sibling folder first and is renamed when complete, so a run killed while
-    saving never leaves a half-written ``step-*`` folder that resume would pick up.
+    The resume state: the trained parameters, the optimizer, the scheduler, the progress counters, the RNG
+    states and the precision plugin's state (the fp16 loss scale; ``fabric.save`` does not save it).
     """
-    tmp_dir = step_dir.with_name(step_dir.name + ".tmp")
-    if fabric.global_rank == 0:
-        # Left by a run killed while saving this step (save_fn may have its own ".tmp-<pid>" folder inside).
-        for stale in step_dir.parent.glob(f"{step_dir.name}.tmp*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    fabric.barrier()
-    try:
-        save_fn(tmp_dir)
+    counters = {"progress": dict(progress), **rng_states(fabric), "precision": fabric.strategy.precision.state_dict()}
+    module = getattr(model, "module", model)
+
+    def write(folder: Path) -> None:
+        save_fn(folder)
         if fabric.global_rank == 0:
-            tmp_dir.mkdir(parents=True, exist_ok=True)
-        counters = {
-            "progress": dict(progress),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-        module = getattr(model, "module", model)
+            folder.mkdir(parents=True, exist_ok=True)
         if is_sharded(module):
             # FSDP: every rank writes its own shard; nothing is gathered on one rank.
-            counters["scheduler"] = scheduler.state_dict()
-            save_sharded_state(tmp_dir, module, getattr(optimizer, "optimizer", optimizer), counters,
-                               fabric.global_rank)  # fmt: skip
+            save_sharded_state(folder, module, getattr(optimizer, "optimizer", optimizer),
+                               {**counters, "scheduler": scheduler.state_dict()}, fabric.global_rank)  # fmt: skip
         else:
             state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, **counters}
             # Only what is trained: the frozen base model is already on disk in its checkpoint folder.
-            fabric.save(tmp_dir / STATE_FILE, state, filter={"model": lambda key, _: key in trainable})
+            fabric.save(folder / STATE_FILE, state, filter={"model": lambda key, _: key in trainable})
+
+    write_folder(fabric, step_dir, write)
+
+
+def write_folder(fabric: L.Fabric, folder: Path, write: Callable[[Path], None]) -> None:
+    """Fill ``folder`` atomically: ``write`` (called on every rank) fills a temporary sibling, which is renamed to
+    ``folder`` only when complete, so a run killed while saving never leaves a half-written ``folder``.
+
+    Raises:
+        LitQAError: If writing fails (disk full, quota, permissions); the previous ``folder`` is untouched.
+    """
+    tmp_dir = folder.with_name(folder.name + ".tmp")
+    if fabric.global_rank == 0:
+        # Left by a run killed while saving this folder (save_fn may have its own ".tmp-<pid>" folder inside).
+        for stale in folder.parent.glob(f"{folder.name}.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    fabric.barrier()
+    try:
+        write(tmp_dir)
     except OSError as e:  # disk full, quota, permissions: the previous checkpoint is untouched
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        latest = latest_checkpoint(step_dir.parent)
+        latest = latest_checkpoint(folder.parent)
         reason = os.strerror(e.errno) if e.errno else str(e).splitlines()[0]
-        raise LitQAError(f"cannot write checkpoint {step_dir}: {reason}; the last complete checkpoint is "
+        raise LitQAError(f"cannot write checkpoint {folder}: {reason}; the last complete checkpoint is "
                          f"{latest or 'none'} (free space, then continue with --resume auto)") from None  # fmt: skip
     fabric.barrier()
     if fabric.global_rank == 0:
-        if step_dir.exists():
-            shutil.rmtree(step_dir)
-        os.replace(tmp_dir, step_dir)
+        move_into_place(tmp_dir, folder)
     fabric.barrier()
+
+
+def move_into_place(tmp_dir: Path, folder: Path) -> None:
+    """Rename ``tmp_dir`` to ``folder``. An existing ``folder`` is renamed aside first and deleted afterwards:
+    deleting a big folder (a full model in ``best/``) takes a while, two renames do not."""
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp_dir, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_training_state(
@@ -531,7 +804,7 @@ def load_training_state(
     progress: dict[str, Any],
     trainable: set[str],
 ) -> None:
-    """Restore model (trained part), optimizer, scheduler, progress counters and RNG from ``checkpoint``."""
+    """Restore model (trained part), optimizer, scheduler, progress counters, RNG and loss scale from ``checkpoint``."""
     path = checkpoint / STATE_FILE
     module = getattr(model, "module", model)
     if is_sharded(module):
@@ -551,9 +824,9 @@ def load_training_state(
     if not isinstance(rest.get("progress"), dict) or not isinstance(rest.get("rng"), torch.Tensor):
         raise LitQAError(f"{path}: not a lit-qa training state (no progress counters or RNG state)")
     progress.update(rest["progress"])
-    torch.set_rng_state(rest["rng"])
-    if rest.get("cuda_rng") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rest["cuda_rng"])
+    restore_rng_states(fabric, rest)
+    if rest.get("precision"):  # the loss scale of a 16-mixed run; a scaler starting over would overflow again
+        fabric.strategy.precision.load_state_dict(rest["precision"])
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:

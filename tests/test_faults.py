@@ -3,9 +3,11 @@
 SIGTERM and SIGINT, a second signal during the save, a full disk, and an evaluation killed half-way.
 
 Every interrupted run is continued with ``--resume auto`` and must end exactly where an uninterrupted run ends
-(dropout 0 and 32-bit weights, so "exactly" means bit for bit). The training runs are the real
-``finetune/lora.py`` in subprocesses on the tiny model of ``test_finetune_lora.py``: 12 steps of a few tens of
-milliseconds, a checkpoint after every step.
+(32-bit weights, so "exactly" means bit for bit, with LoRA dropout on), ``best/`` included. The training runs
+are the real ``finetune/lora.py`` in subprocesses on the tiny model of ``test_finetune_lora.py``: 12 steps of a
+few tens of milliseconds, a checkpoint after every step, a validation (loss, a sample generation and the
+generation F1 of 2 validation questions) after steps 5, 10 and 12, so kills land during validations too and
+resumes start right after a validated step.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ def start(run: Path, checkpoint: Path, data_dir: Path, *extra: str) -> subproces
         "--data_dir", str(data_dir), "--checkpoint_dir", str(checkpoint), "--out_dir", str(run),
         "--precision", "32-true", "--train.global_batch_size", "4", "--train.micro_batch_size", "2",
         "--train.max_steps", str(STEPS), "--train.warmup_steps", "1", "--train.save_interval", "1",
-        "--train.learning_rate", "0.01", "--eval.interval", "100", "--eval.max_batches", "1",
-        "--eval.num_samples", "0", "--lora.r", "4", "--lora.dropout", "0", "--resume", "auto", *extra,
+        "--train.learning_rate", "0.01", "--eval.interval", "5", "--eval.max_batches", "1",
+        "--eval.num_samples", "1", "--eval.max_new_tokens", "4", "--eval.f1_questions", "2",
+        "--eval.best_metric", "loss", "--lora.r", "4", "--lora.dropout", "0.05", "--resume", "auto", *extra,
     ]  # fmt: skip
     log = open(run.with_suffix(".log"), "a")  # noqa: SIM115 (closed by the child's exit; the parent's copy below)
     process = subprocess.Popen([sys.executable, str(REPO / "finetune/lora.py"), *args], stdout=log,
@@ -107,11 +110,18 @@ def losses(run: Path) -> dict[int, float]:
     return found
 
 
-def assert_same_weights(run: Path, reference: dict[str, torch.Tensor]) -> None:
-    weights = load_file(run / "final" / "lit_lora.safetensors")
+def assert_same_weights(run: Path, reference: dict[str, torch.Tensor], folder: str = "final") -> None:
+    weights = load_file(run / folder / "lit_lora.safetensors")
     assert weights.keys() == reference.keys()
     for key, tensor in reference.items():
         assert torch.equal(weights[key], tensor), key
+
+
+def assert_same_best(run: Path, reference: Path) -> None:
+    """``best/`` holds the same step, validation metrics and weights as the reference run's."""
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert best == json.loads((reference / "best" / "best.json").read_text())
+    assert_same_weights(run, load_file(reference / "best" / "lit_lora.safetensors"), folder="best")
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +161,7 @@ def test_sigkill_at_random_points_and_mid_save_then_resume_gives_the_uninterrupt
     assert finish(start(run, checkpoint, data_dir)) == 0
     assert run.with_suffix(".log").read_text().count("Resumed from") >= 2
     assert_same_weights(run, uninterrupted[1])
+    assert_same_best(run, uninterrupted[0])
     assert not [p.name for p in run.iterdir() if ".tmp" in p.name]  # leftovers cleaned when the step is saved again
     print(f"\nSIGKILL at: {kills} (point, .tmp left behind)")
 
@@ -190,6 +201,7 @@ def test_sigterm_sigint_and_a_second_signal_mid_save_then_resume_gives_the_unint
 
     assert finish(start(run, checkpoint, data_dir)) == 0
     assert_same_weights(run, uninterrupted[1])
+    assert_same_best(run, uninterrupted[0])
     # The losses logged by the processes that stopped cleanly are those of the uninterrupted run.
     reference = losses(uninterrupted[0])
     logged = losses(run)
@@ -197,12 +209,19 @@ def test_sigterm_sigint_and_a_second_signal_mid_save_then_resume_gives_the_unint
     print(f"\nsecond SIGTERM: {outcomes} (exit status, .tmp left behind)")
 
 
-def test_sigterm_to_rank_0_stops_every_process_at_the_same_step(prepared, tmp_path):  # noqa: F811
+def test_sigterm_to_rank_0_stops_every_process_at_the_same_step_and_resume_is_exact(prepared, tmp_path):  # noqa: F811
     """Two processes (DDP on gloo): only rank 0 is signalled (``kill <pid>``); rank 1 learns it through the
-    per-step all-reduce, so both save the same step and exit instead of one waiting for the other forever."""
+    per-step all-reduce, so both save the same step and exit instead of one waiting for the other forever.
+
+    Resumed, the run ends with the weights of an uninterrupted 2-process run. Without padding to a multiple
+    the two ranks' micro-batches have different shapes, so their dropout streams part ways: each rank's RNG
+    state must be saved, not only rank 0's."""
     _, checkpoint, data_dir, _ = prepared
+    ddp = ("--devices", "2", "--strategy", "ddp", "--train.pad_multiple", "1")
+    reference = tmp_path / "reference"
+    assert finish(start(reference, checkpoint, data_dir, *ddp)) == 0
     run = tmp_path / "run"
-    process = start(run, checkpoint, data_dir, "--devices", "2", "--strategy", "ddp")
+    process = start(run, checkpoint, data_dir, *ddp)
     assert wait_for(process, lambda: steps_done(run) >= 2)
     process.send_signal(signal.SIGTERM)
     assert finish(process) == 0
@@ -210,6 +229,9 @@ def test_sigterm_to_rank_0_stops_every_process_at_the_same_step(prepared, tmp_pa
     assert f"stopped by SIGTERM at step {step}/{STEPS}" in run.with_suffix(".log").read_text()
     assert step < STEPS and not (run / "final").exists()
     assert_latest_is_complete(run)
+    assert finish(start(run, checkpoint, data_dir, *ddp)) == 0
+    assert_same_weights(run, load_file(reference / "final" / "lit_lora.safetensors"))
+    assert_same_best(run, reference)
 
 
 def test_two_runs_with_the_same_seed_log_the_same_losses(prepared, uninterrupted, tmp_path):  # noqa: F811

@@ -129,22 +129,25 @@ def test_two_processes_match_one_process(prepared, tmp_path, strategy):
     """Same global batch on 1 and on 2 CPU processes (gloo): the same samples per step, the same weights.
 
     Under FSDP (with activation checkpointing) the base is sharded, LoRA trains on shards, and the saved
-    adapter is gathered whole."""
+    adapter is gathered whole. Both ranks take part in the generation F1 of each validation (FSDP gathers
+    weights collectively in every forward pass), which picks the same best step as one process."""
     root, checkpoint, data_dir, _ = prepared
-    results = {}
+    results, best = {}, {}
     for devices, run_strategy in (("1", "auto"), ("2", strategy)):
         out = tmp_path / f"devices-{devices}"
         # Activation checkpointing only recomputes: the FSDP run uses it and must still match.
         recompute = "true" if run_strategy == "fsdp" else "false"
         result = finetune(out, checkpoint, data_dir, "--devices", devices, "--strategy", run_strategy,
-                          "--lora.dropout", "0.0", "--train.max_steps", "3",
+                          "--lora.dropout", "0.0", "--train.max_steps", "3", "--eval.f1_questions", "2",
                           "--train.activation_checkpointing", recompute)  # fmt: skip
         assert result.returncode == 0, result.stderr
         results[devices] = load_file(out / "run" / "final" / "lit_lora.safetensors")
+        best[devices] = json.loads((out / "run" / "best" / "best.json").read_text())
     assert results["2"].keys() == results["1"].keys()
     for key, tensor in results["1"].items():
         torch.testing.assert_close(results["2"][key], tensor, rtol=1e-4, atol=1e-6, msg=key)
     assert any(t.abs().sum() > 0 for k, t in results["1"].items() if "lora_B" in k)
+    assert best["2"]["step"] == best["1"]["step"] == 3 and best["2"]["val"]["f1"] == best["1"]["val"]["f1"]
 
 
 def test_fsdp_resume_from_sharded_checkpoint_is_exact(prepared, tmp_path):

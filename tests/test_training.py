@@ -1,10 +1,12 @@
 # Copyright lit-qa authors. Licensed under the Apache License 2.0.
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from lightning.fabric.plugins import MixedPrecision
 
 from lit_qa import training
 from lit_qa.args import EvalArgs, TrainArgs
@@ -32,9 +34,10 @@ def make_samples(n: int, seed: int = 0) -> list[dict]:
 
 
 def run(tmp_path: Path, train_args: TrainArgs, lora: bool = False, resume=False, samples=None, seed: int = 0,
-        optimizer_class=torch.optim.AdamW):  # fmt: skip
-    """Fit a tiny model from a fixed initialisation; return it."""
-    fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
+        optimizer_class=torch.optim.AdamW, eval_args: EvalArgs | None = None,
+        fabric: L.Fabric | None = None):  # fmt: skip
+    """Fit a tiny model from a fixed initialisation, handed over in eval mode as `load_model` returns it; return it."""
+    fabric = fabric or L.Fabric(accelerator="cpu", devices=1, precision="32-true")
     torch.manual_seed(seed)
     model = GPT(Config.from_name("tiny-gqa"))
     if lora:
@@ -44,12 +47,12 @@ def run(tmp_path: Path, train_args: TrainArgs, lora: bool = False, resume=False,
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(parameter, std=0.02)  # non-zero B so LoRA changes the output from step 1
-    model = fabric.setup_module(model)
+    model = fabric.setup_module(model.eval())
     optimizer = fabric.setup_optimizers(
         optimizer_class([p for p in model.parameters() if p.requires_grad], lr=train_args.learning_rate)
     )
     data = samples if samples is not None else make_samples(16)
-    eval_args = EvalArgs(interval=1000, max_batches=2, num_samples=0)
+    eval_args = eval_args or EvalArgs(interval=1000, max_batches=2, num_samples=0)
     saved = []
     fit(fabric, model, optimizer, data, data[:4], train_args, eval_args, tmp_path, saved.append, TOKENIZER,
         resume=resume, seed=seed)  # fmt: skip
@@ -98,10 +101,20 @@ class Interrupt(Exception):
     pass
 
 
-def test_a_run_stopped_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch):
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("eval_interval", [1000, 3])
+def test_a_run_stopped_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch, eval_interval):
+    """LoRA dropout on and the model handed over in eval mode: the resumed run, which skips the fresh start's
+    check, must still train with dropout. With ``eval_interval`` 3 it also validates (with sample generations)
+    at the step it was stopped at."""
     args = TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=8, learning_rate=1e-2, warmup_steps=2,
                      save_interval=3)  # fmt: skip
-    uninterrupted = run(tmp_path / "full", args, lora=True)
+    eval_args = EvalArgs(interval=eval_interval, max_batches=1, num_samples=1, max_new_tokens=2)
+    uninterrupted = run(tmp_path / "full", args, lora=True, eval_args=eval_args)
 
     original_save = training.save_training_checkpoint
 
@@ -112,13 +125,30 @@ def test_a_run_stopped_and_resumed_ends_with_the_uninterrupted_weights(tmp_path,
 
     monkeypatch.setattr(training, "save_training_checkpoint", save_then_crash)
     with pytest.raises(Interrupt):
-        run(tmp_path / "stopped", args, lora=True)
+        run(tmp_path / "stopped", args, lora=True, eval_args=eval_args)
     assert latest_checkpoint(tmp_path / "stopped").name == "step-000003"
     monkeypatch.setattr(training, "save_training_checkpoint", original_save)
     # A different seed for initialisation proves the weights come from the checkpoint, not the seed.
-    resumed = run(tmp_path / "stopped", args, lora=True, resume=True)
-    for (name, a), (_, b) in zip(uninterrupted.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(a, b), name
+    resumed = run(tmp_path / "stopped", args, lora=True, resume=True, eval_args=eval_args)
+    assert_same_weights(uninterrupted, resumed)
+
+
+def test_validation_does_not_change_the_trained_weights(tmp_path, monkeypatch):
+    """Validation only observes the run: validating with sample generations after every step ends with the
+    weights of a run that never validates, with dropout on, even when decoding draws from the global RNG."""
+    real_generate = training.generate
+
+    def sampling_generate(*args, **kwargs):
+        torch.rand(100)  # what a sampling decoder does to the global RNG
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "generate", sampling_generate)
+    args = TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=4, learning_rate=1e-2, warmup_steps=0,
+                     save_interval=1000)  # fmt: skip
+    quiet = EvalArgs(interval=1000, max_batches=1, num_samples=0)
+    chatty = EvalArgs(interval=1, max_batches=1, num_samples=2, max_new_tokens=2)
+    assert_same_weights(run(tmp_path / "a", args, lora=True, eval_args=quiet),
+                        run(tmp_path / "b", args, lora=True, eval_args=chatty))  # fmt: skip
 
 
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, monkeypatch):
@@ -274,3 +304,86 @@ def test_activation_checkpointing_gives_the_loss_and_gradients_of_stored_activat
     for name, grad in grads_stored.items():
         torch.testing.assert_close(grads_recomputed[name], grad, msg=name)
     assert list(model.state_dict()) == keys  # checkpoints stay loadable
+
+
+# ---- fp16 loss scaling (--precision 16-mixed) ----
+
+
+def fp16_fabric(init_scale: float) -> L.Fabric:
+    """16-mixed with a real GradScaler, on the CPU: Fabric turns the "16-mixed" string into bf16-mixed on CPUs,
+    so the plugin is passed explicitly. A big initial scale makes the first steps' scaled fp16 gradients
+    overflow, as they do at the start of real fp16 runs."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return L.Fabric(accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale_instead_of_stopping(tmp_path):
+    args = TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=8, learning_rate=1e-2, warmup_steps=0,
+                     save_interval=1000)  # fmt: skip
+    fabric = fp16_fabric(init_scale=2.0**24)
+    model = run(tmp_path, args, fabric=fabric)  # the default nan_policy is "stop"
+    skipped = math.log2(2.0**24 / fabric.strategy.precision.scaler.get_scale())  # each overflow halves the scale
+    assert skipped == int(skipped) and 0 < skipped < args.max_steps
+    torch.manual_seed(0)
+    initial = GPT(Config.from_name("tiny-gqa")).state_dict()
+    assert not torch.equal(initial["lm_head.weight"], model.state_dict()["lm_head.weight"])  # the other steps ran
+
+
+@pytest.mark.parametrize("nan_policy", ["stop", "skip"])
+def test_fp16_nan_loss_still_obeys_the_nan_policy(tmp_path, monkeypatch, nan_policy):
+    """A NaN loss is no overflow; with "skip" the scaler's step is closed, so the next step can unscale again."""
+    original = training.token_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(model, batch, *args):
+        calls["n"] += model.training
+        loss = original(model, batch, *args)
+        return loss * float("nan") if calls["n"] in (3, 4) else loss  # step 2 of 4 (2 micro-batches each)
+
+    monkeypatch.setattr(training, "token_loss_sum", poisoned)
+    args = TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=4, warmup_steps=0, save_interval=1000,
+                     nan_policy=nan_policy)  # fmt: skip
+    fabric = fp16_fabric(init_scale=2.0**8)  # small enough never to overflow
+    if nan_policy == "stop":
+        with pytest.raises(training.NonFiniteLossError, match="loss nan .* at step 2"):
+            run(tmp_path, args, fabric=fabric)
+    else:
+        run(tmp_path, args, fabric=fabric)
+        assert calls["n"] == 8  # every step ran
+
+
+def test_fp16_loss_scale_is_saved_and_restored_on_resume(tmp_path, monkeypatch):
+    """A resumed run that started its scaler over would overflow (and skip) its first steps again."""
+    args = TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=8, learning_rate=1e-2, warmup_steps=0,
+                     save_interval=4)  # fmt: skip
+    fabric = fp16_fabric(init_scale=2.0**24)
+    uninterrupted = run(tmp_path / "full", args, lora=True, fabric=fabric)
+    final_scale = fabric.strategy.precision.scaler.get_scale()
+
+    original_save = training.save_training_checkpoint
+
+    def save_then_crash(fabric, step_dir, *rest):
+        original_save(fabric, step_dir, *rest)
+        if step_dir.name == "step-000004":
+            raise Interrupt
+
+    monkeypatch.setattr(training, "save_training_checkpoint", save_then_crash)
+    with pytest.raises(Interrupt):
+        run(tmp_path / "stopped", args, lora=True, fabric=fp16_fabric(init_scale=2.0**24))
+    monkeypatch.undo()
+    saved = torch.load(tmp_path / "stopped" / "step-000004" / training.STATE_FILE, weights_only=True)
+    assert saved["precision"]["scale"] < 2.0**24
+    fabric = fp16_fabric(init_scale=2.0**24)
+    resumed = run(tmp_path / "stopped", args, lora=True, resume=True, fabric=fabric)
+    assert fabric.strategy.precision.scaler.get_scale() == final_scale
+    assert_same_weights(uninterrupted, resumed)
+
+
+def test_out_of_range_eval_args_are_refused_together():
+    with pytest.raises(LitQAError) as error:
+        EvalArgs(interval=0, f1_questions=-1).validate()
+    assert "--eval.interval" in str(error.value) and "--eval.f1_questions" in str(error.value)
+    with pytest.raises(LitQAError, match="best_metric f1 needs --eval.f1_questions"):
+        EvalArgs(best_metric="f1").validate()
+    assert EvalArgs().tracked_metric() is None and EvalArgs(f1_questions=5).tracked_metric() == "f1"
+    assert EvalArgs(f1_questions=5, best_metric="loss").tracked_metric() == "loss"
