@@ -10,6 +10,9 @@ so the loss only counts the answer (``labels[t]`` is ``input_ids[t]`` or -100; t
 one to predict the next token). The prompt and the answer are encoded separately, so the prompt tokens are
 exactly what generation later feeds the model.
 
+With ``answers="all"`` a question with several distinct gold answers gives one sample per answer (same
+prompt, each its own target and window); ``"first"`` trains on the first gold answer only.
+
 A paragraph too long for ``max_seq_length`` is cut into overlapping windows of whole words; the instruction,
 question and answer always stay whole. An answerable question is trained on the window that holds its
 answer span (the one where the span sits most centrally), an unanswerable one on the first window::
@@ -29,7 +32,7 @@ import random
 import re
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from lit_qa.errors import LitQAError
-from lit_qa.prompts import NO_ANSWER, answer_text, build_prompt
+from lit_qa.prompts import ANSWER_MODES, NO_ANSWER, answer_text, answer_texts, check_prompt_style, encode_prompt
 from lit_qa.squad import Question
 from lit_qa.tokenizer import Tokenizer
 
@@ -131,8 +134,11 @@ class QuestionEncoder:
     Args:
         tokenizer: The model's tokenizer.
         max_seq_length: Most tokens a sample may have (prompt, answer and EOS).
-        prompt_style: A key of `lit_qa.prompts.PROMPT_STYLES`.
+        prompt_style: A key of `lit_qa.prompts.PROMPT_STYLES` (``"chat"`` uses the tokenizer's chat template).
         no_answer: The target text for unanswerable questions.
+
+    Raises:
+        LitQAError: If the prompt style is unknown or the tokenizer cannot build it (no chat template).
     """
 
     def __init__(
@@ -142,11 +148,12 @@ class QuestionEncoder:
         self.max_seq_length = max_seq_length
         self.prompt_style = prompt_style
         self.no_answer = no_answer
+        check_prompt_style(prompt_style, tokenizer)
         self._words: dict[str, tuple[list[tuple[int, int]], list[int]]] = {}
 
     def prompt_ids(self, context: str, question: str) -> torch.Tensor:
-        """Token ids of the prompt, with BOS as the tokenizer's default says."""
-        return self.tokenizer.encode(build_prompt(context, question, self.prompt_style, self.no_answer))
+        """Token ids of the prompt, with BOS as the prompt style says (see `lit_qa.prompts.encode_prompt`)."""
+        return encode_prompt(self.tokenizer, context, question, self.prompt_style, self.no_answer)
 
     def __call__(self, question: Question) -> EncodeResult:
         """Encode one question, windowing its context if the whole paragraph does not fit."""
@@ -223,8 +230,25 @@ def _sample(qid: str, prompt_ids: torch.Tensor, answer_ids: torch.Tensor) -> dic
     return {"id": qid, "input_ids": input_ids, "labels": labels}
 
 
+def training_targets(question: Question, answers: str = "first") -> list[Question]:
+    """The question once per answer it is trained on (see `lit_qa.prompts.answer_texts`).
+
+    Args:
+        question: The question.
+        answers: ``"first"`` gives the question itself; ``"all"`` one copy per distinct gold answer text,
+            holding only that answer and its offset (so windowing keeps that answer in the window).
+
+    Returns:
+        The questions to encode, one sample each.
+    """
+    if answers == "first" or not question.answers:
+        return [question]
+    pairs = answer_texts(question.answers, question.answer_starts, answers)
+    return [replace(question, answers=[text], answer_starts=[start]) for text, start in pairs]
+
+
 def encode_questions(
-    encoder: QuestionEncoder, questions: list[Question], desc: str = "tokenizing"
+    encoder: QuestionEncoder, questions: list[Question], desc: str = "tokenizing", answers: str = "first"
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Encode questions into samples and count what happened to them.
 
@@ -232,25 +256,36 @@ def encode_questions(
         encoder: The `QuestionEncoder` (its settings decide the prompt and the length limit).
         questions: The questions to encode.
         desc: Label of the progress bar.
+        answers: ``"first"``: one sample per question, on its first gold answer. ``"all"``: one per distinct
+            gold answer (see `training_targets`); the samples of a question share its id.
 
     Returns:
         The samples (file order, dropped ones left out) and their statistics: ``questions``, ``samples``,
-        ``answerable``, ``unanswerable``, ``windowed``, ``dropped`` (count per reason: ``no_room_for_context``
-        when instruction, question and answer alone exceed ``max_seq_length``; ``answer_not_in_window`` when
-        no window that fits holds the whole answer span) and token-length
-        percentiles of the samples (``tokens``) and of the whole, unwindowed questions (``full_tokens``).
+        ``answerable``, ``unanswerable`` (samples of each kind), ``windowed``, ``dropped`` (count per reason:
+        ``no_room_for_context`` when instruction, question and answer alone exceed ``max_seq_length``;
+        ``answer_not_in_window`` when no window that fits holds the whole answer span), token-length
+        percentiles of the samples (``tokens``) and of the whole, unwindowed samples (``full_tokens``), and
+        with ``answers="all"`` also ``extra_answer_samples``: the samples for the second and later distinct
+        answers of a question.
+
+    Raises:
+        LitQAError: If ``answers`` is not ``"first"`` or ``"all"``.
     """
+    if answers not in ANSWER_MODES:
+        raise LitQAError(f"unknown answers mode {answers!r}; choose one of: {', '.join(ANSWER_MODES)}")
     samples, full_lengths, dropped = [], [], Counter()
-    answerable = windowed = 0
+    answerable = windowed = extra = 0
     for question in tqdm(questions, desc=desc, unit="q", mininterval=1.0):
-        result = encoder(question)
-        full_lengths.append(result.full_length)
-        if result.sample is None:
-            dropped[result.dropped] += 1
-            continue
-        samples.append(result.sample)
-        answerable += bool(question.answers)
-        windowed += result.windowed
+        for i, target in enumerate(training_targets(question, answers)):
+            result = encoder(target)
+            full_lengths.append(result.full_length)
+            if result.sample is None:
+                dropped[result.dropped] += 1
+                continue
+            samples.append(result.sample)
+            answerable += bool(target.answers)
+            windowed += result.windowed
+            extra += i > 0
     stats = {
         "questions": len(questions),
         "samples": len(samples),
@@ -261,6 +296,8 @@ def encode_questions(
         "tokens": length_stats([len(s["input_ids"]) for s in samples]),
         "full_tokens": length_stats(full_lengths),
     }
+    if answers != "first":  # absent for "first", so its stats.json is what it always was
+        stats["extra_answer_samples"] = extra
     return samples, stats
 
 

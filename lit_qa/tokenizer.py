@@ -15,8 +15,8 @@ with ``encode(..., bos=, eos=)`` and a BOS is never added twice.
 from __future__ import annotations
 
 import hashlib
-
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class Tokenizer:
         add_bos: Whether the model expects a BOS token in front of each sequence (the ``encode`` default).
         chat_template: The Jinja chat template from ``tokenizer_config.json`` or, failing that, from
             ``chat_template.jinja``; None if neither has one.
+        chat_template_file: The file ``chat_template`` was read from (None without one), for messages.
 
     The BOS policy (``add_bos``), in order:
 
@@ -132,9 +133,12 @@ class Tokenizer:
         self.add_bos = add_bos and self.bos_id is not None
 
         self.chat_template = _chat_template(config.get("chat_template"), config_path)
+        self.chat_template_file = config_path if self.chat_template is not None else None
         jinja_path = checkpoint_dir / "chat_template.jinja"
         if self.chat_template is None and jinja_path.is_file():
             self.chat_template = jinja_path.read_text(encoding="utf-8")
+            self.chat_template_file = jinja_path
+        self._sp_specials = self._sentencepiece_specials()
 
     def encode(
         self,
@@ -143,18 +147,22 @@ class Tokenizer:
         eos: bool = False,
         max_length: int | None = None,
         device: torch.device | str | None = None,
+        specials: bool = False,
     ) -> torch.Tensor:
         """Turn text into token ids.
 
         Args:
             text: The text. Special tokens written in it (e.g. ``<|im_start|>`` from a chat template) become
-                their ids with ``tokenizer.json``; sentencepiece treats them as plain text.
+                their ids with ``tokenizer.json``; sentencepiece treats them as plain text unless ``specials``.
             bos: Prepend the BOS token. None follows the model (``self.add_bos``). Never adds a second BOS
                 when the text already starts with one.
             eos: Append the EOS token (``self.eos_id``).
             max_length: Keep only the first ``max_length`` ids, counted after BOS/EOS are added (so a
                 truncated sequence loses its EOS).
             device: Where to put the returned tensor.
+            specials: With sentencepiece too, turn its control tokens written in the text (``<s>``, ``</s>``,
+                ``<unk>``) into their ids, encoding the text between them piece by piece as Meta's Llama-2 chat
+                code does. For text rendered from a chat template; ``tokenizer.json`` always does this.
 
         Returns:
             A 1-D ``torch.long`` tensor of ids.
@@ -165,6 +173,8 @@ class Tokenizer:
         if self._hf is not None:
             # add_special_tokens=False turns off the post-processor; BOS/EOS are added below instead.
             ids = self._hf.encode(text, add_special_tokens=False).ids
+        elif specials and self._sp_specials is not None:
+            ids = self._sp_encode_specials(text)
         else:
             ids = self._sp.encode(text)
 
@@ -227,6 +237,17 @@ class Tokenizer:
         i = self._sp.piece_to_id(token)
         return i if self._sp.id_to_piece(i) == token else None
 
+    def id_to_token(self, i: int) -> str:
+        """Return the token (piece) of one id, e.g. ``"<|im_end|>"`` for SmolLM2's EOS."""
+        if self._hf is not None:
+            token = self._hf.id_to_token(i)
+            if token is None:
+                raise LitQAError(f"tokenizer in {self.checkpoint_dir} has no token with id {i}")
+            return token
+        if not 0 <= i < self._sp.get_piece_size():
+            raise LitQAError(f"tokenizer in {self.checkpoint_dir} has no token with id {i}")
+        return self._sp.id_to_piece(i)
+
     def __repr__(self) -> str:
         return (
             f"Tokenizer({str(self.checkpoint_dir)!r}, backend={self.backend!r}, vocab_size={self.vocab_size}, "
@@ -256,6 +277,28 @@ class Tokenizer:
             i = self._sp.bos_id() if kind == "bos" else self._sp.eos_id()
             return i if i >= 0 else None  # sentencepiece says -1 for "no such token"
         return None
+
+    def _sentencepiece_specials(self) -> re.Pattern | None:
+        """A pattern matching sentencepiece's control and unknown pieces written as text (None for tokenizer.json)."""
+        if self._sp is None:
+            return None
+        sp = self._sp
+        pieces = {sp.id_to_piece(i) for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)}
+        pieces.discard("")
+        # Longest first, so a piece that starts with a shorter one is matched whole.
+        return re.compile("|".join(re.escape(p) for p in sorted(pieces, key=len, reverse=True))) if pieces else None
+
+    def _sp_encode_specials(self, text: str) -> list[int]:
+        ids: list[int] = []
+        start = 0
+        for match in self._sp_specials.finditer(text):
+            if match.start() > start:
+                ids += self._sp.encode(text[start : match.start()])
+            ids.append(self._sp.piece_to_id(match.group()))
+            start = match.end()
+        if start < len(text):
+            ids += self._sp.encode(text[start:])
+        return ids
 
     def _post_processor_adds_bos(self) -> bool:
         """Whether tokenizer.json's post-processor would prepend BOS (the file's own default for this model)."""

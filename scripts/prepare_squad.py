@@ -3,7 +3,9 @@
 
 The training questions are split by article into train and val (seeded), prompted with `lit_qa.prompts`,
 tokenized with the checkpoint's tokenizer, and windowed where a paragraph is longer than ``max_seq_length``
-(see `lit_qa.data`). The evaluation file is never trained or validated on; give it with ``--eval_file`` only
+(see `lit_qa.data`). ``--answers all`` trains on every distinct gold answer of a question (one sample each)
+instead of the first; ``--prompt_style chat`` wraps the prompt in the checkpoint's chat template (instruct
+models). The evaluation file is never trained or validated on; give it with ``--eval_file`` only
 to check that it loads and does not share questions with the training file.
 
 Usage::
@@ -11,6 +13,7 @@ Usage::
     python scripts/prepare_squad.py --download                       # official train-v2.0.json into data/squad2
     python scripts/prepare_squad.py --train_file ../shared/data/squad2/demo-train-v2.0.json \\
         --eval_file ../shared/data/squad2/demo-eval-v2.0.json --out_dir data/squad2-demo
+    python scripts/prepare_squad.py ... --answers all --prompt_style chat   # every gold answer, chat template
 
 Writes to ``out_dir``: ``train.pt`` and ``val.pt`` (lists of ``{"id", "input_ids", "labels"}``, read them
 with `lit_qa.data.load_prepared`), ``val-v2.0.json`` (the val articles in official format, for
@@ -41,7 +44,7 @@ from lit_qa.data import (
     write_atomic,
 )
 from lit_qa.errors import LitQAError, run_cli
-from lit_qa.prompts import NO_ANSWER, check_prompt_style
+from lit_qa.prompts import ANSWER_MODES, NO_ANSWER, chat_template_sha256, check_prompt_style
 from lit_qa.squad import Question, load_squad, read_json_file
 from lit_qa.tokenizer import Tokenizer
 
@@ -62,6 +65,7 @@ def main(
     val_fraction: float = 0.05,
     no_answer: str = NO_ANSWER,
     prompt_style: str = "plain",
+    answers: str = "first",
     seed: int = 42,
     download: bool = False,
     overwrite: bool = False,
@@ -77,7 +81,10 @@ def main(
         max_seq_length: Most tokens per sample (prompt, answer and EOS); longer paragraphs are windowed.
         val_fraction: Share of the training articles held out for validation (at least one article).
         no_answer: What the model is trained to answer for unanswerable questions.
-        prompt_style: The prompt template (see ``lit_qa.prompts.PROMPT_STYLES``).
+        prompt_style: The prompt template: "plain" (instruction, context and question as text) or "chat" (the same
+            as a user turn of the checkpoint's chat template, for instruct models; see ``lit_qa.prompts``).
+        answers: Training targets: "first" (the first gold answer of each question) or "all" (one sample per
+            distinct gold answer text). Validation always uses the first, so its loss stays comparable.
         seed: Seed of the train/val split.
         download: Fetch the official train-v2.0.json and dev-v2.0.json into data_dir if they are missing.
         overwrite: Replace prepared files in out_dir that were made with other settings.
@@ -87,6 +94,8 @@ def main(
     if not no_answer.strip():
         raise LitQAError("no_answer must not be empty: an empty target cannot be told apart from a cut-off answer")
     check_prompt_style(prompt_style)
+    if answers not in ANSWER_MODES:
+        raise LitQAError(f"unknown --answers {answers!r}; choose one of: {', '.join(ANSWER_MODES)}")
     if download:
         download_squad(data_dir)
     train_file = train_file or data_dir / "train-v2.0.json"
@@ -94,6 +103,7 @@ def main(
         raise LitQAError(f"{train_file} does not exist; pass --train_file, or --download to fetch the official file")
 
     tokenizer = Tokenizer(checkpoint_dir)
+    encoder = QuestionEncoder(tokenizer, max_seq_length, prompt_style, no_answer)  # checks the chat template
     questions = load_squad(train_file)
     if eval_file is not None:
         check_no_overlap(questions, eval_file, train_file)
@@ -116,14 +126,20 @@ def main(
         "train_file": {"path": str(train_file), "sha256": sha256(train_file)},
         "eval_file": None if eval_file is None else {"path": str(eval_file), "sha256": sha256(eval_file)},
     }
+    # Recorded only when not the default, so folders prepared before these options existed stay valid.
+    if prompt_style == "chat":
+        config["chat_template_sha256"] = chat_template_sha256(tokenizer)
+    if answers != "first":
+        config["answers"] = answers
     check_out_dir(out_dir, config, overwrite)
 
     start = time.perf_counter()
     splits = dict(zip(SPLITS, split_by_article(questions, val_fraction, seed), strict=True))
-    encoder = QuestionEncoder(tokenizer, max_seq_length, prompt_style, no_answer)
     files, stats = {}, {}
     for split, split_questions in splits.items():
-        samples, stats[split] = encode_questions(encoder, split_questions, desc=f"tokenizing {split}")
+        # Validation keeps one sample per question, so its loss means the same whatever --answers is.
+        mode = answers if split == "train" else "first"
+        samples, stats[split] = encode_questions(encoder, split_questions, f"tokenizing {split}", mode)
         if not samples:
             raise LitQAError(
                 f"no {split} samples left: all {len(split_questions)} questions were dropped "
@@ -183,7 +199,8 @@ def check_out_dir(out_dir: Path, config: dict[str, Any], overwrite: bool) -> Non
         old = None
     if old == config:
         return  # same settings: the rewrite gives the same bytes
-    changed = sorted(k for k in config if not isinstance(old, dict) or old.get(k) != config[k])
+    keys = set(config) | (set(old) if isinstance(old, dict) else set())
+    changed = sorted(k for k in keys if not isinstance(old, dict) or old.get(k) != config.get(k))
     raise LitQAError(
         f"{out_dir} already holds prepared data ({', '.join(present)}) made with other settings "
         f"(differs in: {', '.join(changed)}); pass --overwrite to replace it or choose another --out_dir"
@@ -217,6 +234,8 @@ def print_stats(stats: dict[str, Any], out_dir: Path, seconds: float) -> None:
             f"({s['answerable']} answerable, {s['unanswerable']} unanswerable), {s['windowed']} windowed, "
             f"dropped: {dropped}"
         )
+        if "extra_answer_samples" in s:
+            print(f"  {s['extra_answer_samples']} of the samples train on a second or later distinct gold answer")
         print(f"  tokens per sample: {', '.join(f'{k} {v}' for k, v in s['tokens'].items())}")
     print(f"wrote {', '.join(OUTPUT_FILES)} to {out_dir} in {seconds:.1f} s")
 

@@ -22,6 +22,7 @@ from lit_qa.data import (
     length_stats,
     load_prepared,
     split_by_article,
+    training_targets,
 )
 from lit_qa.errors import LitQAError
 from lit_qa.prompts import NO_ANSWER, PROMPT_STYLES, answer_text, build_prompt
@@ -64,8 +65,8 @@ def test_build_prompt_plain():
     assert build_prompt("Paris is in France.", "Where is Paris?") == expected
     assert build_prompt("{context}", "{q}", no_answer="n/a").count('reply "n/a"') == 1
     assert "### Context:\n{context}\n\n### Question:\n{q}\n" in build_prompt("{context}", "{q}")  # braces kept
-    assert set(PROMPT_STYLES) == {"plain"} and NO_ANSWER == "unanswerable"
-    with pytest.raises(LitQAError, match="unknown prompt style 'chatty'; choose one of: plain"):
+    assert set(PROMPT_STYLES) == {"plain", "chat"} and NO_ANSWER == "unanswerable"
+    with pytest.raises(LitQAError, match="unknown prompt style 'chatty'; choose one of: chat, plain"):
         build_prompt("c", "q", style="chatty")
 
 
@@ -150,6 +151,59 @@ def test_encode_questions_counts_and_drops(tokenizer: Tokenizer):
     assert stats["tokens"]["max"] <= 160 < stats["full_tokens"]["max"]
 
 
+def multi_answer_question(qid: str = "m") -> Question:
+    context = "Rollo, the first duke, ruled Normandy. Duke Rollo ruled it well."
+    answers = ["Rollo", "Duke Rollo", "Rollo", "the first duke", "Duke Rollo"]
+    starts = [0, context.index("Duke Rollo"), context.index("Rollo", 10), context.index("the first duke"),
+              context.index("Duke Rollo")]  # fmt: skip
+    return Question(qid, "T", context, "Who ruled Normandy?", answers, starts, False)
+
+
+def test_all_answers_one_sample_per_distinct_answer(tokenizer: Tokenizer):
+    q = multi_answer_question()
+    targets = training_targets(q, "all")
+    # Distinct texts in file order, each at its first offset; a repeated "Rollo" at offset 45 adds nothing.
+    assert [(t.answers, t.answer_starts) for t in targets] == [(["Rollo"], [0]), (["Duke Rollo"], [39]),
+                                                              (["the first duke"], [7])]  # fmt: skip
+    assert training_targets(q, "first") == [q]
+    unanswerable = make_question("u", "Nothing here.", None)
+    assert training_targets(unanswerable, "all") == [unanswerable]
+
+    encoder = QuestionEncoder(tokenizer, max_seq_length=512)
+    samples, stats = encode_questions(encoder, [q, unanswerable], answers="all")
+    targets = [tokenizer.decode(s["labels"][s["labels"] != IGNORE_INDEX]) for s in samples]
+    assert targets == ["Rollo</s>", "Duke Rollo</s>", "the first duke</s>", "unanswerable</s>"]
+    assert [s["id"] for s in samples] == ["m", "m", "m", "u"]
+    prompt = samples[0]["input_ids"][samples[0]["labels"] == IGNORE_INDEX]
+    assert all(torch.equal(s["input_ids"][: len(prompt)], prompt) for s in samples[:3])  # one prompt, three targets
+    assert (stats["questions"], stats["samples"], stats["extra_answer_samples"]) == (2, 4, 2)
+    assert (stats["answerable"], stats["unanswerable"]) == (3, 1)
+
+    first, first_stats = encode_questions(encoder, [q, unanswerable])
+    assert [s["id"] for s in first] == ["m", "u"] and "extra_answer_samples" not in first_stats
+    for a, b in zip(first, [samples[0], samples[3]], strict=True):  # "first" is the first sample of "all"
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    with pytest.raises(LitQAError, match="unknown answers mode"):
+        encode_questions(encoder, [q], answers="every")
+
+
+def test_all_answers_each_window_holds_its_answer(tokenizer: Tokenizer):
+    context = "Duke Richard ruled Normandy. " + FILLER * 30 + "Then Rollo ruled the duchy. " + FILLER * 5
+    answers = ["Duke Richard", "Rollo"]
+    q = Question("w", "T", context, "Who ruled Normandy?", answers, [context.index(a) for a in answers], False)
+    samples, stats = encode_questions(QuestionEncoder(tokenizer, max_seq_length=160), [q], answers="all")
+    assert stats["windowed"] == 2 and stats["extra_answer_samples"] == 1
+    windows = []
+    for sample, answer in zip(samples, answers, strict=True):
+        labels = sample["labels"]
+        assert len(sample["input_ids"]) <= 160
+        assert tokenizer.decode(labels[labels != IGNORE_INDEX]) == answer + "</s>"
+        prompt = tokenizer.decode(sample["input_ids"][labels == IGNORE_INDEX])
+        windows.append(prompt.split("### Context:\n")[1].split("\n\n### Question:")[0])
+        assert answer in windows[-1] and windows[-1] in context
+    assert "Rollo" not in windows[0] and "Richard" not in windows[1]  # two different windows
+
+
 def test_context_windows():
     spans = [(2 * i, 2 * i + 1) for i in range(10)]
     assert context_windows(spans, [1] * 10, budget=4) == [(0, 4), (2, 6), (4, 8), (6, 10)]
@@ -215,14 +269,17 @@ def test_load_prepared_errors(tmp_path: Path):
 # ---- the script ----
 
 
-def tiny_squad() -> dict:
-    """Six articles; one paragraph each has an answerable and an unanswerable question."""
+def tiny_squad(multi: bool = False) -> dict:
+    """Six articles; one paragraph each has an answerable and an unanswerable question. With ``multi``, each
+    answerable question lists three gold answers, two of them distinct."""
     articles = []
     for a in range(6):
         context = f"Article {a}: the Normans were in Normandy in the {a + 10}th century. " + FILLER * (a % 3)
+        answers = [{"text": f"the {a + 10}th century", "answer_start": context.index("the 1")}]
+        if multi:
+            answers += [{"text": f"{a + 10}th century", "answer_start": context.index(f"{a + 10}th")}, answers[0]]
         qas = [
-            {"question": "When were the Normans in Normandy?", "id": f"a{a}",
-             "answers": [{"text": f"the {a + 10}th century", "answer_start": context.index("the 1")}],
+            {"question": "When were the Normans in Normandy?", "id": f"a{a}", "answers": answers,
              "is_impossible": False},
             {"question": "Who were the Saxons?", "id": f"u{a}", "answers": [], "is_impossible": True},
         ]  # fmt: skip
@@ -274,6 +331,38 @@ def test_script_end_to_end(tmp_path: Path, tokenizer_dir: Path):
     assert json.loads((out_dir / "prepare_config.json").read_text())["max_seq_length"] == 200
 
 
+def test_script_all_answers(tmp_path: Path, tokenizer_dir: Path):
+    train_file = tmp_path / "train.json"
+    train_file.write_text(json.dumps(tiny_squad(multi=True)))
+    main = load_script_module().main
+    args = dict(train_file=train_file, checkpoint_dir=tokenizer_dir, max_seq_length=256, val_fraction=0.34)
+    main(**args, out_dir=tmp_path / "default")
+    main(**args, out_dir=tmp_path / "first", answers="first")
+    for name in ("train.pt", "val.pt", "val-v2.0.json", "stats.json", "prepare_config.json"):
+        assert (tmp_path / "default" / name).read_bytes() == (tmp_path / "first" / name).read_bytes(), name
+    assert "answers" not in json.loads((tmp_path / "first" / "prepare_config.json").read_text())
+
+    stats = main(**args, out_dir=tmp_path / "all", answers="all")
+    train, val = load_prepared(tmp_path / "all", "train"), load_prepared(tmp_path / "all", "val")
+    # 4 train articles: 4 answerable questions x 2 distinct answers + 4 unanswerable; val stays one per question.
+    assert (len(train), stats["train"]["extra_answer_samples"], stats["train"]["questions"]) == (12, 4, 8)
+    assert len(val) == 4 and "extra_answer_samples" not in stats["val"]
+    assert (tmp_path / "all" / "val.pt").read_bytes() == (tmp_path / "first" / "val.pt").read_bytes()
+    answers = [tokenizer_decode_answer(tokenizer_dir, s) for s in train if s["id"] == train[0]["id"]]
+    assert len(answers) == 2 and answers[1] == answers[0].removeprefix("the ")
+    assert json.loads((tmp_path / "all" / "prepare_config.json").read_text())["answers"] == "all"
+    assert json.loads((tmp_path / "all" / "stats.json").read_text())["train"]["extra_answer_samples"] == 4
+
+    # Back to "first" in the same folder: the recorded "answers" differs, so it is refused without --overwrite.
+    with pytest.raises(LitQAError, match="differs in: answers"):
+        main(**args, out_dir=tmp_path / "all")
+
+
+def tokenizer_decode_answer(tokenizer_dir: Path, sample: dict) -> str:
+    labels = sample["labels"]
+    return Tokenizer(tokenizer_dir).decode(labels[labels != IGNORE_INDEX], skip_special_tokens=True)
+
+
 def test_script_is_deterministic(tmp_path: Path, tokenizer_dir: Path):
     train_file = tmp_path / "train.json"
     train_file.write_text(json.dumps(tiny_squad()))
@@ -306,7 +395,11 @@ def test_script_input_errors(tmp_path: Path, tokenizer_dir: Path):
     with pytest.raises(LitQAError, match="pass --train_file, or --download"):
         main(data_dir=tmp_path / "empty", checkpoint_dir=tokenizer_dir, out_dir=tmp_path / "o")
     with pytest.raises(LitQAError, match="unknown prompt style"):
+        main(train_file=good, checkpoint_dir=tokenizer_dir, out_dir=tmp_path / "o", prompt_style="chatty")
+    with pytest.raises(LitQAError, match="needs a chat template, but .* has none"):
         main(train_file=good, checkpoint_dir=tokenizer_dir, out_dir=tmp_path / "o", prompt_style="chat")
+    with pytest.raises(LitQAError, match="unknown --answers 'every'; choose one of: first, all"):
+        main(train_file=good, checkpoint_dir=tokenizer_dir, out_dir=tmp_path / "o", answers="every")
     with pytest.raises(LitQAError, match="no train samples left"):
         main(train_file=good, checkpoint_dir=tokenizer_dir, out_dir=tmp_path / "o", max_seq_length=20)
 

@@ -244,3 +244,65 @@ def test_check_vocab_matches(huggingface_dir: Path):
     check_vocab_matches(tokenizer, tokenizer.vocab_size + 64, huggingface_dir)  # padded rows are fine
     with pytest.raises(LitQAError, match=f"has {tokenizer.vocab_size} tokens but the model's vocabulary has 32 rows"):
         check_vocab_matches(tokenizer, 32, huggingface_dir)
+
+
+def test_sentencepiece_specials_in_text(sentencepiece_dir: Path):
+    tokenizer = Tokenizer(sentencepiece_dir)
+    text = "<s>[INST] hello world [/INST]"
+    plain = tokenizer.encode(text, bos=False)
+    assert 1 not in plain.tolist() and tokenizer.decode(plain) == text  # by default: plain text, in pieces
+    ids = tokenizer.encode(text, bos=False, specials=True).tolist()
+    # <s> is its one id; the rest is encoded on its own, as Meta's Llama-2 chat code does.
+    assert ids == [1, *tokenizer.encode("[INST] hello world [/INST]", bos=False).tolist()]
+    both = tokenizer.encode("hi</s><s>there", bos=True, specials=True).tolist()
+    hi, there = tokenizer.encode("hi", bos=False).tolist(), tokenizer.encode("there", bos=False).tolist()
+    assert both == [1, *hi, 2, 1, *there]
+    assert tokenizer.encode("<unk>", bos=False, specials=True).tolist() == [0]
+    assert torch.equal(tokenizer.encode("no specials", specials=True), tokenizer.encode("no specials"))
+
+
+def test_id_to_token_sentencepiece(sentencepiece_dir: Path):
+    tokenizer = Tokenizer(sentencepiece_dir)
+    assert (tokenizer.id_to_token(1), tokenizer.id_to_token(2)) == ("<s>", "</s>")
+    with pytest.raises(LitQAError, match="no token with id 100000"):
+        tokenizer.id_to_token(100_000)
+
+
+def test_id_to_token_huggingface(huggingface_dir: Path):
+    tokenizer = Tokenizer(huggingface_dir)
+    assert (tokenizer.id_to_token(1), tokenizer.id_to_token(2)) == ("<|im_start|>", "<|im_end|>")
+    with pytest.raises(LitQAError, match="no token with id 100000"):
+        tokenizer.id_to_token(100_000)
+
+
+def test_chat_template_file(huggingface_dir: Path):
+    assert Tokenizer(huggingface_dir).chat_template_file == huggingface_dir / "tokenizer_config.json"
+    config = json.loads((huggingface_dir / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (huggingface_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    assert Tokenizer(huggingface_dir).chat_template_file is None
+    (huggingface_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    assert Tokenizer(huggingface_dir).chat_template_file == huggingface_dir / "chat_template.jinja"
+
+
+# Llama-2-chat's template, shortened: it writes BOS itself and has no generation prompt (the reply follows [/INST]).
+LLAMA2_CHAT = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'].strip() + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_sentencepiece_chat_prompt(sentencepiece_dir: Path):
+    from lit_qa.data import IGNORE_INDEX, QuestionEncoder
+    from lit_qa.prompts import USER_TEMPLATE, encode_prompt
+    from lit_qa.squad import Question
+
+    config = {"add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>", "chat_template": LLAMA2_CHAT}
+    (sentencepiece_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = Tokenizer(sentencepiece_dir)
+    context, question = "Paris is the capital of France.", "Who wrote the book?"
+    ids = encode_prompt(tokenizer, context, question, "chat").tolist()
+    user = USER_TEMPLATE.format(context=context, question=question, no_answer="unanswerable")
+    assert ids == [1, *tokenizer.encode(f"[INST] {user} [/INST]", bos=False).tolist()]  # one BOS, as one id
+    sample = QuestionEncoder(tokenizer, 512, "chat")(Question("q", "T", context, question, [], [], True)).sample
+    assert tokenizer.decode(sample["labels"][sample["labels"] != IGNORE_INDEX]) == "unanswerable</s>"
