@@ -19,7 +19,15 @@ from typing import Literal
 
 from lit_qa.adapter import check_adapter_dir, load_adapter_checkpoint, read_adapter_base_record
 from lit_qa.errors import run_cli
-from lit_qa.evaluation import autocast, format_summary, prompt_settings, resolve_device, run_evaluation, select_subset
+from lit_qa.evaluation import (
+    autocast,
+    check_out_dir,
+    format_summary,
+    prompt_settings,
+    resolve_device,
+    run_evaluation,
+    select_subset,
+)
 from lit_qa.precision import resolve_precision, weights_dtype
 from lit_qa.squad import load_squad
 from lit_qa.tokenizer import Tokenizer, check_vocab_matches
@@ -41,6 +49,8 @@ def main(
     prompt_style: str | None = None,
     no_answer: str | None = None,
     allow_different_base: bool = False,
+    extractive: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Answer SQuAD 2.0 questions with a base model plus LLaMA-Adapter and score them.
 
@@ -65,7 +75,12 @@ def main(
         prompt_style: The prompt template; defaults to the one the adapter was trained with.
         no_answer: The no-answer reply; defaults to the one the adapter was trained with.
         allow_different_base: Evaluate even if the base weights are not those the adapter was trained on.
+        extractive: Span-constrained decoding: every answer is a substring of the context or the no-answer string
+            (``--extractive false``: free greedy decoding).
+        overwrite: Replace the results of a finished evaluation in ``out_dir``; without it such a folder is refused.
+            (A folder holding only predictions.partial.jsonl, an interrupted run, is resumed either way.)
     """
+    check_out_dir(out_dir, overwrite)  # before anything is loaded: a refusal should cost nothing
     check_adapter_dir(adapter_dir)
     prompt_style, no_answer = prompt_settings(adapter_dir, prompt_style, no_answer)
     questions = select_subset(load_squad(eval_file), limit, seed)  # a bad file fails before the model loads
@@ -89,7 +104,7 @@ def main(
         metrics = run_evaluation(
             model, tokenizer, questions, out_dir, prompt_style, no_answer, batch_size, max_new_tokens, info,
             na_threshold=na_threshold,
-            calibration_questions=load_squad(calibration_file) if calibration_file else None,
+            calibration_questions=load_squad(calibration_file) if calibration_file else None, extractive=extractive,
         )
     print(format_summary(metrics, out_dir))
     return metrics

@@ -7,7 +7,11 @@
 Writes ``predictions.json`` (official format: id -> answer, "" for no answer) and ``metrics.json`` (official
 metrics, the always-no-answer baseline on the same questions, speed and settings) into ``--out_dir``.
 ``--limit`` evaluates a fixed stratified subset (same ``--seed``, same questions). Compare runs with
-``scripts/compare_results.py``.
+``scripts/compare_results.py``. An ``--out_dir`` holding a finished evaluation is refused unless ``--overwrite
+true``; one holding only ``predictions.partial.jsonl`` (an interrupted run) is resumed.
+
+Decoding is span-constrained by default (``lit_qa.extractive``): every answer is a substring of its context or
+the no-answer string. ``--extractive false`` decodes freely, as the model would on its own.
 
 Quantized: ``--quantize bnb.nf4`` (bnb.fp4, bnb.int8) quantizes the block linears after loading;
 ``--quantize gptq.int4 --gptq_checkpoint FOLDER`` evaluates the model scripts/quantize_gptq.py wrote to FOLDER
@@ -24,7 +28,15 @@ from pathlib import Path
 from typing import Literal
 
 from lit_qa.errors import run_cli
-from lit_qa.evaluation import autocast, format_summary, prompt_settings, resolve_device, run_evaluation, select_subset
+from lit_qa.evaluation import (
+    autocast,
+    check_out_dir,
+    format_summary,
+    prompt_settings,
+    resolve_device,
+    run_evaluation,
+    select_subset,
+)
 from lit_qa.precision import resolve_precision, weights_dtype
 from lit_qa.quantize import check_quantize_args, load_for_inference, weights_size_bytes
 from lit_qa.squad import load_squad
@@ -47,6 +59,8 @@ def main(
     no_answer: str | None = None,
     quantize: str | None = None,
     gptq_checkpoint: Path | None = None,
+    extractive: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Answer SQuAD 2.0 questions with a full model and score them.
 
@@ -73,7 +87,12 @@ def main(
         quantize: Quantize the model: "bnb.int8", "bnb.nf4", "bnb.fp4" (bitsandbytes, applied after loading) or
             "gptq.int4" (loaded from ``gptq_checkpoint``); None keeps full precision.
         gptq_checkpoint: A folder written by scripts/quantize_gptq.py; only with ``--quantize gptq.int4``.
+        extractive: Span-constrained decoding: every answer is a substring of the context or the no-answer string
+            (``--extractive false``: free greedy decoding).
+        overwrite: Replace the results of a finished evaluation in ``out_dir``; without it such a folder is refused.
+            (A folder holding only predictions.partial.jsonl, an interrupted run, is resumed either way.)
     """
+    check_out_dir(out_dir, overwrite)  # before anything is loaded: a refusal should cost nothing
     # A full fine-tune (finetune/full.py) records its prompt settings; a converted base model has none.
     prompt_style, no_answer = prompt_settings(checkpoint_dir, prompt_style, no_answer, warn_if_unknown=False)
     questions = select_subset(load_squad(eval_file), limit, seed)  # a bad file fails before the model loads
@@ -96,7 +115,7 @@ def main(
         metrics = run_evaluation(
             model, tokenizer, questions, out_dir, prompt_style, no_answer, batch_size, max_new_tokens, info,
             na_threshold=na_threshold,
-            calibration_questions=load_squad(calibration_file) if calibration_file else None,
+            calibration_questions=load_squad(calibration_file) if calibration_file else None, extractive=extractive,
         )
     print(format_summary(metrics, out_dir))
     return metrics

@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Literal
 
 from lit_qa.errors import LitQAError, run_cli
-from lit_qa.evaluation import autocast, format_summary, prompt_settings, resolve_device, run_evaluation, select_subset
+from lit_qa.evaluation import (
+    autocast,
+    check_out_dir,
+    format_summary,
+    prompt_settings,
+    resolve_device,
+    run_evaluation,
+    select_subset,
+)
 from lit_qa.lora import check_lora_dir, load_lora_checkpoint, merge_lora_weights, read_base_record
 from lit_qa.precision import resolve_precision, weights_dtype
 from lit_qa.quantize import check_quantize_args, quantize_model, warn_if_trained_quantized, weights_size_bytes
@@ -49,6 +57,8 @@ def main(
     no_answer: str | None = None,
     allow_different_base: bool = False,
     quantize: str | None = None,
+    extractive: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Answer SQuAD 2.0 questions with a base model plus LoRA adapter and score them.
 
@@ -75,7 +85,12 @@ def main(
         quantize: "bnb.int8", "bnb.nf4" or "bnb.fp4": merge the adapter in full precision, then quantize the merged
             model. None keeps full precision. For gptq.int4, merge (scripts/merge_lora.py), quantize the merged
             folder (scripts/quantize_gptq.py) and evaluate it with evaluate/base.py.
+        extractive: Span-constrained decoding: every answer is a substring of the context or the no-answer string
+            (``--extractive false``: free greedy decoding).
+        overwrite: Replace the results of a finished evaluation in ``out_dir``; without it such a folder is refused.
+            (A folder holding only predictions.partial.jsonl, an interrupted run, is resumed either way.)
     """
+    check_out_dir(out_dir, overwrite)  # before anything is loaded: a refusal should cost nothing
     check_lora_dir(lora_dir)
     if quantize == "gptq.int4":
         raise LitQAError("evaluate/lora.py does not take --quantize gptq.int4 (GPTQ calibrates on the merged weights): "
@@ -108,7 +123,7 @@ def main(
         metrics = run_evaluation(
             model, tokenizer, questions, out_dir, prompt_style, no_answer, batch_size, max_new_tokens, info,
             na_threshold=na_threshold,
-            calibration_questions=load_squad(calibration_file) if calibration_file else None,
+            calibration_questions=load_squad(calibration_file) if calibration_file else None, extractive=extractive,
         )
     print(format_summary(metrics, out_dir))
     return metrics

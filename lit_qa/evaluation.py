@@ -10,7 +10,8 @@ everything after that lives here::
 
 Prompts are built by the same `QuestionEncoder` as the training samples, so the model is asked exactly
 the way it was trained. The model says `lit_qa.prompts.NO_ANSWER` when the context has no answer; that
-string is mapped back to ``""``, the official format's "no answer".
+string is mapped back to ``""``, the official format's "no answer". With ``extractive=True`` (the evaluate
+scripts' default) decoding can only produce a span of the context or that string (`lit_qa.extractive`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tqdm import tqdm
 from lit_qa.data import CONFIG_FILE as PREPARE_CONFIG_FILE
 from lit_qa.data import QuestionEncoder, read_prepare_config, write_atomic
 from lit_qa.errors import LitQAError
+from lit_qa.extractive import SpanDecoder
 from lit_qa.generate import generate
 from lit_qa.model import GPT
 from lit_qa.prompts import NO_ANSWER, check_prompt_style
@@ -42,6 +44,20 @@ PREDICTIONS_FILE = "predictions.json"
 METRICS_FILE = "metrics.json"
 NA_PROBS_FILE = "na_probs.json"
 PARTIAL_FILE = "predictions.partial.jsonl"  # header line, then one line per answered question
+
+
+def check_out_dir(out_dir: Path, overwrite: bool = False) -> None:
+    """Refuse to write over a finished evaluation, before any model is loaded.
+
+    A folder holding only ``predictions.partial.jsonl`` is an interrupted run, which `run_evaluation` resumes.
+
+    Raises:
+        LitQAError: If ``out_dir`` holds ``metrics.json`` or ``predictions.json`` and ``overwrite`` is False.
+    """
+    finished = [name for name in (METRICS_FILE, PREDICTIONS_FILE) if (Path(out_dir) / name).exists()]
+    if finished and not overwrite:
+        raise LitQAError(f"{out_dir} already holds a finished evaluation ({finished[0]}); pass --overwrite true "
+                         "to replace it or choose another --out_dir")  # fmt: skip
 
 
 def select_subset(questions: list[Question], limit: int | None, seed: int = 1234) -> list[Question]:
@@ -137,6 +153,7 @@ def answer_questions(
     progress: bool = True,
     on_batch: Callable[[dict[str, str]], None] | None = None,
     na_threshold: float | None = 0.5,
+    extractive: bool = False,
 ) -> dict[str, str]:
     """Answer questions by greedy decoding, in batches of similar prompt length.
 
@@ -147,7 +164,7 @@ def answer_questions(
         Question id to answer text, ``""`` meaning "no answer".
     """
     return score_questions(model, tokenizer, questions, prompt_style, no_answer, batch_size, max_new_tokens,
-                           progress, on_batch, na_threshold).final  # fmt: skip
+                           progress, on_batch, na_threshold, extractive=extractive).final  # fmt: skip
 
 
 def score_questions(
@@ -162,6 +179,7 @@ def score_questions(
     on_batch: Callable[[dict[str, str]], None] | None = None,
     na_threshold: float | None = 0.5,
     result: Answers | None = None,
+    extractive: bool = False,
 ) -> Answers:
     """Answer questions by greedy decoding, and score how likely each is to have no answer.
 
@@ -186,6 +204,9 @@ def score_questions(
         na_threshold: Abstain when P(first token of the no-answer string) >= this; None for plain greedy decoding.
         result: Answers known already (from an interrupted run): those questions are skipped, and the new
             answers are added to this object.
+        extractive: Span-constrained decoding (`lit_qa.extractive`): every answer is a substring of its
+            question's context or the no-answer string. With ``na_threshold`` the best span may only be a
+            substring of the context.
 
     Returns:
         The final answers, and with ``na_threshold`` the best spans and abstain probabilities.
@@ -215,6 +236,7 @@ def score_questions(
     order = sorted(todo, key=lambda q: -len(prompts[q.id][0]))
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0  # never attended to, any valid id works
     abstain_token = int(tokenizer.encode(no_answer, bos=False)[0])
+    spans = SpanDecoder(tokenizer, no_answer) if extractive and todo else None
     with tqdm(total=len(order), desc="answering", unit="q", disable=not progress, mininterval=1.0) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
@@ -224,10 +246,14 @@ def score_questions(
                 probs.append(logits.float().softmax(dim=-1)[:, abstain_token])  # (B,)
                 return logits.index_fill(-1, torch.tensor([abstain_token], device=logits.device), float("-inf"))
 
+            # With a threshold the model abstains by probability: the best span may not spell the no-answer string.
+            contexts = [q.context for q in batch]
+            constrain = None if spans is None else spans.processor(contexts, na_threshold is None, max_new_tokens)
             # Prompt lengths rounded to 64: a few shapes keep CPU bf16 kernels from being re-built per batch.
             outputs = generate(model, [prompts[q.id][0] for q in batch], max_new_tokens, stop_ids=tokenizer.eos_ids,
                                pad_id=pad_id, pad_multiple=64,
-                               first_step_processor=None if na_threshold is None else forbid_abstaining)  # fmt: skip
+                               first_step_processor=None if na_threshold is None else forbid_abstaining,
+                               logits_processor=constrain)  # fmt: skip
             texts = [to_official(tokenizer.decode(out.cpu(), skip_special_tokens=True), no_answer) for out in outputs]
             batch_answers = {}
             for row, (question, text) in enumerate(zip(batch, texts, strict=True)):
@@ -289,6 +315,7 @@ def run_evaluation(
     info: dict[str, Any] | None = None,
     na_threshold: float | str | None = 0.5,
     calibration_questions: list[Question] | None = None,
+    extractive: bool = False,
 ) -> dict[str, Any]:
     """Answer, score and write ``predictions.json`` and ``metrics.json`` into ``out_dir``.
 
@@ -302,6 +329,7 @@ def run_evaluation(
         na_threshold: A float or None (see `score_questions`), or "auto": tune it for F1 on
             ``calibration_questions`` (held-out data, never the evaluation set) and apply it.
         calibration_questions: Questions to tune the threshold on, for "auto".
+        extractive: Span-constrained decoding (see `score_questions`); the evaluate scripts turn it on by default.
         out_dir: Folder for the two files (created if needed).
         info: Run settings to record in ``metrics.json`` (paths, precision, limit, seed, ...).
 
@@ -315,12 +343,13 @@ def run_evaluation(
         if not calibration_questions:
             raise LitQAError("--na_threshold auto needs --calibration_file (held-out questions to tune it on)")
         scored = score_questions(model, tokenizer, calibration_questions, prompt_style, no_answer, batch_size,
-                                 max_new_tokens, na_threshold=1.0)  # fmt: skip
+                                 max_new_tokens, na_threshold=1.0, extractive=extractive)  # fmt: skip
         na_threshold, calibration_f1 = best_na_threshold(calibration_questions, scored)
         calibration = {"calibration_questions": len(calibration_questions), "calibration_f1": round(calibration_f1, 3)}
         print(f"no-answer threshold {na_threshold:.4f} (F1 {calibration_f1:.2f} on {len(calibration_questions)} "
               "calibration questions)", file=sys.stderr)  # fmt: skip
-    settings = partial_settings(model, questions, prompt_style, no_answer, max_new_tokens, na_threshold, info)
+    settings = partial_settings(model, questions, prompt_style, no_answer, max_new_tokens, na_threshold, info,
+                                extractive)  # fmt: skip
     partial_path = out_dir / PARTIAL_FILE
     scored = read_partial(partial_path, settings)
     if resumed := len(scored.final):
@@ -336,7 +365,8 @@ def run_evaluation(
             partial.flush()  # in the OS's hands now: a killed process loses nothing
 
         score_questions(model, tokenizer, questions, prompt_style, no_answer, batch_size, max_new_tokens,
-                        on_batch=save_partial, na_threshold=na_threshold, result=scored)  # fmt: skip
+                        on_batch=save_partial, na_threshold=na_threshold, result=scored,
+                        extractive=extractive)  # fmt: skip
     predictions = scored.final
     seconds = time.perf_counter() - start
     metrics = {
@@ -352,6 +382,7 @@ def run_evaluation(
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
         "na_threshold": na_threshold,
+        "extractive": extractive,
         **calibration,
         **(info or {}),
     }
@@ -372,6 +403,7 @@ def partial_settings(
     max_new_tokens: int,
     na_threshold: float | None,
     info: dict[str, Any] | None,
+    extractive: bool = False,
 ) -> dict[str, Any]:
     """What a partial answers file must have been written with to be resumed: the same questions, weights,
     prompt and decoding settings, and run settings (``info``). The batch size is left out: it does not change
@@ -379,6 +411,8 @@ def partial_settings(
     settings = {"question_ids_sha256": question_ids_sha256(questions), "weights": weights_sample_sha256(model),
                 "prompt_style": prompt_style, "no_answer": no_answer, "max_new_tokens": max_new_tokens,
                 "na_threshold": na_threshold, **(info or {})}  # fmt: skip
+    if extractive:  # only then: free-decoding partial files written before the flag existed still resume
+        settings["extractive"] = True
     return json.loads(json.dumps(settings, default=str))  # as it reads back from the file
 
 

@@ -72,6 +72,7 @@ def generate(
     generator: torch.Generator | None = None,
     pad_multiple: int = 1,
     first_step_processor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    logits_processor: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Continue each prompt by up to ``max_new_tokens`` tokens, stopping a row at its first stop token.
 
@@ -87,6 +88,10 @@ def generate(
             for every new shape, so a few fixed shapes beat minimal padding there.
         first_step_processor: Maps the (B, vocab) logits of the first new token before sampling, e.g. to
             decide between answering and abstaining on a probability rather than on a single token's rank.
+        logits_processor: Maps the (B, vocab) logits of every step before sampling, given the tokens chosen
+            at the step before ((B,); None at the first step, after ``first_step_processor``). A finished row is
+            fed ``pad_id`` after its stop token, and whatever is chosen for it is thrown away. E.g.
+            `lit_qa.extractive.SpanDecoder.processor`, which keeps each answer a span of its context.
 
     Returns:
         For each prompt, the newly generated tokens (1-D, on the model's device).
@@ -111,6 +116,8 @@ def generate(
         logits = model(idx, input_pos, pad_lengths, last_only=True)[:, -1]  # (B, vocab)
         if first_step_processor is not None:
             logits = first_step_processor(logits)
+        if logits_processor is not None:
+            logits = logits_processor(logits, None)
         stop = torch.tensor(sorted(stop_ids or ()), dtype=torch.long, device=device)
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
         tokens = []
@@ -124,6 +131,8 @@ def generate(
                 break
             input_pos = torch.tensor([prompt_length + step], device=device)
             logits = model(token[:, None], input_pos, pad_lengths)[:, -1]
+            if logits_processor is not None:
+                logits = logits_processor(logits, token)
     finally:
         model.clear_kv_cache()
     out = torch.stack(tokens, dim=1) if tokens else idx.new_empty((batch_size, 0))  # (B, new)

@@ -21,12 +21,14 @@ python scripts/prepare_squad.py --checkpoint_dir "$CHECKPOINT" --train_file "$SQ
     --out_dir data/squad2-demo --val_fraction 0.1
 python finetune/lora.py --config configs/lora-smollm2-cpu.yaml --out_dir "$RUN" --resume auto
 # Zero-shot: plain greedy decoding. Fine-tuned: abstain by probability, with the threshold tuned on the
-# validation split carved out of demo-train (never on the evaluation questions).
-python evaluate/base.py --checkpoint_dir "$CHECKPOINT" --eval_file "$SQUAD_DIR/demo-eval-v2.0.json" \
-    --limit "$LIMIT" --out_dir out/evaluate/demo-zero-shot --na_threshold null
-python evaluate/lora.py --lora_dir "$RUN/final" --eval_file "$SQUAD_DIR/demo-eval-v2.0.json" \
-    --limit "$LIMIT" --out_dir out/evaluate/demo-lora --na_threshold auto \
-    --calibration_file data/squad2-demo/val-v2.0.json
+# validation split carved out of demo-train (never on the evaluation questions). A finished evaluation is kept:
+# evaluate/*.py refuse to overwrite one (without --overwrite true).
+[ -f out/evaluate/demo-zero-shot/metrics.json ] || python evaluate/base.py --checkpoint_dir "$CHECKPOINT" \
+    --eval_file "$SQUAD_DIR/demo-eval-v2.0.json" --limit "$LIMIT" --out_dir out/evaluate/demo-zero-shot \
+    --na_threshold null
+[ -f out/evaluate/demo-lora/metrics.json ] || python evaluate/lora.py --lora_dir "$RUN/final" \
+    --eval_file "$SQUAD_DIR/demo-eval-v2.0.json" --limit "$LIMIT" --out_dir out/evaluate/demo-lora \
+    --na_threshold auto --calibration_file data/squad2-demo/val-v2.0.json
 echo
 python scripts/compare_results.py --runs "[zero-shot=out/evaluate/demo-zero-shot, LoRA=out/evaluate/demo-lora]" \
     --out out/demo-results.md

@@ -5,6 +5,7 @@ the comparison table, on a tiny random model and a tokenizer trained in the test
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from lit_qa.data import FORMAT_VERSION, IGNORE_INDEX, PREPARED_BY, QuestionEncod
 from lit_qa.errors import LitQAError, run_cli
 from lit_qa.evaluation import (
     answer_questions,
+    check_out_dir,
     no_answer_baseline,
     question_ids_sha256,
     select_subset,
@@ -216,6 +218,20 @@ def test_evaluate_base_script_end_to_end(checkpoint_dir, tmp_path):
     assert sorted(na_probs) == sorted(predictions) and all(0 <= p <= 1 for p in na_probs.values())
     assert all((predictions[i] == "") == (na_probs[i] >= 0.5) for i in predictions)
     assert metrics["best_threshold_f1"] >= metrics["f1"]
+    assert metrics["extractive"] is True  # the default: every answer is a span of its context
+    assert all(predictions[q.id] in q.context for q in subset)
+
+    # Finished results are not overwritten: refused in one line, before the (here missing) model is loaded.
+    again = run_script("evaluate/base.py", "--checkpoint_dir", str(tmp_path / "gone"), "--eval_file", str(eval_file),
+                       "--out_dir", str(out))  # fmt: skip
+    assert again.returncode == 2 and again.stderr.count("\n") == 1
+    assert again.stderr.startswith(f"error: {out} already holds a finished evaluation (metrics.json)")
+    assert "--overwrite true" in again.stderr and "--out_dir" in again.stderr
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    base_script = load_script("evaluate/base.py")
+    free = base_script.main(checkpoint_dir, eval_file=eval_file, out_dir=out, limit=4, seed=3, max_new_tokens=6,
+                            device="cpu", precision="32-true", extractive=False, overwrite=True)  # fmt: skip
+    assert free["extractive"] is False and json.loads((out / "metrics.json").read_text()) == free
 
 
 def test_evaluate_with_a_threshold_tuned_on_calibration_questions(checkpoint_dir, tmp_path):
@@ -232,7 +248,7 @@ def test_evaluate_with_a_threshold_tuned_on_calibration_questions(checkpoint_dir
     assert metrics["calibration_questions"] == len(questions)
     assert metrics["f1"] == pytest.approx(metrics["best_threshold_f1"]) == pytest.approx(metrics["calibration_f1"])
     missing = run_script("evaluate/base.py", "--checkpoint_dir", str(checkpoint_dir), "--eval_file", str(eval_file),
-                         "--out_dir", str(out), "--na_threshold", "auto")  # fmt: skip
+                         "--out_dir", str(tmp_path / "other"), "--na_threshold", "auto")  # fmt: skip
     assert missing.returncode == 2 and "--calibration_file" in missing.stderr
 
 
@@ -246,6 +262,63 @@ def test_evaluate_base_missing_input_is_one_line_error(checkpoint_dir, tmp_path,
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert str(tmp_path / "nope") in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_check_out_dir_refuses_finished_results_only(tmp_path):
+    check_out_dir(tmp_path / "new")  # nothing there yet
+    (tmp_path / evaluation.PARTIAL_FILE).write_text("{}\n")
+    check_out_dir(tmp_path)  # an interrupted run: resumed, not refused
+    for name in (evaluation.PREDICTIONS_FILE, evaluation.METRICS_FILE):
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        (folder / name).write_text("{}")
+        expected = (f"{folder} already holds a finished evaluation ({name}); pass --overwrite true to replace it "
+                    "or choose another --out_dir")  # fmt: skip
+        with pytest.raises(LitQAError, match=f"^{re.escape(expected)}$"):
+            check_out_dir(folder)
+        check_out_dir(folder, overwrite=True)
+
+
+@pytest.mark.parametrize("script, model_arg", [("evaluate/base.py", "checkpoint_dir"), ("evaluate/lora.py", "lora_dir"),
+                                               ("evaluate/adapter.py", "adapter_dir")])  # fmt: skip
+def test_every_evaluate_script_refuses_finished_results_before_loading(tmp_path, script, model_arg):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "predictions.json").write_text("{}")
+    main = load_script(script).main
+    with pytest.raises(LitQAError, match="already holds a finished evaluation"):
+        main(**{model_arg: tmp_path / "no-model"}, eval_file=tmp_path / "no-eval.json", out_dir=out)
+    with pytest.raises(LitQAError, match="no-"):  # with --overwrite it goes on, to the missing model or file
+        main(**{model_arg: tmp_path / "no-model"}, eval_file=tmp_path / "no-eval.json", out_dir=out, overwrite=True)
+
+
+# ---- extractive decoding ----
+
+
+def test_extractive_answers_are_spans_and_keep_the_abstain_probabilities(model, tokenizer):
+    questions = sample_questions()
+    free = evaluation.score_questions(model, tokenizer, questions, max_new_tokens=8, progress=False)
+    spans = evaluation.score_questions(model, tokenizer, questions, max_new_tokens=8, progress=False,
+                                       extractive=True)  # fmt: skip
+    assert spans.abstain_prob == free.abstain_prob  # measured before any token is masked
+    assert all(spans.best_span[q.id] and spans.best_span[q.id] in q.context for q in questions)
+    assert all(spans.final[q.id] in q.context for q in questions)
+    assert any(free.best_span[q.id] not in q.context for q in questions)  # the tiny model left alone rambles
+    # Without a threshold the no-answer string is allowed too (mapped to "").
+    plain = answer_questions(model, tokenizer, questions, max_new_tokens=8, progress=False, na_threshold=None,
+                             extractive=True)  # fmt: skip
+    assert all(plain[q.id] in q.context for q in questions)
+    # The library default stays free decoding (the training loop calls answer_questions).
+    assert answer_questions(model, tokenizer, questions, max_new_tokens=8, progress=False) == free.final
+
+
+def test_extractive_is_part_of_the_resume_fingerprint(model):
+    questions = sample_questions()
+    settings = [evaluation.partial_settings(model, questions, "plain", "unanswerable", 8, 0.5, {"seed": 1}, extractive)
+                for extractive in (False, True)]  # fmt: skip
+    assert settings[0] != settings[1] and settings[1]["extractive"] is True
+    # Free decoding keeps the fingerprint of partial files written before the flag existed.
+    assert settings[0] == evaluation.partial_settings(model, questions, "plain", "unanswerable", 8, 0.5, {"seed": 1})
 
 
 # ---- evaluate/lora.py ----
@@ -378,7 +451,8 @@ def test_real_smollm2_on_demo_eval(tmp_path):
 
     # Half the questions decoded one at a time is enough to catch a batching bug, at half the cost.
     model = load_model(checkpoint)[0]
-    alone = answer_questions(model, Tokenizer(checkpoint), subset[:8], batch_size=1, max_new_tokens=16, progress=False)
+    alone = answer_questions(model, Tokenizer(checkpoint), subset[:8], batch_size=1, max_new_tokens=16, progress=False,
+                             extractive=True)  # as the script decodes by default  # fmt: skip
     assert alone == {q.id: predictions[q.id] for q in subset[:8]}
 
 
