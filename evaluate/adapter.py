@@ -7,6 +7,11 @@ The adapter folder says which base model it belongs to (``base_checkpoint.json``
 (``adapter_config.json``) and how its training prompts were built (``prepare_config.json``), so by default
 nothing has to be repeated here. Unlike LoRA, an adapter cannot be merged into the weights (its prompts are
 attention inputs), so the model decodes with the adapter layers in place, in the chosen precision.
+
+Quantized: ``--quantize bnb.nf4`` (bnb.fp4, bnb.int8) quantizes the base's linear layers after loading, and
+``--quantize gptq.int4 --gptq_checkpoint FOLDER`` loads the base from the GPTQ folder scripts/quantize_gptq.py
+made of it; either way the adapter (prompts, gates, v2's scales and biases) stays in the model's dtype and
+computes on the quantized layers' outputs, which is exactly the model one would serve.
 Outputs are those of ``evaluate/base.py``: ``predictions.json`` and ``metrics.json`` in ``--out_dir``.
 """
 
@@ -29,6 +34,7 @@ from lit_qa.evaluation import (
     select_subset,
 )
 from lit_qa.precision import resolve_precision, weights_dtype
+from lit_qa.quantize import check_quantize_args, weights_size_bytes
 from lit_qa.squad import load_squad
 from lit_qa.tokenizer import Tokenizer, check_vocab_matches
 
@@ -50,6 +56,8 @@ def main(
     no_answer: str | None = None,
     allow_different_base: bool = False,
     extractive: bool = True,
+    quantize: str | None = None,
+    gptq_checkpoint: Path | None = None,
     overwrite: bool = False,
 ) -> dict:
     """Answer SQuAD 2.0 questions with a base model plus LLaMA-Adapter and score them.
@@ -77,11 +85,15 @@ def main(
         allow_different_base: Evaluate even if the base weights are not those the adapter was trained on.
         extractive: Span-constrained decoding: every answer is a substring of the context or the no-answer string
             (``--extractive false``: free greedy decoding).
+        quantize: Quantize the base: "bnb.int8", "bnb.nf4", "bnb.fp4" (bitsandbytes, after loading) or "gptq.int4"
+            (the base loaded from ``gptq_checkpoint``); the adapter stays unquantized. None: full precision.
+        gptq_checkpoint: A folder scripts/quantize_gptq.py wrote from the base; only with ``--quantize gptq.int4``.
         overwrite: Replace the results of a finished evaluation in ``out_dir``; without it such a folder is refused.
             (A folder holding only predictions.partial.jsonl, an interrupted run, is resumed either way.)
     """
     check_out_dir(out_dir, overwrite)  # before anything is loaded: a refusal should cost nothing
     check_adapter_dir(adapter_dir)
+    check_quantize_args(quantize, gptq_checkpoint)
     prompt_style, no_answer = prompt_settings(adapter_dir, prompt_style, no_answer)
     questions = select_subset(load_squad(eval_file), limit, seed)  # a bad file fails before the model loads
     base = Path(read_adapter_base_record(adapter_dir)["path"]) if checkpoint_dir is None else checkpoint_dir
@@ -90,16 +102,19 @@ def main(
 
     t0 = time.perf_counter()
     model, config, adapter_config = load_adapter_checkpoint(
-        adapter_dir, base, device, weights_dtype(precision), allow_different_base
+        adapter_dir, base, device, weights_dtype(precision), allow_different_base, quantize, gptq_checkpoint
     )
     tokenizer = Tokenizer(base)
     check_vocab_matches(tokenizer, config.padded_vocab_size, base)
     layers = f"layers {adapter_config.start_layer}..{config.n_layer - 1}"
     print(f"loaded {config.name or base} + LLaMA-Adapter v{adapter_config.version} ({layers}) from {adapter_dir} "
-          f"({precision}, {device}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
+          f"({precision}, {device}, {quantize or 'not quantized'}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
 
     info = dict(checkpoint_dir=str(base), adapter_dir=str(adapter_dir), eval_file=str(eval_file), precision=precision,
-                device=device, limit=limit, seed=seed)  # fmt: skip
+                device=device, limit=limit, seed=seed, quantize=quantize,
+                weights_bytes=weights_size_bytes(model))  # fmt: skip
+    if gptq_checkpoint is not None:
+        info["gptq_checkpoint"] = str(gptq_checkpoint)
     with autocast(precision, device):
         metrics = run_evaluation(
             model, tokenizer, questions, out_dir, prompt_style, no_answer, batch_size, max_new_tokens, info,

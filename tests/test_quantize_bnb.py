@@ -278,3 +278,26 @@ def test_real_smollm2_quantized():
         assert relative_error(logits, expected) < logits_bound, mode
         assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= top1_bound, mode
         assert torch.nn.functional.cross_entropy(logits[0, :-1], idx[0, 1:]) - loss < loss_bound, mode
+
+
+def test_evaluate_adapter_script_with_quantize(tmp_path):
+    from lit_qa.adapter import AdapterConfig, apply_adapter, save_adapter_checkpoint
+
+    checkpoint = make_wide_checkpoint(tmp_path)
+    model, _ = load_model(checkpoint)
+    adapter_config = AdapterConfig(version=2, prompt_length=4, start_layer=0)
+    adapter_dir = save_adapter_checkpoint(tmp_path / "adapter", apply_adapter(model, adapter_config), adapter_config,
+                                          checkpoint)  # fmt: skip
+    eval_file = squad_file(tmp_path / "eval.json", sample_questions())
+    out = tmp_path / "eval-nf4"
+    result = run_script("evaluate/adapter.py", "--adapter_dir", str(adapter_dir), "--eval_file", str(eval_file),
+                        "--out_dir", str(out), "--max_new_tokens", "4", "--precision", "32-true",
+                        "--quantize", "bnb.nf4")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["quantize"] == "bnb.nf4" and metrics["total"] == len(sample_questions())
+    # The block linears shrink ~7x; the fp32 embedding and head (half of this tiny model) stay as they are.
+    assert metrics["weights_bytes"] < 0.65 * weights_size_bytes(load_model(checkpoint)[0])
+    bad = run_script("evaluate/adapter.py", "--adapter_dir", str(adapter_dir), "--eval_file", str(eval_file),
+                     "--out_dir", str(tmp_path / "bad"), "--quantize", "gptq.int4")  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--gptq_checkpoint" in bad.stderr
