@@ -153,7 +153,8 @@ def worker(job: dict) -> dict:
     result = {"format": fmt, "precision": precision, "EM": metrics["exact"], "F1": metrics["f1"],
               "HasAns F1": metrics.get("HasAns_f1"), "NoAns accuracy": metrics.get("NoAns_exact"),
               "weights GB": weights_size_bytes(model) / 1e9, "peak memory GB": peak,
-              "tokens/s": tokens_per_sec, "questions": metrics["total"]}  # fmt: skip
+              "tokens/s": tokens_per_sec, "questions": metrics["total"],
+              "best-threshold F1": metrics.get("best_threshold_f1")}  # fmt: skip
     if fmt == "gptq.int4":
         settings = json.loads((Path(job["gptq_checkpoint"]) / "quantize_config.json").read_text())
         result["format"] += f" g{settings['group_size']}" + (" act-order" if settings.get("desc_act") else "")
@@ -184,15 +185,15 @@ def add_differences(rows: list[dict]) -> list[dict]:
 
 def write_outputs(out_dir: Path, rows: list[dict], extra: dict) -> None:
     """``comparison.md`` (printed too), ``comparison.json`` and ``comparison.png``."""
-    columns = ["format", "EM", "F1", "HasAns F1", "NoAns accuracy", "weights GB", "peak memory GB", "tokens/s",
-               "F1 vs full"]  # fmt: skip
+    columns = ["format", "EM", "F1", "HasAns F1", "NoAns accuracy", "best-threshold F1", "weights GB",
+               "peak memory GB", "tokens/s", "F1 vs full"]  # fmt: skip
 
     def cell(value) -> str:
         return "-" if value is None else f"{value:+.2f}" if isinstance(value, float) and value < 0 else (
             f"{value:.2f}" if isinstance(value, float) else str(value))
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     markdown = "\n".join(lines) + "\n"
     print(markdown)
     (out_dir / "comparison.md").write_text(markdown)
