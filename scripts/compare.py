@@ -157,7 +157,7 @@ def worker(job: dict) -> dict:
               "best-threshold F1": metrics.get("best_threshold_f1")}  # fmt: skip
     if fmt == "gptq.int4":
         settings = json.loads((Path(job["gptq_checkpoint"]) / "quantize_config.json").read_text())
-        result["format"] += f" g{settings['group_size']}" + (" act-order" if settings.get("desc_act") else "")
+        result["settings"] = f"g{settings['group_size']}" + (" act-order" if settings.get("desc_act") else "")
     (Path(job["out_dir"]) / "compare_result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -177,7 +177,7 @@ def decode_speed(model: torch.nn.Module, generate, device: str) -> float:
 
 def add_differences(rows: list[dict]) -> list[dict]:
     """Add each format's F1 difference to the full-precision row (if present)."""
-    full = next((r for r in rows if r["format"] == "full"), None)  # GPTQ rows are labelled with their settings
+    full = next((r for r in rows if r["format"] == "full"), None)
     for row in rows:
         row["F1 vs full"] = None if full is None else row["F1"] - full["F1"]
     return rows
@@ -193,7 +193,8 @@ def write_outputs(out_dir: Path, rows: list[dict], extra: dict) -> None:
             f"{value:.2f}" if isinstance(value, float) else str(value))
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(label(row) if c == "format" else row.get(c)) for c in columns) + " |"
+              for row in rows]  # fmt: skip
     markdown = "\n".join(lines) + "\n"
     print(markdown)
     (out_dir / "comparison.md").write_text(markdown)
@@ -204,6 +205,11 @@ def write_outputs(out_dir: Path, rows: list[dict], extra: dict) -> None:
     print(f"wrote {out_dir / 'comparison.md'}, comparison.json and comparison.png")
 
 
+def label(row: dict) -> str:
+    """The format and, for GPTQ, its settings: ``gptq.int4 g128 act-order``."""
+    return f"{row['format']} {row['settings']}" if row.get("settings") else row["format"]
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Bar charts of F1 and weights size per format, side by side."""
     import matplotlib
@@ -211,7 +217,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    names = [row["format"] for row in rows]
+    names = [label(row) for row in rows]
     fig, (f1_axis, size_axis) = plt.subplots(1, 2, figsize=(10, 4))
     f1_axis.bar(names, [row["F1"] for row in rows], color="tab:blue")
     f1_axis.set_ylabel("SQuAD F1")

@@ -29,7 +29,7 @@ def test_compare_writes_markdown_json_and_png(tmp_path):
     assert by_format["bnb.nf4"]["weights GB"] < by_format["bnb.int8"]["weights GB"] < by_format["full"]["weights GB"]
     assert by_format["gptq.int4"]["weights GB"] < by_format["full"]["weights GB"]
     table = (out / "comparison.md").read_text()
-    assert table.count("\n") == 2 + len(rows) and "| gptq.int4 |" in table
+    assert table.count("\n") == 2 + len(rows) and "| gptq.int4 g32 |" in table  # GPTQ rows show their settings
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for fmt in by_format:
         assert json.loads((out / fmt / "metrics.json").read_text())["total"] == 8
