@@ -12,7 +12,8 @@ Quantized: ``--quantize bnb.nf4`` (bnb.fp4, bnb.int8) quantizes the base's linea
 ``--quantize gptq.int4 --gptq_checkpoint FOLDER`` loads the base from the GPTQ folder scripts/quantize_gptq.py
 made of it; either way the adapter (prompts, gates, v2's scales and biases) stays in the model's dtype and
 computes on the quantized layers' outputs, which is exactly the model one would serve.
-Outputs are those of ``evaluate/base.py``: ``predictions.json`` and ``metrics.json`` in ``--out_dir``.
+Outputs are those of ``evaluate/base.py``: ``predictions.json``, ``metrics.json`` and ``na_probs.json`` in
+``--out_dir``; the no-answer threshold is chosen as in ``evaluate/lora.py`` (``--na_threshold auto``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from lit_qa.adapter import check_adapter_dir, load_adapter_checkpoint, read_adap
 from lit_qa.errors import run_cli
 from lit_qa.evaluation import (
     autocast,
+    check_chat_template,
     check_out_dir,
     format_summary,
     prompt_settings,
     resolve_device,
+    resolve_na_threshold,
     run_evaluation,
     select_subset,
 )
@@ -48,7 +51,7 @@ def main(
     seed: int = 1234,
     batch_size: int = 8,
     max_new_tokens: int = 32,
-    na_threshold: float | Literal["auto"] | None = 0.5,
+    na_threshold: float | Literal["auto", "off"] | None = "auto",
     calibration_file: Path | None = None,
     precision: str = "auto",
     device: str = "auto",
@@ -72,9 +75,12 @@ def main(
         seed: Seed of the subset.
         batch_size: Questions decoded together (longest prompts first).
         max_new_tokens: Longest answer in tokens.
-        na_threshold: Answer "no answer" only when the model puts at least this probability on starting the
-            no-answer string (instead of comparing it with single answer tokens); "auto" tunes it for F1 on
-            ``calibration_file``; null for plain greedy decoding.
+        na_threshold: When to answer "no answer". Each question's best span (the no-answer string forbidden) and
+            the no-answer string are scored by their mean log-probability (tokens + EOS); the model abstains when
+            p_na = sigmoid(s_na - s_span) reaches the threshold. "auto": the threshold saved with the weights
+            (adapter_dir/na_threshold.json, written by training with --eval.f1_questions), else tuned for F1 on
+            ``calibration_file``, else 0.5 with a warning; a number in [0, 1]: that threshold; "off" (or null): plain
+            greedy decoding, the model says the no-answer string or a span as it likes.
         calibration_file: Held-out SQuAD questions to tune ``--na_threshold auto`` on, e.g. the validation
             split that scripts/prepare_squad.py writes (val-v2.0.json). Never the evaluation file.
         precision: "auto" (bf16 on GPUs and on CPUs with native bf16, 32-true elsewhere), "32-true",
@@ -96,6 +102,9 @@ def main(
     check_quantize_args(quantize, gptq_checkpoint)
     prompt_style, no_answer = prompt_settings(adapter_dir, prompt_style, no_answer)
     questions = select_subset(load_squad(eval_file), limit, seed)  # a bad file fails before the model loads
+    calibration = load_squad(calibration_file) if calibration_file else None
+    # A bad --na_threshold or saved threshold file fails here, before the model loads.
+    resolve_na_threshold(na_threshold, adapter_dir, calibration is not None, extractive, verbose=False)
     base = Path(read_adapter_base_record(adapter_dir)["path"]) if checkpoint_dir is None else checkpoint_dir
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
@@ -106,6 +115,7 @@ def main(
     )
     tokenizer = Tokenizer(base)
     check_vocab_matches(tokenizer, config.padded_vocab_size, base)
+    check_chat_template(adapter_dir, prompt_style, tokenizer)
     layers = f"layers {adapter_config.start_layer}..{config.n_layer - 1}"
     print(f"loaded {config.name or base} + LLaMA-Adapter v{adapter_config.version} ({layers}) from {adapter_dir} "
           f"({precision}, {device}, {quantize or 'not quantized'}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
@@ -118,8 +128,8 @@ def main(
     with autocast(precision, device):
         metrics = run_evaluation(
             model, tokenizer, questions, out_dir, prompt_style, no_answer, batch_size, max_new_tokens, info,
-            na_threshold=na_threshold,
-            calibration_questions=load_squad(calibration_file) if calibration_file else None, extractive=extractive,
+            na_threshold=na_threshold, calibration_questions=calibration, extractive=extractive,
+            threshold_dir=adapter_dir,
         )
     print(format_summary(metrics, out_dir))
     return metrics

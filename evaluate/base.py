@@ -4,8 +4,11 @@
     python evaluate/base.py --eval_file data/squad2/dev-v2.0.json --limit 500
     python evaluate/base.py --checkpoint_dir out/merged --out_dir out/evaluate/merged
 
-Writes ``predictions.json`` (official format: id -> answer, "" for no answer) and ``metrics.json`` (official
-metrics, the always-no-answer baseline on the same questions, speed and settings) into ``--out_dir``.
+Writes ``predictions.json`` (official format: id -> answer, "" for no answer), ``metrics.json`` (official
+metrics, the always-no-answer baseline on the same questions, the no-answer threshold and where it came from,
+speed and settings) and, with a threshold, ``na_probs.json`` (the official script's ``--na-prob-file``) into
+``--out_dir``. A fully fine-tuned folder with ``na_threshold.json`` (finetune/full.py --eval.f1_questions N) is
+evaluated at that threshold by default.
 ``--limit`` evaluates a fixed stratified subset (same ``--seed``, same questions). Compare runs with
 ``scripts/compare_results.py``. An ``--out_dir`` holding a finished evaluation is refused unless ``--overwrite
 true``; one holding only ``predictions.partial.jsonl`` (an interrupted run) is resumed.
@@ -30,10 +33,12 @@ from typing import Literal
 from lit_qa.errors import run_cli
 from lit_qa.evaluation import (
     autocast,
+    check_chat_template,
     check_out_dir,
     format_summary,
     prompt_settings,
     resolve_device,
+    resolve_na_threshold,
     run_evaluation,
     select_subset,
 )
@@ -51,7 +56,7 @@ def main(
     seed: int = 1234,
     batch_size: int = 8,
     max_new_tokens: int = 32,
-    na_threshold: float | Literal["auto"] | None = 0.5,
+    na_threshold: float | Literal["auto", "off"] | None = "auto",
     calibration_file: Path | None = None,
     precision: str = "auto",
     device: str = "auto",
@@ -72,9 +77,13 @@ def main(
         seed: Seed of the subset.
         batch_size: Questions decoded together (longest prompts first).
         max_new_tokens: Longest answer in tokens.
-        na_threshold: Answer "no answer" only when the model puts at least this probability on starting the
-            no-answer string (instead of comparing it with single answer tokens); "auto" tunes it for F1 on
-            ``calibration_file``; null for plain greedy decoding.
+        na_threshold: When to answer "no answer". Each question's best span (the no-answer string forbidden) and
+            the no-answer string are scored by their mean log-probability (tokens + EOS); the model abstains when
+            p_na = sigmoid(s_na - s_span) reaches the threshold. "auto": the threshold saved with the weights
+            (checkpoint_dir/na_threshold.json, written by training with --eval.f1_questions), else tuned for F1 on
+            ``calibration_file``, else 0.5 (the no-answer string as likely per token as the best span) with a
+            warning; a number in [0, 1]: that threshold; "off" (or null): plain greedy decoding, the model says the
+            no-answer string or a span as it likes.
         calibration_file: Held-out SQuAD questions to tune ``--na_threshold auto`` on, e.g. the validation
             split that scripts/prepare_squad.py writes (val-v2.0.json). Never the evaluation file.
         precision: "auto" (bf16 on GPUs and on CPUs with native bf16, 32-true elsewhere), "32-true",
@@ -96,6 +105,9 @@ def main(
     # A full fine-tune (finetune/full.py) records its prompt settings; a converted base model has none.
     prompt_style, no_answer = prompt_settings(checkpoint_dir, prompt_style, no_answer, warn_if_unknown=False)
     questions = select_subset(load_squad(eval_file), limit, seed)  # a bad file fails before the model loads
+    calibration = load_squad(calibration_file) if calibration_file else None
+    # A bad --na_threshold or saved threshold file fails here, before the model loads.
+    resolve_na_threshold(na_threshold, checkpoint_dir, calibration is not None, extractive, verbose=False)
     check_quantize_args(quantize, gptq_checkpoint)
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
@@ -104,6 +116,7 @@ def main(
     model, config = load_for_inference(checkpoint_dir, device, weights_dtype(precision), quantize, gptq_checkpoint)
     tokenizer = Tokenizer(checkpoint_dir)
     check_vocab_matches(tokenizer, config.padded_vocab_size, checkpoint_dir)
+    check_chat_template(checkpoint_dir, prompt_style, tokenizer)
     print(f"loaded {config.name or checkpoint_dir} ({precision}, {device}, {quantize or 'not quantized'}) "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
 
@@ -114,8 +127,8 @@ def main(
     with autocast(precision, device):
         metrics = run_evaluation(
             model, tokenizer, questions, out_dir, prompt_style, no_answer, batch_size, max_new_tokens, info,
-            na_threshold=na_threshold,
-            calibration_questions=load_squad(calibration_file) if calibration_file else None, extractive=extractive,
+            na_threshold=na_threshold, calibration_questions=calibration, extractive=extractive,
+            threshold_dir=checkpoint_dir,
         )
     print(format_summary(metrics, out_dir))
     return metrics

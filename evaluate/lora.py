@@ -6,7 +6,9 @@
 The adapter folder says which base model it belongs to (``base_checkpoint.json``) and how its training
 prompts were built (``prepare_config.json``), so by default nothing has to be repeated here. The adapter is
 merged into the weights before decoding: the same maths as running it unmerged, with no extra matmuls.
-Outputs are those of ``evaluate/base.py``: ``predictions.json`` and ``metrics.json`` in ``--out_dir``.
+Outputs are those of ``evaluate/base.py``: ``predictions.json``, ``metrics.json`` and ``na_probs.json`` in
+``--out_dir``. The no-answer threshold is, by default, the one training saved in the adapter folder
+(``na_threshold.json``, with ``--eval.f1_questions``), else one tuned on ``--calibration_file``.
 
 Quantized: ``--quantize bnb.nf4`` (bnb.fp4, bnb.int8) merges the adapter in full precision first and then
 quantizes the merged model, exactly as a base model would be quantized (merging into already quantized weights
@@ -26,10 +28,12 @@ from typing import Literal
 from lit_qa.errors import LitQAError, run_cli
 from lit_qa.evaluation import (
     autocast,
+    check_chat_template,
     check_out_dir,
     format_summary,
     prompt_settings,
     resolve_device,
+    resolve_na_threshold,
     run_evaluation,
     select_subset,
 )
@@ -49,7 +53,7 @@ def main(
     seed: int = 1234,
     batch_size: int = 8,
     max_new_tokens: int = 32,
-    na_threshold: float | Literal["auto"] | None = 0.5,
+    na_threshold: float | Literal["auto", "off"] | None = "auto",
     calibration_file: Path | None = None,
     precision: str = "auto",
     device: str = "auto",
@@ -71,9 +75,12 @@ def main(
         seed: Seed of the subset.
         batch_size: Questions decoded together (longest prompts first).
         max_new_tokens: Longest answer in tokens.
-        na_threshold: Answer "no answer" only when the model puts at least this probability on starting the
-            no-answer string (instead of comparing it with single answer tokens); "auto" tunes it for F1 on
-            ``calibration_file``; null for plain greedy decoding.
+        na_threshold: When to answer "no answer". Each question's best span (the no-answer string forbidden) and
+            the no-answer string are scored by their mean log-probability (tokens + EOS); the model abstains when
+            p_na = sigmoid(s_na - s_span) reaches the threshold. "auto": the threshold saved with the weights
+            (lora_dir/na_threshold.json, written by training with --eval.f1_questions), else tuned for F1 on
+            ``calibration_file``, else 0.5 with a warning; a number in [0, 1]: that threshold; "off" (or null): plain
+            greedy decoding, the model says the no-answer string or a span as it likes.
         calibration_file: Held-out SQuAD questions to tune ``--na_threshold auto`` on, e.g. the validation
             split that scripts/prepare_squad.py writes (val-v2.0.json). Never the evaluation file.
         precision: "auto" (bf16 on GPUs and on CPUs with native bf16, 32-true elsewhere), "32-true",
@@ -100,6 +107,9 @@ def main(
     warn_if_trained_quantized(lora_dir, quantize)
     prompt_style, no_answer = prompt_settings(lora_dir, prompt_style, no_answer)
     questions = select_subset(load_squad(eval_file), limit, seed)  # a bad file fails before the model loads
+    calibration = load_squad(calibration_file) if calibration_file else None
+    # A bad --na_threshold or saved threshold file fails here, before the model loads.
+    resolve_na_threshold(na_threshold, lora_dir, calibration is not None, extractive, verbose=False)
     base = Path(read_base_record(lora_dir)["path"]) if checkpoint_dir is None else checkpoint_dir
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
@@ -113,6 +123,7 @@ def main(
         quantize_model(model, quantize, device=device)  # after merging, layer by layer onto the device
     tokenizer = Tokenizer(base)
     check_vocab_matches(tokenizer, config.padded_vocab_size, base)
+    check_chat_template(lora_dir, prompt_style, tokenizer)
     print(f"loaded {config.name or base} + LoRA r={lora_config.r} from {lora_dir} ({precision}, {device}, "
           f"{quantize or 'not quantized'}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
 
@@ -122,8 +133,8 @@ def main(
     with autocast(precision, device):
         metrics = run_evaluation(
             model, tokenizer, questions, out_dir, prompt_style, no_answer, batch_size, max_new_tokens, info,
-            na_threshold=na_threshold,
-            calibration_questions=load_squad(calibration_file) if calibration_file else None, extractive=extractive,
+            na_threshold=na_threshold, calibration_questions=calibration, extractive=extractive,
+            threshold_dir=lora_dir,
         )
     print(format_summary(metrics, out_dir))
     return metrics

@@ -15,7 +15,9 @@ Continue a stopped run with ``--resume auto`` (or ``--resume out/finetune/lora/s
 QLoRA: ``--quantize bnb.nf4`` (or bnb.fp4, bnb.int8) quantizes the frozen base before LoRA is applied; one device
 or DDP, not FSDP. The adapter folder records the mode in ``quantize.json``.
 Outputs in ``--out_dir``: ``step-*/`` checkpoints (LoRA weights + resume state), ``final/``, ``best/`` (with
-``--eval.f1_questions``: the step with the best validation F1) and TensorBoard/CSV logs under ``logs/``.
+``--eval.f1_questions``: the step with the best validation F1; ``best/`` and ``final/`` then also hold the
+no-answer threshold tuned at that validation, ``na_threshold.json``, which evaluate/lora.py uses by default) and
+TensorBoard/CSV logs under ``logs/``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from lit_qa.launch import (check_inputs, launch, load_data_and_model, load_val_q
                            make_optimizer, print_parameter_counts)  # fmt: skip
 from lit_qa.lora import LoRAConfig, apply_lora, lora_state_dict, mark_only_lora_as_trainable, save_lora_checkpoint
 from lit_qa.quantize import check_qlora_args, quantize_model, quantize_record
-from lit_qa.training import fit, print_best, save_hyperparameters, setup_model
+from lit_qa.training import fit, print_best, save_hyperparameters, save_na_threshold, setup_model
 
 
 def setup(
@@ -121,9 +123,12 @@ def main(
                                  overwrite=True)  # fmt: skip
 
     val_questions = load_val_questions(data_dir, eval_args, prepare_config)
+    if val_questions is not None:  # named in na_threshold.json
+        val_questions.source = str(data_dir)
     progress = fit(fabric, model, optimizer, train_data, val_data, train_args, eval_args, out_dir, save_fn, tokenizer,
                    resume=resume, seed=seed, val_questions=val_questions)  # fmt: skip
     save_fn(out_dir / "final")
+    save_na_threshold(fabric, out_dir / "final", progress, val_questions)  # the last validation's threshold
     fabric.barrier()
     fabric.print(f"Saved the LoRA adapter to {out_dir / 'final'}")
     print_best(fabric, progress, out_dir)

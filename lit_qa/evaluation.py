@@ -12,6 +12,18 @@ Prompts are built by the same `QuestionEncoder` as the training samples, so the 
 the way it was trained. The model says `lit_qa.prompts.NO_ANSWER` when the context has no answer; that
 string is mapped back to ``""``, the official format's "no answer". With ``extractive=True`` (the evaluate
 scripts' default) decoding can only produce a span of the context or that string (`lit_qa.extractive`).
+
+Deciding to abstain (``na_threshold``): plain greedy decoding compares the no-answer string's first token with
+single answer tokens, while the probability of answering is spread over many spans. Instead each question gets
+one decoding pass that yields two length-normalised scores under the model's own distribution::
+
+    s_span = mean log p(best span + EOS | prompt)      the span decoded greedily, the no-answer string forbidden
+    s_na   = mean log p(no-answer + EOS | prompt)      read from one extra forward pass through the KV cache
+    p_na   = sigmoid(s_na - s_span)                     abstain when p_na >= na_threshold
+
+``p_na`` is written to ``na_probs.json`` (the official script's ``--na-prob-file``), and the threshold that
+maximises F1 is tuned on held-out questions (`best_na_threshold`) or saved with the fine-tuned weights by the
+training loop (``na_threshold.json``, `read_na_threshold`).
 """
 
 from __future__ import annotations
@@ -19,13 +31,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import random
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
@@ -36,14 +50,19 @@ from lit_qa.errors import LitQAError
 from lit_qa.extractive import SpanDecoder
 from lit_qa.generate import generate
 from lit_qa.model import GPT
-from lit_qa.prompts import NO_ANSWER, check_prompt_style
-from lit_qa.squad import Question, evaluate_predictions, f1_score, gold_answers
+from lit_qa.prompts import NO_ANSWER, chat_template_sha256, check_prompt_style
+from lit_qa.squad import Question, evaluate_predictions, exact_match, f1_score, gold_answers
 from lit_qa.tokenizer import Tokenizer
 
 PREDICTIONS_FILE = "predictions.json"
 METRICS_FILE = "metrics.json"
 NA_PROBS_FILE = "na_probs.json"
 PARTIAL_FILE = "predictions.partial.jsonl"  # header line, then one line per answered question
+NA_THRESHOLD_FILE = "na_threshold.json"  # next to fine-tuned weights: the threshold tuned during training
+# What p_na means; recorded with every threshold, so one tuned for another rule is never applied to this one.
+NA_METHOD = "p_na = sigmoid(mean log p(no-answer + EOS) - mean log p(best span + EOS))"
+ORACLE_NOTE = ("best_f1/best_exact: the best threshold chosen on these evaluation questions themselves (as the "
+               "official script's --na-prob-file output); an oracle for reference, not a result")  # fmt: skip
 
 
 def check_out_dir(out_dir: Path, overwrite: bool = False) -> None:
@@ -129,17 +148,17 @@ def prompt_for(encoder: QuestionEncoder, question: Question) -> tuple[torch.Tens
 
 @dataclass
 class Answers:
-    """What the model answered, and how sure it was that there is no answer.
+    """What the model answered, and how likely it found that there is no answer.
 
     Attributes:
         final: Question id to reported answer, ``""`` meaning "no answer".
         best_span: Question id to the best answer when abstaining is not allowed (with ``na_threshold``).
-        abstain_prob: Question id to P(first token of the no-answer string) (empty without ``na_threshold``).
+        na_prob: Question id to p_na = sigmoid(s_na - s_span), see the module docstring (with ``na_threshold``).
     """
 
     final: dict[str, str]
     best_span: dict[str, str] = field(default_factory=dict)
-    abstain_prob: dict[str, float] = field(default_factory=dict)
+    na_prob: dict[str, float] = field(default_factory=dict)
 
 
 def answer_questions(
@@ -183,12 +202,10 @@ def score_questions(
 ) -> Answers:
     """Answer questions by greedy decoding, and score how likely each is to have no answer.
 
-    Greedy decoding compares the no-answer string's first token with each single answer token. The
-    probability of answering is spread over many candidate spans while abstaining is one token, so a
-    fine-tuned model that is unsure abstains almost always. With ``na_threshold``, the first token of the
-    no-answer string is forbidden during decoding (giving the best answer span), and the model abstains
-    when the probability it gave that token reaches the threshold: at 0.5 that is when abstaining is more
-    likely than all answers together; the best value for F1 is tuned on held-out data (`best_na_threshold`).
+    Without ``na_threshold`` this is plain greedy decoding: the model says the no-answer string or an answer as
+    it likes. With it, each question gets one decoding pass that gives its best span (the no-answer string
+    forbidden) and p_na = sigmoid(s_na - s_span) (module docstring); the model abstains when p_na >=
+    ``na_threshold``. The best value for F1 is tuned on held-out data (`best_na_threshold`).
 
     Args:
         model: The model, in eval mode. A prompt longer than ``model.max_seq_length - max_new_tokens`` is
@@ -198,18 +215,18 @@ def score_questions(
         prompt_style: The prompt template the model was trained with.
         no_answer: The text the model was trained to say when there is no answer; mapped to ``""``.
         batch_size: Questions decoded together. Each row decodes exactly as it would alone.
-        max_new_tokens: Longest answer in tokens.
+        max_new_tokens: Longest answer in tokens. A span cut at this length is scored without its EOS.
         progress: Show a progress bar (in questions) on stderr.
         on_batch: Called with each batch's final ``{id: answer}``, e.g. to save partial results.
-        na_threshold: Abstain when P(first token of the no-answer string) >= this; None for plain greedy decoding.
+        na_threshold: Abstain when p_na >= this (in [0, 1]); None for plain greedy decoding.
         result: Answers known already (from an interrupted run): those questions are skipped, and the new
             answers are added to this object.
         extractive: Span-constrained decoding (`lit_qa.extractive`): every answer is a substring of its
             question's context or the no-answer string. With ``na_threshold`` the best span may only be a
-            substring of the context.
+            substring of the context; without ``extractive`` only the no-answer string's first token is forbidden.
 
     Returns:
-        The final answers, and with ``na_threshold`` the best spans and abstain probabilities.
+        The final answers, and with ``na_threshold`` the best spans and p_na.
 
     Raises:
         LitQAError: If the arguments are out of range, or a question cannot fit the model even windowed.
@@ -218,7 +235,10 @@ def score_questions(
         raise LitQAError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
     if na_threshold is not None and not 0.0 <= na_threshold <= 1.0:
         raise LitQAError(f"--na_threshold must be in [0, 1], got {na_threshold}")
-    max_prompt_length = model.max_seq_length - max_new_tokens
+    probe, targets = (None, None) if na_threshold is None else no_answer_ids(tokenizer, no_answer)
+    # With a threshold, the no-answer string is scored in the cache slots the answer uses later: room for both.
+    room = max_new_tokens if probe is None else max(max_new_tokens, len(probe))
+    max_prompt_length = model.max_seq_length - room
     if max_prompt_length < 1:
         raise LitQAError(
             f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {model.max_seq_length} tokens"
@@ -235,32 +255,28 @@ def score_questions(
     # out-of-memory error shows up in the first batch rather than at the end.
     order = sorted(todo, key=lambda q: -len(prompts[q.id][0]))
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0  # never attended to, any valid id works
-    abstain_token = int(tokenizer.encode(no_answer, bos=False)[0])
     spans = SpanDecoder(tokenizer, no_answer) if extractive and todo else None
     with tqdm(total=len(order), desc="answering", unit="q", disable=not progress, mininterval=1.0) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            probs: list[torch.Tensor] = []
-
-            def forbid_abstaining(logits: torch.Tensor) -> torch.Tensor:
-                probs.append(logits.float().softmax(dim=-1)[:, abstain_token])  # (B,)
-                return logits.index_fill(-1, torch.tensor([abstain_token], device=logits.device), float("-inf"))
-
-            # With a threshold the model abstains by probability: the best span may not spell the no-answer string.
+            # With a threshold the model abstains by p_na: the best span may not spell the no-answer string.
             contexts = [q.context for q in batch]
             constrain = None if spans is None else spans.processor(contexts, na_threshold is None, max_new_tokens)
+            scorer = na_scores = None
+            if na_threshold is not None:
+                scorer = GreedyScorer(constrain, forbidden_first=None if extractive else int(probe[0]))
+                na_scores = NoAnswerScores(targets)
             # Prompt lengths rounded to 64: a few shapes keep CPU bf16 kernels from being re-built per batch.
             outputs = generate(model, [prompts[q.id][0] for q in batch], max_new_tokens, stop_ids=tokenizer.eos_ids,
-                               pad_id=pad_id, pad_multiple=64,
-                               first_step_processor=None if na_threshold is None else forbid_abstaining,
-                               logits_processor=constrain)  # fmt: skip
+                               pad_id=pad_id, pad_multiple=64, logits_processor=constrain if scorer is None else scorer,
+                               probe=None if na_scores is None else probe, on_probe=na_scores)  # fmt: skip
             texts = [to_official(tokenizer.decode(out.cpu(), skip_special_tokens=True), no_answer) for out in outputs]
+            na_probs = None if scorer is None else na_probabilities(na_scores.scores, scorer.mean_log_probs(outputs))
             batch_answers = {}
             for row, (question, text) in enumerate(zip(batch, texts, strict=True)):
-                if na_threshold is not None:
-                    result.best_span[question.id] = text
-                    result.abstain_prob[question.id] = float(probs[0][row])
-                    text = "" if result.abstain_prob[question.id] >= na_threshold else text
+                if na_probs is not None:
+                    result.best_span[question.id], result.na_prob[question.id] = text, na_probs[row]
+                    text = "" if na_probs[row] >= na_threshold else text
                 batch_answers[question.id] = text
             result.final.update(batch_answers)
             if on_batch is not None:
@@ -271,25 +287,132 @@ def score_questions(
     return result
 
 
-def best_na_threshold(questions: list[Question], answers: Answers) -> tuple[float, float]:
-    """The abstain threshold that maximises F1 on ``questions``, and that F1 (0-100).
+def no_answer_ids(tokenizer: Tokenizer, no_answer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The no-answer reply as training encodes it (``encode(no_answer, eos=True)``), for scoring: the ids fed after
+    the prompt (the probe), and the ids the probe's P + 1 logits predict (the probe, then EOS).
 
-    Every question contributes the F1 of "no answer" when its abstain probability reaches the threshold and
-    the F1 of its best span otherwise, so all thresholds are scored from one decoding pass.
+    Raises:
+        LitQAError: If the string encodes to no tokens or the tokenizer has no EOS token.
     """
-    if not answers.abstain_prob:
-        raise LitQAError("tuning the no-answer threshold needs answers scored with an na_threshold")
-    gains = []  # (abstain probability, F1 if abstaining, F1 if answering)
+    ids = tokenizer.encode(no_answer, bos=False)
+    if ids.numel() == 0 or tokenizer.eos_id is None:
+        raise LitQAError(f"cannot score the no-answer string {no_answer!r}: it needs at least one token and an EOS")
+    return ids, torch.cat([ids, torch.tensor([tokenizer.eos_id], dtype=ids.dtype)])
+
+
+class GreedyScorer:
+    """A `lit_qa.generate.generate` logits processor for greedy decoding that also records, at every step, the raw
+    log-probability (the model's own distribution, before any constraint) of the token greedy decoding takes.
+
+    Args:
+        constraint: An inner processor (e.g. a `lit_qa.extractive.SpanConstraint`), applied first.
+        forbidden_first: A token id that may not be chosen first (the no-answer string's, without a constraint).
+    """
+
+    def __init__(
+        self,
+        constraint: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+        forbidden_first: int | None = None,
+    ) -> None:
+        self.constraint, self.forbidden_first = constraint, forbidden_first
+        self.chosen: list[torch.Tensor] = []  # one (B,) tensor per step
+
+    def __call__(self, logits: torch.Tensor, last_tokens: torch.Tensor | None) -> torch.Tensor:
+        """The constrained logits; records the raw log-prob of their argmax, which greedy `sample` picks too."""
+        raw = logits.float().log_softmax(dim=-1)  # (B, V)
+        if self.constraint is not None:
+            logits = self.constraint(logits, last_tokens)
+        if last_tokens is None and self.forbidden_first is not None:
+            logits = logits.index_fill(-1, torch.tensor([self.forbidden_first], device=logits.device), float("-inf"))
+        self.chosen.append(raw.gather(-1, logits.argmax(dim=-1, keepdim=True))[:, 0])
+        return logits
+
+    def mean_log_probs(self, outputs: list[torch.Tensor]) -> list[float]:
+        """Per row of ``generate``'s ``outputs``: the mean raw log-prob of its tokens and its stop token (a row cut
+        at ``max_new_tokens`` has none: it gets the mean of its tokens)."""
+        steps = torch.stack(self.chosen, dim=1).cpu()  # (B, S): one host sync per batch
+        return [float(steps[row, : min(len(out) + 1, steps.size(1))].mean()) for row, out in enumerate(outputs)]
+
+
+class NoAnswerScores:
+    """`lit_qa.generate.generate`'s ``on_probe`` callback: keeps each row's mean log p(no-answer + EOS | prompt).
+
+    Args:
+        targets: The ids the probe's logits predict (`no_answer_ids`).
+    """
+
+    def __init__(self, targets: torch.Tensor) -> None:
+        self.targets = targets
+        self.scores: list[float] = []
+
+    def __call__(self, logits: torch.Tensor) -> None:
+        """Score the probe's (B, P + 1, vocab) logits."""
+        targets = self.targets.to(logits.device)[None, :, None].expand(logits.size(0), -1, 1)  # (B, P+1, 1)
+        log_probs = logits.float().log_softmax(dim=-1).gather(-1, targets)[..., 0]  # (B, P+1)
+        self.scores = log_probs.mean(dim=-1).tolist()
+
+
+def na_probabilities(na_scores: list[float], span_scores: list[float]) -> list[float]:
+    """p_na = sigmoid(s_na - s_span) per row, in (0, 1) (saturating to 0 or 1 only past a difference of ~37)."""
+    return [_sigmoid(na - span) for na, span in zip(na_scores, span_scores, strict=True)]
+
+
+def _sigmoid(x: float) -> float:
+    # Both branches keep exp() from overflowing.
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def apply_na_threshold(answers: Answers, threshold: float, questions: list[Question]) -> dict[str, str]:
+    """The answers at ``threshold``: ``""`` where p_na >= threshold, else the best span."""
+    return {q.id: "" if answers.na_prob[q.id] >= threshold else answers.best_span[q.id] for q in questions}
+
+
+def best_na_threshold(
+    questions: list[Question], answers: Answers, metric: Literal["f1", "exact"] = "f1"
+) -> tuple[float, float]:
+    """The abstain threshold that maximises F1 (or EM) on ``questions``, and that score (0-100).
+
+    Every question contributes the score of "no answer" when its p_na reaches the threshold and that of its best
+    span otherwise, so all thresholds are scored from one decoding pass: sorted by p_na once, the score of
+    abstaining on the k most likely no-answers is a prefix sum plus a suffix sum. Only cuts between distinct
+    probabilities count (no threshold splits equal ones). The threshold returned is the midpoint between the
+    highest p_na answered and the lowest abstained (0 to abstain on all, 1 to answer all); among cuts of equal
+    score the one abstaining most wins, as in the official script.
+
+    Raises:
+        LitQAError: If there are no questions, or one has no p_na (answers scored without ``na_threshold``).
+    """
+    if not questions:
+        raise LitQAError("tuning the no-answer threshold needs at least one question")
+    if missing := [q.id for q in questions if q.id not in answers.na_prob]:
+        raise LitQAError(f"tuning the no-answer threshold needs answers scored with an na_threshold ({missing[0]} "
+                         "has no no-answer probability)")  # fmt: skip
+    score = f1_score if metric == "f1" else exact_match
+    rows = []  # (p_na, score if abstaining, score if answering), by p_na
     for question in questions:
         golds = gold_answers(question)
-        gains.append((answers.abstain_prob[question.id], max(f1_score("", g) for g in golds),
-                      max(f1_score(answers.best_span[question.id], g) for g in golds)))  # fmt: skip
-    best_threshold, best_f1 = 1.0 + 1e-9, sum(answer for _, _, answer in gains)  # never abstain
-    for threshold in sorted({prob for prob, _, _ in gains}):
-        total = sum(abstain if prob >= threshold else answer for prob, abstain, answer in gains)
-        if total > best_f1:
-            best_threshold, best_f1 = threshold, total
-    return min(best_threshold, 1.0), 100.0 * best_f1 / max(1, len(gains))
+        rows.append((answers.na_prob[question.id], max(score("", g) for g in golds),
+                     max(score(answers.best_span[question.id], g) for g in golds)))  # fmt: skip
+    rows.sort(key=lambda row: row[0])
+    answered = list(accumulate((row[2] for row in rows), initial=0.0))  # [k]: the k lowest p_na answer
+    abstained = list(accumulate((row[1] for row in reversed(rows)), initial=0.0))[::-1]  # [k]: rows k.. abstain
+    n = len(rows)
+    cuts = [k for k in range(n + 1) if k in (0, n) or rows[k - 1][0] < rows[k][0]]
+    totals = [answered[k] + abstained[k] for k in cuts]
+    best = max(totals)
+    i = next(i for i, total in enumerate(totals) if total >= best - 1e-9)  # float sums: ties up to rounding
+    return _threshold_at(rows, cuts[i]), 100.0 * totals[i] / n
+
+
+def _threshold_at(rows: list[tuple[float, float, float]], k: int) -> float:
+    """A threshold that answers rows[:k] and abstains on rows[k:] (sorted by p_na)."""
+    if k == 0:
+        return 0.0
+    if k == len(rows):
+        return 1.0
+    low, high = rows[k - 1][0], rows[k][0]
+    middle = (low + high) / 2
+    return middle if low < middle else high  # adjacent floats: the midpoint rounds onto one of them
 
 
 def to_official(text: str, no_answer: str = NO_ANSWER) -> str:
@@ -316,8 +439,9 @@ def run_evaluation(
     na_threshold: float | str | None = 0.5,
     calibration_questions: list[Question] | None = None,
     extractive: bool = False,
+    threshold_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Answer, score and write ``predictions.json`` and ``metrics.json`` into ``out_dir``.
+    """Answer, score and write ``predictions.json``, ``metrics.json`` and (with a threshold) ``na_probs.json``.
 
     Each batch's answers are appended to ``predictions.partial.jsonl`` as they come (the file is removed at
     the end). Run again with the same questions, model and settings after a crash or a kill, and only the
@@ -326,26 +450,27 @@ def run_evaluation(
 
     Args:
         model, tokenizer, questions, prompt_style, no_answer, batch_size, max_new_tokens: See `score_questions`.
-        na_threshold: A float or None (see `score_questions`), or "auto": tune it for F1 on
-            ``calibration_questions`` (held-out data, never the evaluation set) and apply it.
-        calibration_questions: Questions to tune the threshold on, for "auto".
+        na_threshold: See `resolve_na_threshold`: a float in [0, 1], "off" or None (plain greedy decoding),
+            "auto" (the threshold saved in ``threshold_dir``, else tuned for F1 on ``calibration_questions``,
+            else 0.5).
+        calibration_questions: Held-out questions (never the evaluation set) to tune the threshold on, for "auto".
         extractive: Span-constrained decoding (see `score_questions`); the evaluate scripts turn it on by default.
-        out_dir: Folder for the two files (created if needed).
+        out_dir: Folder for the files (created if needed).
         info: Run settings to record in ``metrics.json`` (paths, precision, limit, seed, ...).
+        threshold_dir: The fine-tuned weights' folder, where training saves ``na_threshold.json``.
 
     Returns:
-        The metrics written: the official ones, ``no_answer_baseline``, timing and ``info``.
+        The metrics written: the official ones, ``no_answer_baseline``, the threshold used and where it came from,
+        the oracle best-threshold scores (``best_f1``, ``best_exact``; see `ORACLE_NOTE`), timing and ``info``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    calibration = {}
-    if na_threshold == "auto":
-        if not calibration_questions:
-            raise LitQAError("--na_threshold auto needs --calibration_file (held-out questions to tune it on)")
+    na_threshold, na_record = resolve_na_threshold(na_threshold, threshold_dir, bool(calibration_questions), extractive)
+    if na_threshold == "calibrate":
         scored = score_questions(model, tokenizer, calibration_questions, prompt_style, no_answer, batch_size,
                                  max_new_tokens, na_threshold=1.0, extractive=extractive)  # fmt: skip
         na_threshold, calibration_f1 = best_na_threshold(calibration_questions, scored)
-        calibration = {"calibration_questions": len(calibration_questions), "calibration_f1": round(calibration_f1, 3)}
+        na_record.update(calibration_questions=len(calibration_questions), calibration_f1=round(calibration_f1, 3))
         print(f"no-answer threshold {na_threshold:.4f} (F1 {calibration_f1:.2f} on {len(calibration_questions)} "
               "calibration questions)", file=sys.stderr)  # fmt: skip
     settings = partial_settings(model, questions, prompt_style, no_answer, max_new_tokens, na_threshold, info,
@@ -382,17 +507,98 @@ def run_evaluation(
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
         "na_threshold": na_threshold,
+        **na_record,
         "extractive": extractive,
-        **calibration,
         **(info or {}),
     }
     write_json(out_dir / PREDICTIONS_FILE, predictions)
-    if scored.abstain_prob:  # the official evaluation script's --na-prob-file
-        metrics["best_threshold_f1"] = round(best_na_threshold(questions, scored)[1], 3)
-        write_json(out_dir / NA_PROBS_FILE, {q.id: scored.abstain_prob[q.id] for q in questions})
+    if na_threshold is not None:
+        metrics.update(oracle_thresholds(questions, scored))
+        write_json(out_dir / NA_PROBS_FILE, {q.id: scored.na_prob[q.id] for q in questions})
     write_json(out_dir / METRICS_FILE, metrics)
     (out_dir / PARTIAL_FILE).unlink(missing_ok=True)
     return metrics
+
+
+def oracle_thresholds(questions: list[Question], answers: Answers) -> dict[str, Any]:
+    """The official script's ``--na-prob-file`` extras: the best EM and F1 over all thresholds on ``questions``
+    themselves, and those thresholds (ours abstain at p_na >= t, the official script's at p_na > t; the midpoints
+    `best_na_threshold` returns separate the same questions either way)."""
+    f1_threshold, f1 = best_na_threshold(questions, answers, "f1")
+    exact_threshold, exact = best_na_threshold(questions, answers, "exact")
+    return {"best_exact": exact, "best_exact_thresh": exact_threshold, "best_f1": f1, "best_f1_thresh": f1_threshold,
+            "best_thresholds_note": ORACLE_NOTE}  # fmt: skip
+
+
+def resolve_na_threshold(
+    na_threshold: float | str | None, threshold_dir: Path | None = None, calibration: bool = False,
+    extractive: bool = True, verbose: bool = True,
+) -> tuple[float | None | Literal["calibrate"], dict[str, Any]]:  # fmt: skip
+    """Decide the no-answer threshold from ``--na_threshold``, before any model is loaded.
+
+    Args:
+        na_threshold: A float in [0, 1]; "off" or None: plain greedy decoding; "auto": the threshold saved in
+            ``threshold_dir`` (`read_na_threshold`), else tuned on the calibration questions, else 0.5 (the
+            no-answer string as likely per token as the best span) with a warning.
+        threshold_dir: The fine-tuned weights' folder (None: nothing saved to look for).
+        calibration: Whether calibration questions were given.
+        extractive: Whether answers are span-constrained (a saved threshold tuned otherwise gets a warning).
+        verbose: Print which threshold is used when there is a choice (the scripts check early, quietly).
+
+    Returns:
+        The threshold (None for off, "calibrate" to tune it on the calibration questions) and what to record
+        in ``metrics.json`` about where it came from.
+
+    Raises:
+        LitQAError: For a value out of range, or a saved threshold file that is unreadable.
+    """
+    if na_threshold is None or na_threshold == "off":
+        return None, {"na_threshold_source": "off (plain greedy decoding)"}
+    if na_threshold == "auto":
+        saved = read_na_threshold(threshold_dir) if threshold_dir is not None else None
+        if saved is not None:
+            path = Path(threshold_dir) / NA_THRESHOLD_FILE
+            if calibration and verbose:
+                print(f"note: using the threshold saved in {path}; --calibration_file is not used", file=sys.stderr)
+            if saved.get("extractive", True) != extractive and verbose:
+                print(f"warning: {path} was tuned with extractive={saved.get('extractive')}, this evaluation uses "
+                      f"extractive={extractive}", file=sys.stderr)  # fmt: skip
+            return float(saved["threshold"]), {"na_threshold_source": f"saved: {path}", "na_method": NA_METHOD,
+                                               "na_threshold_saved": saved}  # fmt: skip
+        if calibration:
+            return "calibrate", {"na_threshold_source": "tuned on --calibration_file", "na_method": NA_METHOD}
+        if verbose:
+            where = f"{threshold_dir} has no {NA_THRESHOLD_FILE}" if threshold_dir else "no threshold is saved"
+            print(f"warning: --na_threshold auto: {where} (training writes it with --eval.f1_questions) and no "
+                  "--calibration_file was given; using 0.5. Tune it: --calibration_file val-v2.0.json of the "
+                  "prepared data", file=sys.stderr)  # fmt: skip
+        return 0.5, {"na_threshold_source": "0.5 (nothing saved or tuned)", "na_method": NA_METHOD}
+    if isinstance(na_threshold, (int, float)) and not isinstance(na_threshold, bool) and 0 <= na_threshold <= 1:
+        return float(na_threshold), {"na_threshold_source": "--na_threshold", "na_method": NA_METHOD}
+    raise LitQAError(f"--na_threshold must be auto, off or a number in [0, 1], got {na_threshold!r}")
+
+
+def read_na_threshold(folder: Path) -> dict[str, Any] | None:
+    """The no-answer threshold saved next to fine-tuned weights (``na_threshold.json``, written by training with
+    ``--eval.f1_questions``), or None if there is none or it was tuned for another rule (with a warning).
+
+    Raises:
+        LitQAError: If the file is not valid JSON or its ``threshold`` is not a number in [0, 1].
+    """
+    path = Path(folder) / NA_THRESHOLD_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LitQAError(f"{path} is not valid JSON: {' '.join(str(e).split())}") from None
+    threshold = record.get("threshold") if isinstance(record, dict) else None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise LitQAError(f"{path}: 'threshold' must be a number in [0, 1], got {threshold!r}")
+    if record.get("method") != NA_METHOD:
+        print(f"warning: ignoring {path}: tuned for another no-answer rule ({record.get('method')!r})", file=sys.stderr)
+        return None
+    return record
 
 
 def partial_settings(
@@ -411,6 +617,8 @@ def partial_settings(
     settings = {"question_ids_sha256": question_ids_sha256(questions), "weights": weights_sample_sha256(model),
                 "prompt_style": prompt_style, "no_answer": no_answer, "max_new_tokens": max_new_tokens,
                 "na_threshold": na_threshold, **(info or {})}  # fmt: skip
+    if na_threshold is not None:  # answers abstained by another rule (the first token's probability) never mix in
+        settings["na_method"] = NA_METHOD
     if extractive:  # only then: free-decoding partial files written before the flag existed still resume
         settings["extractive"] = True
     return json.loads(json.dumps(settings, default=str))  # as it reads back from the file
@@ -451,16 +659,16 @@ def read_partial(path: Path, settings: dict[str, Any]) -> Answers:
         except (json.JSONDecodeError, KeyError, TypeError):
             break
         answers.final[qid] = answer
-        if "abstain_prob" in entry:
-            answers.best_span[qid], answers.abstain_prob[qid] = entry["best_span"], entry["abstain_prob"]
+        if "na_prob" in entry:
+            answers.best_span[qid], answers.na_prob[qid] = entry["best_span"], entry["na_prob"]
     return answers
 
 
 def partial_line(answers: Answers, qid: str) -> str:
-    """One question's answer (and with a threshold its best span and abstain probability) as a JSON line."""
+    """One question's answer (and with a threshold its best span and p_na) as a JSON line."""
     entry = {"id": qid, "answer": answers.final[qid]}
-    if qid in answers.abstain_prob:
-        entry.update(best_span=answers.best_span[qid], abstain_prob=answers.abstain_prob[qid])
+    if qid in answers.na_prob:
+        entry.update(best_span=answers.best_span[qid], na_prob=answers.na_prob[qid])
     return json.dumps(entry, ensure_ascii=False) + "\n"
 
 
@@ -475,7 +683,14 @@ def format_summary(metrics: dict[str, Any], out_dir: Path) -> str:
     ]
     groups = [f"{g} EM {metrics[f'{g}_exact']:.2f} F1 {metrics[f'{g}_f1']:.2f} ({metrics[f'{g}_total']} questions)"
               for g in ("HasAns", "NoAns") if f"{g}_total" in metrics]  # fmt: skip
-    lines += ["  ".join(groups), f"wrote {out_dir / PREDICTIONS_FILE} and {out_dir / METRICS_FILE}"]
+    lines.append("  ".join(groups))
+    if metrics.get("na_threshold") is not None:
+        lines.append(f"no-answer threshold {metrics['na_threshold']:.4f} ({metrics['na_threshold_source']}); oracle "
+                     f"(best threshold on these very questions): F1 {metrics['best_f1']:.2f} at "
+                     f"{metrics['best_f1_thresh']:.4f}")  # fmt: skip
+    else:
+        lines.append(f"no-answer decision: {metrics.get('na_threshold_source', 'off')}")
+    lines.append(f"wrote {out_dir / PREDICTIONS_FILE} and {out_dir / METRICS_FILE}")
     return "\n".join(lines)
 
 
@@ -493,26 +708,61 @@ def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
 
 
 def prompt_settings(
-    trained_dir: Path, prompt_style: str | None, no_answer: str | None, warn_if_unknown: bool = True
+    trained_dir: Path,
+    prompt_style: str | None,
+    no_answer: str | None,
+    warn_if_unknown: bool = True,
+    tokenizer: Tokenizer | None = None,
 ) -> tuple[str, str]:
     """The prompt style and no-answer string: the flags if given, else those the model in ``trained_dir`` (an
     adapter or a fine-tuned checkpoint folder) was trained with, as recorded in its ``prepare_config.json``.
 
     A flag that differs from the training setting is honoured with a warning: the model was never asked
-    that way, so its scores will likely drop.
+    that way, so its scores will likely drop. Without a ``prepare_config.json`` (e.g. a base model) the training
+    settings are unknown: the defaults are used and flags are taken as they are.
+
+    Args:
+        trained_dir: The folder of the trained weights.
+        prompt_style: ``--prompt_style``, or None for the training setting.
+        no_answer: ``--no_answer``, or None for the training setting.
+        warn_if_unknown: Warn when ``trained_dir`` has no ``prepare_config.json``.
+        tokenizer: The evaluation tokenizer: with the chat style, warn if its chat template is not the one the
+            data was prepared with (see `check_chat_template`).
+
+    Raises:
+        LitQAError: If the prompt style is unknown.
     """
-    trained = {"prompt_style": "plain", "no_answer": NO_ANSWER}
-    if (Path(trained_dir) / PREPARE_CONFIG_FILE).is_file():
-        trained.update({k: v for k, v in read_prepare_config(trained_dir).items() if k in trained})
-    elif warn_if_unknown:
+    path = Path(trained_dir) / PREPARE_CONFIG_FILE
+    prepared = read_prepare_config(trained_dir) if path.is_file() else None
+    if prepared is None and warn_if_unknown:
         print(f"warning: {trained_dir} has no {PREPARE_CONFIG_FILE}; assuming the default prompt settings",
               file=sys.stderr)  # fmt: skip
+    defaults = {"prompt_style": "plain", "no_answer": NO_ANSWER}
     chosen = {"prompt_style": prompt_style, "no_answer": no_answer}
     for key, value in chosen.items():
+        trained = (prepared or {}).get(key, defaults[key])
         if value is None:
-            chosen[key] = trained[key]
-        elif value != trained[key]:
-            print(f"warning: --{key} {value!r} differs from {trained[key]!r}, which the model was trained with",
+            chosen[key] = trained
+        elif prepared is not None and value != trained:
+            print(f"warning: --{key} {value!r} differs from {trained!r}, which the model was trained with",
                   file=sys.stderr)  # fmt: skip
     check_prompt_style(chosen["prompt_style"])
+    if tokenizer is not None:
+        check_chat_template(trained_dir, chosen["prompt_style"], tokenizer)
     return chosen["prompt_style"], chosen["no_answer"]
+
+
+def check_chat_template(trained_dir: Path, prompt_style: str, tokenizer: Tokenizer) -> None:
+    """Warn when a chat-style model is evaluated with another chat template than its data was prepared with
+    (``chat_template_sha256`` in ``trained_dir/prepare_config.json``): the prompts then differ from training's.
+    Nothing is checked for the plain style or without a recorded template."""
+    path = Path(trained_dir) / PREPARE_CONFIG_FILE
+    if prompt_style != "chat" or not path.is_file():
+        return
+    recorded = read_prepare_config(trained_dir).get("chat_template_sha256")
+    current = chat_template_sha256(tokenizer)
+    if recorded is not None and recorded != current:
+        current = f"sha256 {current[:12]}" if current else "none"
+        print(f"warning: the chat template of {tokenizer.checkpoint_dir} ({current}) is not the one "
+              f"the model was trained with ({path}: {recorded[:12]}); its prompts differ from training's",
+              file=sys.stderr)  # fmt: skip

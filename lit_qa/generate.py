@@ -4,6 +4,15 @@
 A batch is left-padded so every row's last prompt token sits in the same cache slot; the model masks
 the padding and starts each row's RoPE positions at its first real token, so a row decodes exactly
 as it would alone.
+
+A fixed continuation (``probe``, e.g. the no-answer string) can be scored on the way, for one forward pass and
+no second prefill: right after the prefill it is fed into the cache slots that follow every prompt::
+
+    cache slots:  [pad pad prompt........][probe p0 p1 p2]     one forward call: logits after p0, p1, p2
+                  [prompt................][answer a0 a1 ...]  decoding then writes the same slots again
+
+Decoding starts from the prefill's logits and overwrites those slots one by one; a step at slot s only
+attends to slots <= s (the mask), which it has written itself by then, so the probe leaves no trace.
 """
 
 from __future__ import annotations
@@ -73,6 +82,8 @@ def generate(
     pad_multiple: int = 1,
     first_step_processor: Callable[[torch.Tensor], torch.Tensor] | None = None,
     logits_processor: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+    probe: torch.Tensor | None = None,
+    on_probe: Callable[[torch.Tensor], None] | None = None,
 ) -> list[torch.Tensor]:
     """Continue each prompt by up to ``max_new_tokens`` tokens, stopping a row at its first stop token.
 
@@ -92,6 +103,11 @@ def generate(
             at the step before ((B,); None at the first step, after ``first_step_processor``). A finished row is
             fed ``pad_id`` after its stop token, and whatever is chosen for it is thrown away. E.g.
             `lit_qa.extractive.SpanDecoder.processor`, which keeps each answer a span of its context.
+        probe: 1-D token ids, the same for every row, to score as a continuation of each prompt (see the module
+            docstring); it does not change what is generated.
+        on_probe: Called once with the probe's logits (B, P + 1, vocab), P = ``probe.numel()``: position i holds
+            the raw logits of the token after prompt + probe[:i], so it predicts ``probe[i]`` for i < P, and
+            position P what follows the whole probe (e.g. EOS).
 
     Returns:
         For each prompt, the newly generated tokens (1-D, on the model's device).
@@ -100,12 +116,15 @@ def generate(
     if not prompts or any(p.numel() == 0 for p in prompts):
         raise LitQAError("every prompt needs at least one token")
     device = model.transformer.wte.weight.device
+    if (probe is None) != (on_probe is None) or (probe is not None and probe.numel() == 0):
+        raise LitQAError("a probe needs at least one token and an on_probe callback, and on_probe needs a probe")
     lengths = torch.tensor([p.numel() for p in prompts], device=device)
     longest = int(lengths.max())
+    room = max(max_new_tokens, 0 if probe is None else probe.numel())  # cache slots after the prompt
     rounded = -(-longest // pad_multiple) * pad_multiple
-    prompt_length = max(longest, min(rounded, model.max_seq_length - max_new_tokens))  # rounding never overflows
+    prompt_length = max(longest, min(rounded, model.max_seq_length - room))  # rounding never overflows
     batch_size = len(prompts)
-    model.set_kv_cache(batch_size, prompt_length + max_new_tokens)
+    model.set_kv_cache(batch_size, prompt_length + room)
     try:
         idx = torch.full((batch_size, prompt_length), pad_id, dtype=torch.long, device=device)
         for row, prompt in enumerate(prompts):
@@ -114,6 +133,10 @@ def generate(
         pad_lengths = pad_lengths if bool(pad_lengths.any()) else None
         input_pos = torch.arange(prompt_length, device=device)
         logits = model(idx, input_pos, pad_lengths, last_only=True)[:, -1]  # (B, vocab)
+        if probe is not None:
+            probe_pos = torch.arange(prompt_length, prompt_length + probe.numel(), device=device)
+            probe_idx = probe.to(device).expand(batch_size, -1)  # (B, P)
+            on_probe(torch.cat([logits[:, None], model(probe_idx, probe_pos, pad_lengths)], dim=1))  # (B, P+1, vocab)
         if first_step_processor is not None:
             logits = first_step_processor(logits)
         if logits_processor is not None:

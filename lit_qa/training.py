@@ -11,8 +11,11 @@ the run started fresh or resumed, so a run stopped after step k and resumed ends
 a run that never stopped, dropout included.
 
 Model selection: with ``--eval.f1_questions N`` each validation also answers N fixed questions of the
-validation split by greedy generation and scores them with the official SQuAD metric; the step with the
-best validation F1 (or loss, ``--eval.best_metric``) is kept in ``out_dir/best/``.
+validation split by extractive greedy decoding, tunes the no-answer threshold on them (`lit_qa.evaluation`:
+abstain when p_na = sigmoid(s_na - s_span) reaches it) and scores them with the official SQuAD metric at that
+threshold; the step with the best validation F1 (or loss, ``--eval.best_metric``) is kept in ``out_dir/best/``,
+with the threshold in ``na_threshold.json`` next to the weights (the scripts write the last one into ``final/``),
+where ``evaluate/*.py --na_threshold auto`` reads it.
 
 SIGTERM or SIGINT (Ctrl-C) stops the run cleanly: the current optimizer step finishes, a checkpoint is
 saved and the process exits (status 0 after SIGTERM, 130 after SIGINT) with a line saying how to resume.
@@ -51,7 +54,8 @@ from lit_qa.args import EvalArgs, TrainArgs
 from lit_qa.data import collate
 from lit_qa.distributed import SHARDED_STATE_DIR, is_sharded, load_sharded_state, save_sharded_state
 from lit_qa.errors import LitQAError
-from lit_qa.evaluation import answer_questions
+from lit_qa.evaluation import (NA_METHOD, NA_THRESHOLD_FILE, apply_na_threshold, best_na_threshold, score_questions,
+                               write_json)  # fmt: skip
 from lit_qa.generate import generate
 from lit_qa.squad import Question, evaluate_predictions
 from lit_qa.tokenizer import Tokenizer
@@ -76,11 +80,13 @@ class ValQuestions:
         questions: A fixed subset of the validation split, in file order.
         prompt_style: The prompt template the data was prepared with.
         no_answer: The string the model is trained to say for an unanswerable question.
+        source: Where the questions come from (e.g. the prepared data folder), recorded in ``na_threshold.json``.
     """
 
     questions: list[Question]
     prompt_style: str
     no_answer: str
+    source: str = "the validation split"
 
 
 class TrainingStopped(SystemExit):
@@ -256,7 +262,7 @@ def fit(
             if (step % eval_args.interval == 0 or step == total_steps or stop == "time") and stop in (None, "time"):
                 run_validation(fabric, model, val_data, val_questions, tokenizer, train_args, eval_args, progress)
                 if update_best(progress, eval_args.tracked_metric(), criterion):
-                    save_best(fabric, out_dir, save_fn, progress["best"])
+                    save_best(fabric, out_dir, save_fn, progress["best"], val_questions)
                     fabric.print(f"step {step} is the best so far by {criterion}: saved {out_dir / BEST_DIR}")
             if step % train_args.save_interval == 0 or step == total_steps or stop:
                 save_training_checkpoint(fabric, out_dir / f"step-{step:06d}", model, optimizer, scheduler, progress,
@@ -522,21 +528,30 @@ def run_validation(
 
 
 def format_val(metrics: dict[str, float]) -> str:
-    """``val loss 1.2345, F1 52.10, EM 48.00, has-answer F1 40.20, no-answer accuracy 63.00`` (what is there)."""
+    """``val loss 1.2345, F1 52.10, EM 48.00, has-answer F1 40.20, no-answer accuracy 63.00, no-answer threshold
+    0.3120`` (what is there)."""
     labels = {"f1": "F1", "em": "EM", "has_ans_f1": "has-answer F1", "no_ans_acc": "no-answer accuracy"}
-    return ", ".join([f"val loss {metrics['loss']:.4f}"] + [f"{label} {metrics[key]:.2f}" for key, label in
-                                                            labels.items() if key in metrics])  # fmt: skip
+    parts = [f"val loss {metrics['loss']:.4f}"] + [f"{label} {metrics[key]:.2f}" for key, label in labels.items()
+                                                   if key in metrics]  # fmt: skip
+    if "na_threshold" in metrics:
+        parts.append(f"no-answer threshold {metrics['na_threshold']:.4f}")
+    return ", ".join(parts)
 
 
 @torch.no_grad()
 def generation_metrics(
     fabric: L.Fabric, model: torch.nn.Module, tokenizer: Tokenizer, val_questions: ValQuestions, eval_args: EvalArgs
 ) -> dict[str, float]:
-    """Greedy answers to ``val_questions`` scored with the official SQuAD 2.0 metric (0-100): ``f1``, ``em``,
-    and ``has_ans_f1`` / ``no_ans_acc`` where the subset has answerable / unanswerable questions.
+    """Answers to ``val_questions`` at a no-answer threshold tuned on them, scored with the official SQuAD 2.0
+    metric (0-100): ``f1``, ``em``, ``has_ans_f1`` / ``no_ans_acc`` where the subset has answerable / unanswerable
+    questions, and the threshold itself (``na_threshold``).
 
-    Prompts longer than ``model.max_seq_length - eval_args.max_new_tokens`` are windowed to fit (training
-    sets that length from the prepared samples), as the evaluation scripts do for the model's full length.
+    One decoding pass, as `lit_qa.evaluation.score_questions` does for the evaluate scripts: extractive greedy
+    decoding of the best span plus the no-answer string's score, then every threshold is scored from it
+    (`lit_qa.evaluation.best_na_threshold`). Tuned and scored on the same questions, F1 is optimistic; it
+    ranks steps, and the threshold goes into ``na_threshold.json``. Prompts longer than ``model.max_seq_length -
+    eval_args.max_new_tokens`` are windowed to fit (training sets that length from the prepared samples), as
+    the evaluation scripts do for the model's full length.
     """
     module = getattr(model, "module", model)
     was_training = module.training
@@ -547,20 +562,23 @@ def generation_metrics(
     # questions would run different numbers of forward passes and hang. The same questions give the same
     # passes on every rank (under DDP that repeats the work, in the wall time of one process).
     quiet = contextlib.redirect_stderr(io.StringIO()) if fabric.global_rank else contextlib.nullcontext()
+    questions = val_questions.questions
     try:
         with fabric.autocast(), quiet:
-            predictions = answer_questions(model=module, tokenizer=tokenizer, questions=val_questions.questions,
-                                           prompt_style=val_questions.prompt_style, no_answer=val_questions.no_answer,
-                                           batch_size=eval_args.f1_batch_size, max_new_tokens=eval_args.max_new_tokens,
-                                           progress=False, na_threshold=None)  # fmt: skip
+            scored = score_questions(model=module, tokenizer=tokenizer, questions=questions,
+                                     prompt_style=val_questions.prompt_style, no_answer=val_questions.no_answer,
+                                     batch_size=eval_args.f1_batch_size, max_new_tokens=eval_args.max_new_tokens,
+                                     progress=False, na_threshold=1.0, extractive=True)  # fmt: skip
     finally:
         module.train(was_training)
-    scores = evaluate_predictions(val_questions.questions, predictions)
+    threshold, _ = best_na_threshold(questions, scored)
+    scores = evaluate_predictions(questions, apply_na_threshold(scored, threshold, questions))
     metrics = {"f1": scores["f1"], "em": scores["exact"]}
     if "HasAns_f1" in scores:
         metrics["has_ans_f1"] = scores["HasAns_f1"]
     if "NoAns_exact" in scores:  # for an unanswerable question EM is whether the model abstained
         metrics["no_ans_acc"] = scores["NoAns_exact"]
+    metrics["na_threshold"] = threshold
     return fabric.broadcast(metrics, src=0) if fabric.world_size > 1 else metrics
 
 
@@ -581,8 +599,8 @@ def best_criterion(eval_args: EvalArgs, val_questions: ValQuestions | None) -> s
     A resumed run whose criterion differs (another metric or question count) chooses the best step anew.
     """
     metric = eval_args.tracked_metric()
-    if metric == "f1" and val_questions is not None:
-        return f"val f1 on {len(val_questions.questions)} questions"
+    if metric == "f1" and val_questions is not None:  # the threshold is tuned on the same questions
+        return f"val f1 at the tuned no-answer threshold on {len(val_questions.questions)} questions"
     if metric == "loss":
         return f"val loss on {eval_args.max_batches} batches"
     return None
@@ -601,17 +619,43 @@ def update_best(progress: dict[str, Any], metric: str | None, criterion: str | N
     return True
 
 
-def save_best(fabric: L.Fabric, out_dir: Path, save_fn: Callable[[Path], None], best: dict[str, Any]) -> None:
-    """Write what ``save_fn`` writes, plus ``best.json`` (the step, the criterion and its validation metrics),
-    into ``out_dir/best/``, atomically like a step checkpoint, replacing the previous best."""
+def save_best(
+    fabric: L.Fabric,
+    out_dir: Path,
+    save_fn: Callable[[Path], None],
+    best: dict[str, Any],
+    val_questions: ValQuestions | None = None,
+) -> None:
+    """Write what ``save_fn`` writes, plus ``best.json`` (the step, the criterion and its validation metrics) and,
+    when that validation tuned one, the no-answer threshold (`save_na_threshold`), into ``out_dir/best/``,
+    atomically like a step checkpoint, replacing the previous best."""
 
     def write(folder: Path) -> None:
         save_fn(folder)
         if fabric.global_rank == 0:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / BEST_FILE).write_text(json.dumps(best, indent=2) + "\n")
+        save_na_threshold(fabric, folder, best, val_questions)
 
     write_folder(fabric, out_dir / BEST_DIR, write)
+
+
+def save_na_threshold(
+    fabric: L.Fabric, folder: Path, validated: dict[str, Any], val_questions: ValQuestions | None
+) -> None:
+    """Write ``na_threshold.json`` into ``folder`` (rank 0), next to the weights, for ``evaluate/*.py --na_threshold
+    auto``: the threshold tuned at the validation in ``validated`` (``progress`` or ``progress["best"]``: its
+    ``step`` and ``val`` metrics). Nothing is written when that validation tuned none (no ``--eval.f1_questions``).
+    """
+    val = validated.get("val") or {}
+    if fabric.global_rank != 0 or val_questions is None or "na_threshold" not in val:
+        return
+    record = {"threshold": val["na_threshold"], "tuned_on": f"{len(val_questions.questions)} validation questions "
+              f"of {val_questions.source}", "val_f1": val["f1"], "extractive": True, "method": NA_METHOD,
+              "step": validated["step"], "prompt_style": val_questions.prompt_style,
+              "no_answer": val_questions.no_answer}  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / NA_THRESHOLD_FILE, record)
 
 
 def remove_stale_best(fabric: L.Fabric, out_dir: Path) -> None:

@@ -217,7 +217,10 @@ def test_evaluate_base_script_end_to_end(checkpoint_dir, tmp_path):
     na_probs = json.loads((out / "na_probs.json").read_text())  # the official script's --na-prob-file
     assert sorted(na_probs) == sorted(predictions) and all(0 <= p <= 1 for p in na_probs.values())
     assert all((predictions[i] == "") == (na_probs[i] >= 0.5) for i in predictions)
-    assert metrics["best_threshold_f1"] >= metrics["f1"]
+    # No threshold saved with a base model and no calibration file: "auto", the default, is 0.5; the oracle is at
+    # least as good.
+    assert metrics["na_threshold"] == 0.5 and metrics["na_threshold_source"] == "0.5 (nothing saved or tuned)"
+    assert metrics["best_f1"] >= metrics["f1"] and "oracle" in metrics["best_thresholds_note"]
     assert metrics["extractive"] is True  # the default: every answer is a span of its context
     assert all(predictions[q.id] in q.context for q in subset)
 
@@ -246,10 +249,14 @@ def test_evaluate_with_a_threshold_tuned_on_calibration_questions(checkpoint_dir
     metrics = json.loads((out / "metrics.json").read_text())
     # Calibrated on the same questions (reversed), the tuned threshold reaches the best F1 on them.
     assert metrics["calibration_questions"] == len(questions)
-    assert metrics["f1"] == pytest.approx(metrics["best_threshold_f1"]) == pytest.approx(metrics["calibration_f1"])
-    missing = run_script("evaluate/base.py", "--checkpoint_dir", str(checkpoint_dir), "--eval_file", str(eval_file),
-                         "--out_dir", str(tmp_path / "other"), "--na_threshold", "auto")  # fmt: skip
-    assert missing.returncode == 2 and "--calibration_file" in missing.stderr
+    assert metrics["f1"] == pytest.approx(metrics["best_f1"]) == pytest.approx(metrics["calibration_f1"], abs=1e-3)
+    assert metrics["na_threshold_source"] == "tuned on --calibration_file"
+    # Nothing saved and nothing to tune on: 0.5, with a warning saying how to tune it.
+    untuned = run_script("evaluate/base.py", "--checkpoint_dir", str(checkpoint_dir), "--eval_file", str(eval_file),
+                         "--out_dir", str(tmp_path / "other"), "--max_new_tokens", "4", "--na_threshold", "auto")  # fmt: skip
+    assert untuned.returncode == 0 and "warning: --na_threshold auto" in untuned.stderr
+    assert "--calibration_file" in untuned.stderr
+    assert json.loads((tmp_path / "other" / "metrics.json").read_text())["na_threshold"] == 0.5
 
 
 @pytest.mark.parametrize("missing", ["eval_file", "checkpoint_dir"])
@@ -295,12 +302,15 @@ def test_every_evaluate_script_refuses_finished_results_before_loading(tmp_path,
 # ---- extractive decoding ----
 
 
-def test_extractive_answers_are_spans_and_keep_the_abstain_probabilities(model, tokenizer):
+def test_extractive_best_spans_are_spans_and_every_question_gets_a_no_answer_probability(model, tokenizer):
     questions = sample_questions()
     free = evaluation.score_questions(model, tokenizer, questions, max_new_tokens=8, progress=False)
     spans = evaluation.score_questions(model, tokenizer, questions, max_new_tokens=8, progress=False,
                                        extractive=True)  # fmt: skip
-    assert spans.abstain_prob == free.abstain_prob  # measured before any token is masked
+    for scored in (free, spans):
+        assert sorted(scored.na_prob) == sorted(q.id for q in questions)
+        assert all(0.0 < p < 1.0 for p in scored.na_prob.values())
+    assert spans.na_prob != free.na_prob  # p_na compares with the best span, which the constraint changes
     assert all(spans.best_span[q.id] and spans.best_span[q.id] in q.context for q in questions)
     assert all(spans.final[q.id] in q.context for q in questions)
     assert any(free.best_span[q.id] not in q.context for q in questions)  # the tiny model left alone rambles
@@ -308,7 +318,7 @@ def test_extractive_answers_are_spans_and_keep_the_abstain_probabilities(model, 
     plain = answer_questions(model, tokenizer, questions, max_new_tokens=8, progress=False, na_threshold=None,
                              extractive=True)  # fmt: skip
     assert all(plain[q.id] in q.context for q in questions)
-    # The library default stays free decoding (the training loop calls answer_questions).
+    # The library default stays free decoding.
     assert answer_questions(model, tokenizer, questions, max_new_tokens=8, progress=False) == free.final
 
 
@@ -345,8 +355,9 @@ def test_evaluate_lora_equals_merged_model(checkpoint_dir, tmp_path):
 
     eval_file = squad_file(tmp_path / "eval.json", sample_questions())
     common = ["--eval_file", str(eval_file), "--max_new_tokens", "6", "--device", "cpu", "--precision", "32-true"]
+    # --na_threshold 0.5: the default "auto" needs a threshold saved with the adapter or a calibration file.
     result = run_script("evaluate/lora.py", "--lora_dir", str(lora_dir), "--out_dir", str(tmp_path / "lora_out"),
-                        "--batch_size", "4", *common)  # fmt: skip
+                        "--batch_size", "4", "--na_threshold", "0.5", *common)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "warning" not in result.stderr
     base_module = load_script("evaluate/base.py")
@@ -456,26 +467,12 @@ def test_real_smollm2_on_demo_eval(tmp_path):
     assert alone == {q.id: predictions[q.id] for q in subset[:8]}
 
 
-def test_best_na_threshold_maximises_f1_from_one_pass():
-    questions = [make_question("a", "Paris is big.", "Paris"), make_question("b", "Rome is old.", "Rome"),
-                 make_question("n", "Oslo is cold.", None), make_question("m", "Bern is calm.", None)]  # fmt: skip
-    answers = evaluation.Answers(
-        final={}, best_span={"a": "Paris", "b": "Oslo", "n": "Oslo", "m": "Bern"},
-        abstain_prob={"a": 0.1, "b": 0.5, "n": 0.4, "m": 0.9},
-    )  # fmt: skip
-    # From 0.4 up: n and m abstain (right), a keeps its span (right), b is wrong either way: F1 75.
-    threshold, f1 = evaluation.best_na_threshold(questions, answers)
-    assert threshold == 0.4 and f1 == 75.0
-    with pytest.raises(LitQAError, match="threshold"):
-        evaluation.best_na_threshold(questions, evaluation.Answers(final={}))
-
-
 def test_scoring_with_a_threshold_separates_abstaining_from_the_best_span(model, tokenizer):
     questions = sample_questions()
     never = evaluation.score_questions(model, tokenizer, questions, max_new_tokens=4, progress=False, na_threshold=1.0)
     always = evaluation.score_questions(model, tokenizer, questions, max_new_tokens=4, progress=False, na_threshold=0.0)
     assert set(always.final.values()) == {""}
     assert never.best_span == always.best_span == {q: a for q, a in never.final.items()}
-    assert all(0.0 <= p <= 1.0 for p in never.abstain_prob.values()) and never.abstain_prob == always.abstain_prob
+    assert all(0.0 <= p <= 1.0 for p in never.na_prob.values()) and never.na_prob == always.na_prob
     with pytest.raises(LitQAError, match="na_threshold"):
         evaluation.score_questions(model, tokenizer, questions, progress=False, na_threshold=1.5)

@@ -1,6 +1,7 @@
 # Copyright lit-qa authors. Licensed under the Apache License 2.0.
 """Model selection on held-out data: with ``--eval.f1_questions`` each validation answers a fixed subset of the
-validation split by generation, and ``out_dir/best/`` keeps the step with the best validation F1.
+validation split by generation (at a no-answer threshold tuned on them), and ``out_dir/best/`` keeps the step with
+the best validation F1, with that threshold in ``na_threshold.json``.
 
 The selection logic is tested in-process with scripted F1 values (answers and scorer stubbed), the whole path
 once through the real ``finetune/lora.py`` on the tiny model of ``test_finetune_lora.py``.
@@ -24,6 +25,7 @@ from lit_qa import training
 from lit_qa.args import EvalArgs, TrainArgs
 from lit_qa.config import Config
 from lit_qa.errors import LitQAError
+from lit_qa.evaluation import Answers
 from lit_qa.launch import load_val_questions
 from lit_qa.lora import LoRAConfig, apply_lora, load_lora_checkpoint, lora_state_dict, mark_only_lora_as_trainable
 from lit_qa.model import GPT
@@ -42,9 +44,12 @@ def script_f1(monkeypatch, f1_values: Iterator[float]) -> list[int]:
     """Stub the answers and make the scorer return ``f1_values`` in turn; returns the list of answered counts."""
     answered: list[int] = []
 
-    def answer_questions(**kwargs):
-        answered.append(len(kwargs["questions"]))
-        return {q.id: "" for q in kwargs["questions"]}
+    def score_questions(**kwargs):
+        questions = kwargs["questions"]
+        answered.append(len(questions))
+        assert kwargs["extractive"] and kwargs["na_threshold"] is not None  # the calibrated, span-constrained pass
+        return Answers(final={q.id: "" for q in questions}, best_span={q.id: "" for q in questions},
+                       na_prob={q.id: 0.5 for q in questions})  # fmt: skip
 
     def scorer(questions, predictions):
         if len(questions) < len(QUESTIONS):  # the fresh start's 2-question check: not a validation
@@ -52,7 +57,7 @@ def script_f1(monkeypatch, f1_values: Iterator[float]) -> list[int]:
         f1 = next(f1_values)
         return {"f1": f1, "exact": f1 / 2, "HasAns_f1": f1, "NoAns_exact": 100.0}
 
-    monkeypatch.setattr(training, "answer_questions", answer_questions)
+    monkeypatch.setattr(training, "score_questions", score_questions)
     monkeypatch.setattr(training, "evaluate_predictions", scorer)
     return answered
 
@@ -85,8 +90,13 @@ def saved_lora(folder) -> dict[str, torch.Tensor]:
 def assert_best_is_step(out_dir, step: int, f1: float) -> None:
     best = json.loads((out_dir / BEST_DIR / BEST_FILE).read_text())
     assert best["step"] == step and best["metric"] == "f1" and best["value"] == f1
-    assert best["criterion"] == "val f1 on 4 questions"
+    assert best["criterion"] == "val f1 at the tuned no-answer threshold on 4 questions"
     assert best["val"]["f1"] == f1 and best["val"]["em"] == f1 / 2 and best["val"]["loss"] > 0
+    # Every answer is "" here, every p_na 0.5: the tuned threshold abstains on all, and is saved with the weights.
+    assert best["val"]["na_threshold"] == 0.0
+    saved = json.loads((out_dir / BEST_DIR / "na_threshold.json").read_text())
+    assert saved["threshold"] == 0.0 and saved["step"] == step and saved["val_f1"] == f1
+    assert saved["tuned_on"] == "4 validation questions of the validation split" and saved["extractive"] is True
     assert best["val"]["has_ans_f1"] == f1 and best["val"]["no_ans_acc"] == 100.0
     in_best, in_step = saved_lora(out_dir / BEST_DIR), saved_lora(out_dir / f"step-{step:06d}")
     assert all(torch.equal(in_best[key], tensor) for key, tensor in in_step.items())
@@ -167,7 +177,8 @@ def test_real_run_writes_best_with_the_highest_validation_f1(prepared, tmp_path)
     f1 = {int(row["step"]): float(row["val/f1"]) for row in rows}
     best = json.loads((run / BEST_DIR / BEST_FILE).read_text())
     assert best["step"] == max(f1, key=f1.get) and best["val"]["f1"] == pytest.approx(f1[best["step"]])
-    assert set(best["val"]) == {"loss", "f1", "em", "has_ans_f1", "no_ans_acc"}
+    assert set(best["val"]) == {"loss", "f1", "em", "has_ans_f1", "no_ans_acc", "na_threshold"}
+    assert all(row["val/na_threshold"] for row in rows)
     weights = load_file(run / BEST_DIR / "lit_lora.safetensors")
     reference = load_file(run / f"step-{best['step']:06d}" / "lit_lora.safetensors")
     assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in reference)
