@@ -34,7 +34,7 @@ from lit_qa.distributed import FSDPArgs, Strategy, full_state_dict
 from lit_qa.errors import run_cli
 from lit_qa.launch import (check_inputs, launch, load_data_and_model, load_val_questions, make_fabric,
                            make_optimizer, print_parameter_counts)  # fmt: skip
-from lit_qa.training import fit, print_best, save_hyperparameters, save_na_threshold, setup_model
+from lit_qa.training import fit, save_final, save_hyperparameters, setup_model
 
 
 def setup(
@@ -110,15 +110,9 @@ def main(
             save_checkpoint(folder, config, state, extra_files, overwrite=True)
 
     val_questions = load_val_questions(data_dir, eval_args, prepare_config)
-    if val_questions is not None:  # named in na_threshold.json
-        val_questions.source = str(data_dir)
     progress = fit(fabric, model, optimizer, train_data, val_data, train_args, eval_args, out_dir, save_fn, tokenizer,
                    resume=resume, seed=seed, val_questions=val_questions)  # fmt: skip
-    save_fn(out_dir / "final")
-    save_na_threshold(fabric, out_dir / "final", progress, val_questions)  # the last validation's threshold
-    fabric.barrier()
-    fabric.print(f"Saved the fine-tuned model to {out_dir / 'final'}")
-    print_best(fabric, progress, out_dir)
+    save_final(fabric, out_dir, save_fn, progress, val_questions, "fine-tuned model")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def load_val_questions(data_dir: Path, eval_args: EvalArgs, prepare_config: dict
                          "scripts/prepare_squad.py --overwrite")  # fmt: skip
     questions = select_subset(questions=load_squad(path), limit=eval_args.f1_questions, seed=VAL_SUBSET_SEED)
     prompt_style, no_answer = prepare_config.get("prompt_style", "plain"), prepare_config.get("no_answer", NO_ANSWER)
-    return ValQuestions(questions, prompt_style, no_answer)
+    return ValQuestions(questions, prompt_style, no_answer, source=str(data_dir))
 
 
 def print_parameter_counts(fabric: L.Fabric, model: torch.nn.Module, precision: str) -> None:

@@ -640,6 +640,23 @@ def save_best(
     write_folder(fabric, out_dir / BEST_DIR, write)
 
 
+def save_final(
+    fabric: L.Fabric,
+    out_dir: Path,
+    save_fn: Callable[[Path], None],
+    progress: dict[str, Any],
+    val_questions: ValQuestions | None,
+    what: str,
+) -> None:
+    """After `fit`: write the trained weights to ``out_dir/final`` (with the last validation's no-answer
+    threshold), and say where they and the best step's ``best/`` are. ``what`` names them, e.g. "LoRA adapter"."""
+    save_fn(out_dir / "final")
+    save_na_threshold(fabric, out_dir / "final", progress, val_questions)
+    fabric.barrier()
+    fabric.print(f"Saved the {what} to {out_dir / 'final'}")
+    print_best(fabric, progress, out_dir)
+
+
 def save_na_threshold(
     fabric: L.Fabric, folder: Path, validated: dict[str, Any], val_questions: ValQuestions | None
 ) -> None:
