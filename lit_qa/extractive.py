@@ -29,6 +29,7 @@ from collections import OrderedDict
 
 import torch
 
+from lit_qa.errors import LitQAError
 from lit_qa.prompts import NO_ANSWER
 from lit_qa.tokenizer import Tokenizer
 
@@ -81,8 +82,10 @@ def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
 
 def _piece(tokenizer: Tokenizer, i: int) -> str:
     # The raw vocabulary entry ("" for an unused id); only needed for the few tokens that are part of a character.
-    piece = tokenizer._hf.id_to_token(i) if tokenizer._hf is not None else tokenizer._sp.id_to_piece(i)
-    return piece or ""
+    try:
+        return tokenizer.id_to_token(i)
+    except LitQAError:
+        return ""
 
 
 def _piece_bytes(piece: str) -> bytes:
