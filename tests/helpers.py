@@ -84,3 +84,18 @@ def load_script(relative: str) -> ModuleType:
 def run_script(relative: str, *args: str) -> subprocess.CompletedProcess:
     """Run a standalone script as a user would, from the repository root."""
     return subprocess.run([sys.executable, str(REPO / relative), *args], capture_output=True, text=True, cwd=REPO)
+
+
+def real_smollm2(folder: Path) -> Path:
+    """The embedded SmolLM2-135M-Instruct converted into ``folder`` (a few seconds), for the ``slow`` tests; skips the
+    test when the GGUF package is not installed."""
+    import pytest
+
+    from lit_qa.errors import LitQAError
+
+    prepare = load_script("scripts/prepare_default_model.py")
+    try:
+        prepare.locate_default_gguf()
+    except LitQAError as e:
+        pytest.skip(str(e))
+    return prepare.prepare_default_model(folder)

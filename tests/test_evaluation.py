@@ -35,7 +35,7 @@ from lit_qa.lora import (
 from lit_qa.model import GPT
 from lit_qa.squad import Question, evaluate_predictions, load_squad
 from lit_qa.tokenizer import Tokenizer
-from helpers import SHARED_SQUAD, load_script, make_tiny_checkpoint, run_script
+from helpers import SHARED_SQUAD, load_script, make_tiny_checkpoint, real_smollm2, run_script
 
 DEMO_EVAL = SHARED_SQUAD / "demo-eval-v2.0.json"
 
@@ -438,14 +438,9 @@ def test_compare_results_table_and_mismatch(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_real_smollm2_on_demo_eval(tmp_path):
-    prepare = load_script("scripts/prepare_default_model.py")
-    try:
-        prepare.locate_default_gguf()
-    except LitQAError as e:
-        pytest.skip(str(e))
     if not DEMO_EVAL.is_file():
         pytest.skip(f"{DEMO_EVAL} is missing")
-    checkpoint = prepare.prepare_default_model(tmp_path / "smol")
+    checkpoint = real_smollm2(tmp_path / "smol")
 
     base_script = load_script("evaluate/base.py")
     out = tmp_path / "eval"

@@ -14,7 +14,6 @@ import torch
 
 from lit_qa.checkpoint import load_model
 from lit_qa.config import Config
-from lit_qa.errors import LitQAError
 from lit_qa.evaluation import score_questions, select_subset
 from lit_qa.extractive import SpanDecoder, SuffixAutomaton, token_bytes
 from lit_qa.generate import generate
@@ -22,7 +21,7 @@ from lit_qa.model import GPT
 from lit_qa.prompts import NO_ANSWER, build_prompt
 from lit_qa.squad import load_squad
 from lit_qa.tokenizer import Tokenizer
-from helpers import SENTENCES, SHARED_SQUAD, TINY, load_script, make_tiny_tokenizer
+from helpers import SENTENCES, SHARED_SQUAD, TINY, make_tiny_tokenizer, real_smollm2
 
 WHITESPACE = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
 WORDS = ["the", "Normans", "river", "Paris", "in", "1999", "duchy", "ruled", "answer", "un", "able", "Question"]
@@ -350,15 +349,10 @@ def test_batched_constrained_rows_equal_each_alone(tokenizer):
 
 @pytest.mark.slow
 def test_real_smollm2_token_bytes_and_span_answers(tmp_path):
-    prepare = load_script("scripts/prepare_default_model.py")
-    try:
-        prepare.locate_default_gguf()
-    except LitQAError as e:
-        pytest.skip(str(e))
     demo_eval = SHARED_SQUAD / "demo-eval-v2.0.json"
     if not demo_eval.is_file():
         pytest.skip(f"{demo_eval} is missing")
-    checkpoint = prepare.prepare_default_model(tmp_path / "smol")
+    checkpoint = real_smollm2(tmp_path / "smol")
     tokenizer = Tokenizer(checkpoint)
     pieces = token_bytes(tokenizer)  # 49,152 byte-level BPE tokens, digits split one by one
     questions = select_subset(load_squad(demo_eval), 40)

@@ -49,7 +49,7 @@ from lit_qa.model import GPT
 from lit_qa.prompts import NO_ANSWER, build_prompt
 from lit_qa.squad import evaluate_predictions, f1_score, gold_answers, load_squad, normalize_answer
 from lit_qa.tokenizer import Tokenizer
-from helpers import SHARED_SQUAD, load_script, make_tiny_checkpoint, make_tiny_tokenizer
+from helpers import SHARED_SQUAD, load_script, make_tiny_checkpoint, make_tiny_tokenizer, real_smollm2
 
 ATOL = 1e-5  # fp32: the cached and the full pass differ only in the order of the sums
 LONG_NO_ANSWER = "no answer in the context"  # several tokens, where "unanswerable" is one for the tiny tokenizer
@@ -197,15 +197,10 @@ def test_score_questions_p_na_is_the_sigmoid_of_the_two_full_forward_scores(mode
 
 @pytest.mark.slow
 def test_real_smollm2_p_na_equals_full_forward_passes(tmp_path, monkeypatch):
-    prepare = load_script("scripts/prepare_default_model.py")
-    try:
-        prepare.locate_default_gguf()
-    except LitQAError as e:
-        pytest.skip(str(e))
     demo_eval = SHARED_SQUAD / "demo-eval-v2.0.json"
     if not demo_eval.is_file():
         pytest.skip(f"{demo_eval} is missing")
-    checkpoint = prepare.prepare_default_model(tmp_path / "smol")
+    checkpoint = real_smollm2(tmp_path / "smol")
     model, tokenizer = load_model(checkpoint)[0].eval(), Tokenizer(checkpoint)
     questions = select_subset(load_squad(demo_eval), 6)  # GQA, tied embeddings, a 49k vocabulary, fp32
     scored = check_p_na_against_full_forward(model, tokenizer, questions, monkeypatch, batch_size=3,

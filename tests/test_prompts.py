@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SENTENCES, make_tiny_tokenizer
+from helpers import SENTENCES, make_tiny_tokenizer, real_smollm2
 
 from lit_qa.data import IGNORE_INDEX, QuestionEncoder
 from lit_qa.errors import LitQAError
@@ -24,8 +24,6 @@ from lit_qa.prompts import (
 from lit_qa.squad import Question
 from lit_qa.tokenizer import Tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-SMOLLM2 = REPO / "checkpoints" / "SmolLM2-135M-Instruct"
 
 # SmolLM2-Instruct's ChatML template, verbatim: it adds a default system message when none is given.
 CHATML = (
@@ -209,10 +207,9 @@ def test_answer_texts():
 
 
 @pytest.mark.slow
-def test_real_smollm2_chat_prompt_matches_transformers():
-    if not (SMOLLM2 / "tokenizer_config.json").is_file():
-        pytest.skip(f"{SMOLLM2} is missing (scripts/prepare_default_model.py)")
-    tokenizer = Tokenizer(SMOLLM2)
+def test_real_smollm2_chat_prompt_matches_transformers(tmp_path):
+    smollm2 = real_smollm2(tmp_path / "smol")
+    tokenizer = Tokenizer(smollm2)
     assert not tokenizer.add_bos and tokenizer.eos_id == tokenizer.token_to_id("<|im_end|>") == 2
     context = "  Braces {context} stay, <b>tags</b> too; Ümlauts and 日本語 and\ttabs. "
     user = USER_TEMPLATE.format(context=context, question=QUESTION, no_answer="unanswerable")
@@ -228,7 +225,7 @@ def test_real_smollm2_chat_prompt_matches_transformers():
         from transformers import AutoTokenizer
     except ImportError:
         return  # the hand-written string above is the check then
-    hf = AutoTokenizer.from_pretrained(str(SMOLLM2))
+    hf = AutoTokenizer.from_pretrained(str(smollm2))
     messages = [{"role": "user", "content": user}]
     assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected_text
     hf_ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)

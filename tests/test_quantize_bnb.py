@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TINY, make_tiny_tokenizer, run_script
+from helpers import TINY, make_tiny_tokenizer, real_smollm2, run_script
 from test_evaluation import sample_questions, squad_file
 
 from lit_qa.checkpoint import load_model, save_checkpoint
@@ -256,10 +256,8 @@ PARAGRAPH = (
 
 
 @pytest.mark.slow
-def test_real_smollm2_quantized():
-    checkpoint = REPO / "checkpoints" / "SmolLM2-135M-Instruct"
-    if not (checkpoint / "lit_model.safetensors").is_file():
-        pytest.skip(f"{checkpoint} is missing (scripts/prepare_default_model.py)")
+def test_real_smollm2_quantized(tmp_path):
+    checkpoint = real_smollm2(tmp_path / "smol")
     from lit_qa.tokenizer import Tokenizer
 
     model = load_model(checkpoint, dtype=torch.float32)[0]
