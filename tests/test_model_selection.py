@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_finetune_lora import finetune, prepared  # noqa: F401 (prepared: a module-scoped fixture)
-from test_training import TOKENIZER, Interrupt, make_samples
+from test_training import TOKENIZER, crash_after_saving, make_samples
 
 from lit_qa import training
 from lit_qa.args import EvalArgs, TrainArgs
@@ -123,18 +123,9 @@ def test_best_keeps_the_step_with_the_highest_validation_f1(tmp_path, monkeypatc
 def test_resume_keeps_the_best_so_far(tmp_path, monkeypatch):
     f1_values = iter([10.0, 50.0, 20.0, 30.0, 40.0, 45.0])  # one sequence over both processes
     script_f1(monkeypatch, f1_values)
-    original_save = training.save_training_checkpoint
-
-    def save_then_crash(fabric, step_dir, *rest):
-        original_save(fabric, step_dir, *rest)
-        if step_dir.name == "step-000003":
-            raise Interrupt
-
-    monkeypatch.setattr(training, "save_training_checkpoint", save_then_crash)
-    with pytest.raises(Interrupt):
+    with crash_after_saving(monkeypatch, "step-000003"):
         fit_tiny(tmp_path, EVAL)
     assert_best_is_step(tmp_path, 2, 50.0)
-    monkeypatch.setattr(training, "save_training_checkpoint", original_save)
     progress = fit_tiny(tmp_path, EVAL, resume=True)
     # Forgetting step 2's 50 would make step 4's 30 (and then 40, 45) the best.
     assert progress["best"]["step"] == 2

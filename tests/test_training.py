@@ -1,5 +1,7 @@
 # Copyright lit-qa authors. Licensed under the Apache License 2.0.
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -101,6 +103,25 @@ class Interrupt(Exception):
     pass
 
 
+@contextmanager
+def crash_after_saving(monkeypatch: pytest.MonkeyPatch, step_dir_name: str) -> Iterator[None]:
+    """Make `fit` raise `Interrupt` right after it saves ``step_dir_name`` (as a kill just after that save
+    would), expect it, and restore the real save function on exit."""
+    original_save = training.save_training_checkpoint
+
+    def save_then_crash(fabric, step_dir, *rest):
+        original_save(fabric, step_dir, *rest)
+        if step_dir.name == step_dir_name:
+            raise Interrupt
+
+    monkeypatch.setattr(training, "save_training_checkpoint", save_then_crash)
+    try:
+        with pytest.raises(Interrupt):
+            yield
+    finally:
+        monkeypatch.setattr(training, "save_training_checkpoint", original_save)
+
+
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
@@ -116,18 +137,9 @@ def test_a_run_stopped_and_resumed_ends_with_the_uninterrupted_weights(tmp_path,
     eval_args = EvalArgs(interval=eval_interval, max_batches=1, num_samples=1, max_new_tokens=2)
     uninterrupted = run(tmp_path / "full", args, lora=True, eval_args=eval_args)
 
-    original_save = training.save_training_checkpoint
-
-    def save_then_crash(fabric, step_dir, *rest):
-        original_save(fabric, step_dir, *rest)
-        if step_dir.name == "step-000003":
-            raise Interrupt
-
-    monkeypatch.setattr(training, "save_training_checkpoint", save_then_crash)
-    with pytest.raises(Interrupt):
+    with crash_after_saving(monkeypatch, "step-000003"):
         run(tmp_path / "stopped", args, lora=True, eval_args=eval_args)
     assert latest_checkpoint(tmp_path / "stopped").name == "step-000003"
-    monkeypatch.setattr(training, "save_training_checkpoint", original_save)
     # A different seed for initialisation proves the weights come from the checkpoint, not the seed.
     resumed = run(tmp_path / "stopped", args, lora=True, resume=True, eval_args=eval_args)
     assert_same_weights(uninterrupted, resumed)
@@ -360,17 +372,8 @@ def test_fp16_loss_scale_is_saved_and_restored_on_resume(tmp_path, monkeypatch):
     uninterrupted = run(tmp_path / "full", args, lora=True, fabric=fabric)
     final_scale = fabric.strategy.precision.scaler.get_scale()
 
-    original_save = training.save_training_checkpoint
-
-    def save_then_crash(fabric, step_dir, *rest):
-        original_save(fabric, step_dir, *rest)
-        if step_dir.name == "step-000004":
-            raise Interrupt
-
-    monkeypatch.setattr(training, "save_training_checkpoint", save_then_crash)
-    with pytest.raises(Interrupt):
+    with crash_after_saving(monkeypatch, "step-000004"):
         run(tmp_path / "stopped", args, lora=True, fabric=fp16_fabric(init_scale=2.0**24))
-    monkeypatch.undo()
     saved = torch.load(tmp_path / "stopped" / "step-000004" / training.STATE_FILE, weights_only=True)
     assert saved["precision"]["scale"] < 2.0**24
     fabric = fp16_fabric(init_scale=2.0**24)
