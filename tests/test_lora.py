@@ -304,6 +304,25 @@ def test_merge_script_and_hf_export(tmp_path, name, targets):
     torch.testing.assert_close(logits(hf_model, idx), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_merge_script_keeps_the_prompt_settings_and_the_tuned_threshold(tmp_path):
+    from lit_qa.data import FORMAT_VERSION, PREPARED_BY
+    from lit_qa.evaluation import NA_METHOD, prompt_settings, read_na_threshold
+
+    _, _, _, lora_dir = make_adapter(tmp_path)
+    prepared = {"prepared_by": PREPARED_BY, "format_version": FORMAT_VERSION, "prompt_style": "chat", "no_answer": "none"}
+    (lora_dir / "prepare_config.json").write_text(json.dumps(prepared))
+    (lora_dir / "na_threshold.json").write_text(json.dumps({"threshold": 0.37, "method": NA_METHOD}))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "merge_lora.py"), "--lora_dir", str(lora_dir),
+         "--out_dir", str(tmp_path / "merged")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # evaluate/base.py reads both from the checkpoint folder it is given
+    assert prompt_settings(tmp_path / "merged", None, None) == ("chat", "none")
+    assert read_na_threshold(tmp_path / "merged")["threshold"] == 0.37
+
+
 def test_merge_script_refuses_a_non_empty_out_dir(tmp_path):
     _, _, _, lora_dir = make_adapter(tmp_path)
     result = subprocess.run(
