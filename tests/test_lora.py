@@ -309,7 +309,7 @@ def test_merge_script_keeps_the_prompt_settings_and_the_tuned_threshold(tmp_path
     from lit_qa.evaluation import NA_METHOD, prompt_settings, read_na_threshold
 
     _, _, _, lora_dir = make_adapter(tmp_path)
-    prepared = {"prepared_by": PREPARED_BY, "format_version": FORMAT_VERSION, "prompt_style": "chat", "no_answer": "none"}
+    prepared = dict(prepared_by=PREPARED_BY, format_version=FORMAT_VERSION, prompt_style="chat", no_answer="none")
     (lora_dir / "prepare_config.json").write_text(json.dumps(prepared))
     (lora_dir / "na_threshold.json").write_text(json.dumps({"threshold": 0.37, "method": NA_METHOD}))
     result = subprocess.run(
