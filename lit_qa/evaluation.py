@@ -57,6 +57,7 @@ from lit_qa.tokenizer import Tokenizer
 PREDICTIONS_FILE = "predictions.json"
 METRICS_FILE = "metrics.json"
 NA_PROBS_FILE = "na_probs.json"
+BEST_SPANS_FILE = "best_spans.json"  # with a threshold: every question's best span, abstained or not
 PARTIAL_FILE = "predictions.partial.jsonl"  # header line, then one line per answered question
 NA_THRESHOLD_FILE = "na_threshold.json"  # next to fine-tuned weights: the threshold tuned during training
 # What p_na means; recorded with every threshold, so one tuned for another rule is never applied to this one.
@@ -461,7 +462,9 @@ def run_evaluation(
 
     Returns:
         The metrics written: the official ones, ``no_answer_baseline``, the threshold used and where it came from,
-        the oracle best-threshold scores (``best_f1``, ``best_exact``; see `ORACLE_NOTE`), timing and ``info``.
+        the oracle best-threshold scores (``best_f1``, ``best_exact``; see `ORACLE_NOTE`), the span and abstain
+        diagnostics (`answerability_diagnostics`), timing and ``info``. With a threshold, ``best_spans.json`` holds
+        every question's best span, so other thresholds can be scored without decoding again.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -514,7 +517,9 @@ def run_evaluation(
     write_json(out_dir / PREDICTIONS_FILE, predictions)
     if na_threshold is not None:
         metrics.update(oracle_thresholds(questions, scored))
+        metrics.update(answerability_diagnostics(questions, scored))
         write_json(out_dir / NA_PROBS_FILE, {q.id: scored.na_prob[q.id] for q in questions})
+        write_json(out_dir / BEST_SPANS_FILE, {q.id: scored.best_span[q.id] for q in questions})
     write_json(out_dir / METRICS_FILE, metrics)
     (out_dir / PARTIAL_FILE).unlink(missing_ok=True)
     return metrics
@@ -528,6 +533,39 @@ def oracle_thresholds(questions: list[Question], answers: Answers) -> dict[str, 
     exact_threshold, exact = best_na_threshold(questions, answers, "exact")
     return {"best_exact": exact, "best_exact_thresh": exact_threshold, "best_f1": f1, "best_f1_thresh": f1_threshold,
             "best_thresholds_note": ORACLE_NOTE}  # fmt: skip
+
+
+def answerability_diagnostics(questions: list[Question], answers: Answers) -> dict[str, Any]:
+    """Tell the two skills SQuAD 2.0 F1 mixes apart: copying the right span, and knowing when to abstain.
+
+    Returns:
+        ``span_HasAns_f1``: F1 of the best spans on the answerable questions, as if the model never abstained
+        (None without answerable questions). ``na_prob_auc``: ROC AUC of p_na for telling unanswerable from
+        answerable questions, 0.5 being chance (None unless both kinds are present).
+    """
+    answerable = [q for q in questions if q.answers]
+    span_f1 = [max(f1_score(answers.best_span[q.id], g) for g in gold_answers(q)) for q in answerable]
+    na_probs = [answers.na_prob[q.id] for q in questions]
+    return {"span_HasAns_f1": 100.0 * sum(span_f1) / len(span_f1) if span_f1 else None,
+            "na_prob_auc": roc_auc(na_probs, [not q.answers for q in questions])}  # fmt: skip
+
+
+def roc_auc(scores: list[float], positive: list[bool]) -> float | None:
+    """The probability that a random positive scores above a random negative, ties counting one half (the
+    Mann-Whitney form of the ROC AUC); None unless both classes are present."""
+    n_pos = sum(positive)
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    rank_sum, start = 0.0, 0
+    while start < len(order):  # a run of equal scores shares the mean of its 1-based ranks
+        end = start
+        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
+            end += 1
+        rank_sum += sum(positive[i] for i in order[start : end + 1]) * (start + end + 2) / 2
+        start = end + 1
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def resolve_na_threshold(
@@ -688,6 +726,13 @@ def format_summary(metrics: dict[str, Any], out_dir: Path) -> str:
         lines.append(f"no-answer threshold {metrics['na_threshold']:.4f} ({metrics['na_threshold_source']}); oracle "
                      f"(best threshold on these very questions): F1 {metrics['best_f1']:.2f} at "
                      f"{metrics['best_f1_thresh']:.4f}")  # fmt: skip
+        diagnostics = []
+        if metrics.get("span_HasAns_f1") is not None:
+            diagnostics.append(f"HasAns F1 if never abstaining (best spans) {metrics['span_HasAns_f1']:.2f}")
+        if metrics.get("na_prob_auc") is not None:
+            diagnostics.append(f"p_na ROC AUC {metrics['na_prob_auc']:.3f} (0.5 = chance)")
+        if diagnostics:
+            lines.append("; ".join(diagnostics))
     else:
         lines.append(f"no-answer decision: {metrics.get('na_threshold_source', 'off')}")
     lines.append(f"wrote {out_dir / PREDICTIONS_FILE} and {out_dir / METRICS_FILE}")

@@ -213,7 +213,8 @@ def test_evaluate_base_script_end_to_end(checkpoint_dir, tmp_path):
     assert metrics["questions_per_second"] > 0 and metrics["seconds"] > 0
     assert metrics["precision"] == "32-true" and metrics["limit"] == 4 and metrics["seed"] == 3
     assert metrics["checkpoint_dir"] == str(checkpoint_dir) and metrics["prompt_style"] == "plain"
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "na_probs.json", "predictions.json"]  # no temp files
+    outputs = ["best_spans.json", "metrics.json", "na_probs.json", "predictions.json"]
+    assert sorted(p.name for p in out.iterdir()) == outputs  # no temp files
     na_probs = json.loads((out / "na_probs.json").read_text())  # the official script's --na-prob-file
     assert sorted(na_probs) == sorted(predictions) and all(0 <= p <= 1 for p in na_probs.values())
     assert all((predictions[i] == "") == (na_probs[i] >= 0.5) for i in predictions)

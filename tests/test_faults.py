@@ -332,7 +332,7 @@ def test_evaluation_killed_midway_answers_only_the_rest_when_run_again(
     evaluate_in_process(checkpoint, train_file, out)
     assert f"resuming {done} of 32 answers" in capsys.readouterr().err
     assert sum(prompts) == 32 - done  # only the rest was answered
-    for name in ("predictions.json", "na_probs.json"):
+    for name in ("predictions.json", "na_probs.json", "best_spans.json"):
         assert (out / name).read_text() == (tmp_path / "reference" / name).read_text(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_answers"] == done and not (out / evaluation.PARTIAL_FILE).exists()

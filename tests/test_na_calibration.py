@@ -33,12 +33,14 @@ from lit_qa.evaluation import (
     Answers,
     GreedyScorer,
     NoAnswerScores,
+    answerability_diagnostics,
     apply_na_threshold,
     best_na_threshold,
     no_answer_ids,
     prompt_for,
     prompt_settings,
     resolve_na_threshold,
+    roc_auc,
     score_questions,
     select_subset,
 )
@@ -254,6 +256,27 @@ def test_best_na_threshold_on_a_hand_made_case_ties_and_edges():
         best_na_threshold(questions, Answers(final={}))
 
 
+def test_answerability_diagnostics_on_a_hand_made_case():
+    questions = [make_question("a", "Paris is big.", "Paris"), make_question("b", "Rome is old.", "Rome"),
+                 make_question("n", "Oslo is cold.", None), make_question("m", "Bern is calm.", None)]  # fmt: skip
+    # Pairs (unanswerable, answerable): (n 0.4, a 0.1) and (m 0.9, a|b) ranked right, (n 0.4, b 0.5) wrong: 3 of 4.
+    answers = answers_of({"a": (0.1, "Paris"), "b": (0.5, "old"), "n": (0.4, "Oslo"), "m": (0.9, "Bern")})
+    assert answerability_diagnostics(questions, answers) == {"span_HasAns_f1": 50.0, "na_prob_auc": 0.75}
+    assert roc_auc([0.3, 0.3, 0.3], [True, False, False]) == 0.5  # ties count one half
+    assert roc_auc([0.9, 0.2, 0.1], [True, False, False]) == 1.0
+    assert roc_auc([0.1, 0.2, 0.9], [True, False, False]) == 0.0
+    assert roc_auc([0.1, 0.2], [True, True]) is None  # one class only
+    rng = random.Random(0)
+    for _ in range(20):  # the rank formula equals counting every pair
+        scores = [round(rng.random(), 1) for _ in range(rng.randint(2, 30))]
+        positive = [rng.random() < 0.5 for _ in scores]
+        pos = [s for s, p in zip(scores, positive) if p]
+        neg = [s for s, p in zip(scores, positive) if not p]
+        if pos and neg:
+            pairs = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+            assert roc_auc(scores, positive) == pytest.approx(pairs)
+
+
 def official_best_f1(questions, predictions: dict[str, str], na_probs: dict[str, float]) -> float:
     """``find_best_thresh`` of the official SQuAD 2.0 script (evaluate-v2.0.py), on raw F1 scores."""
     has_answer = {q.id: bool(q.answers) for q in questions}
@@ -313,6 +336,11 @@ def test_na_probs_file_is_in_the_official_format_and_metrics_name_the_oracle(che
     assert metrics["na_method"] == NA_METHOD
     assert {"best_f1", "best_f1_thresh", "best_exact", "best_exact_thresh"} <= metrics.keys()
     assert metrics["best_f1"] >= metrics["f1"] and "oracle" in metrics["best_thresholds_note"]
+    best_spans = json.loads((tmp_path / "out" / "best_spans.json").read_text())
+    assert list(best_spans) == list(na_probs)  # spans of abstained questions are kept too
+    assert all(predictions[qid] == best_spans[qid] for qid, p in na_probs.items() if p < 0.46)
+    assert 0.0 <= metrics["na_prob_auc"] <= 1.0 and 0.0 <= metrics["span_HasAns_f1"] <= 100.0
+    assert metrics["span_HasAns_f1"] >= metrics["HasAns_f1"]  # abstaining can only lose answerable points
 
     for off in ("off", None):
         out = tmp_path / f"off-{off}"
