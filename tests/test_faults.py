@@ -42,6 +42,10 @@ from lit_qa.training import STATE_FILE, latest_checkpoint
 STEPS = 12
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(run: Path, checkpoint: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
     """Start (or continue: ``--resume auto``) a 12-step LoRA run in ``run``; its output goes to ``run.log``."""
     args = [
@@ -53,8 +57,10 @@ def start(run: Path, checkpoint: Path, data_dir: Path, *extra: str) -> subproces
         "--eval.best_metric", "loss", "--lora.r", "4", "--lora.dropout", "0.05", "--resume", "auto", *extra,
     ]  # fmt: skip
     log = open(run.with_suffix(".log"), "a")  # noqa: SIM115 (closed by the child's exit; the parent's copy below)
+    # A job started in the background (`cmd &`, nohup) inherits an ignored SIGINT, which training rightly leaves
+    # alone; give the run a terminal's default so the SIGINT tests hold however the suite is launched.
     process = subprocess.Popen([sys.executable, str(REPO / "finetune/lora.py"), *args], stdout=log,
-                               stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
+                               stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=default_sigint)  # fmt: skip
     log.close()
     return process
 
@@ -270,14 +276,28 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 
 
 def test_signal_handlers_record_the_first_signal_pass_on_the_second_and_are_restored():
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    with training.signals_caught() as received:
-        assert all(signal.getsignal(s) is not handler for s, handler in before.items())
-        signal.raise_signal(signal.SIGINT)
-        assert received == [signal.SIGINT]  # recorded, not raised
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)  # the user insists: the previous handler runs
-    assert all(signal.getsignal(s) is handler for s, handler in before.items())
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under nohup
+    try:
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        with training.signals_caught() as received:
+            assert all(signal.getsignal(s) is not handler for s, handler in before.items())
+            signal.raise_signal(signal.SIGINT)
+            assert received == [signal.SIGINT]  # recorded, not raised
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)  # the user insists: the previous handler runs
+        assert all(signal.getsignal(s) is handler for s, handler in before.items())
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def test_an_ignored_signal_stays_ignored():
+    outer = signal.signal(signal.SIGINT, signal.SIG_IGN)  # what `nohup` and `cmd &` hand a process
+    try:
+        with training.signals_caught():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 # ---- evaluation ----
