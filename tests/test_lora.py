@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from helpers import sgd_step
+from helpers import run_script, sgd_step
 from safetensors.torch import save_file
 
 from lit_qa.checkpoint import load_model, load_state_dict, save_checkpoint
@@ -312,11 +312,7 @@ def test_merge_script_keeps_the_prompt_settings_and_the_tuned_threshold(tmp_path
     prepared = dict(prepared_by=PREPARED_BY, format_version=FORMAT_VERSION, prompt_style="chat", no_answer="none")
     (lora_dir / "prepare_config.json").write_text(json.dumps(prepared))
     (lora_dir / "na_threshold.json").write_text(json.dumps({"threshold": 0.37, "method": NA_METHOD}))
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "merge_lora.py"), "--lora_dir", str(lora_dir),
-         "--out_dir", str(tmp_path / "merged")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    result = run_script("scripts/merge_lora.py", "--lora_dir", str(lora_dir), "--out_dir", str(tmp_path / "merged"))
     assert result.returncode == 0, result.stderr
     # evaluate/base.py reads both from the checkpoint folder it is given
     assert prompt_settings(tmp_path / "merged", None, None) == ("chat", "none")
