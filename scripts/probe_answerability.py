@@ -9,7 +9,8 @@ SQuAD 2.0 F1 needs the model to decline when the passage holds no answer. This s
 information is in the model at all: it runs each question's prompt (as `evaluate/*.py` builds it), takes every
 layer's hidden state at the prompt's last token, fits an L2-regularised logistic regression per layer on the
 training questions (answerable vs not), and reports its ROC AUC on the evaluation questions (0.5 = chance).
-The regularisation strength is picked per layer on a held-out fifth of the training questions. Compare the
+The regularisation strength (per layer) and the layer reported as best are picked on a held-out fifth of
+the training questions, so the evaluation questions choose nothing. Compare the
 best AUC with ``na_prob_auc`` in an evaluation's metrics.json: if even the best probe is weak, no threshold
 or decoding rule can make the model abstain well, and more data, training or a larger model is what helps.
 
@@ -86,10 +87,10 @@ def main(
     precision = resolve_precision(precision, device)
     if lora_dir is not None:
         check_lora_dir(lora_dir)
-        model, config, _ = load_lora_checkpoint(lora_dir, checkpoint_dir, device, weights_dtype(precision))
+        model, _, _ = load_lora_checkpoint(lora_dir, checkpoint_dir, device, weights_dtype(precision))
         merge_lora_weights(model)
     else:
-        model, config = load_model(checkpoint_dir, device, weights_dtype(precision))
+        model, _ = load_model(checkpoint_dir, device, weights_dtype(precision))
     tokenizer = Tokenizer(checkpoint_dir)
     encoder = QuestionEncoder(tokenizer, model.max_seq_length, prompt_style, no_answer)
 
@@ -98,7 +99,7 @@ def main(
     eval_x, eval_y = last_token_states(model, encoder, evaluation, batch_size, "eval prompts")
     seconds = time.perf_counter() - start
     layers = [fit_and_score(train_x[:, i], train_y, eval_x[:, i], eval_y, seed) for i in range(train_x.size(1))]
-    best = max(range(len(layers)), key=lambda i: layers[i]["eval_auc"])
+    best = max(range(len(layers)), key=lambda i: layers[i]["held_out_auc"])  # chosen without the evaluation set
     report = {
         "checkpoint_dir": str(checkpoint_dir), "lora_dir": str(lora_dir) if lora_dir else None,
         "train_file": str(train_file), "train_questions": len(train), "eval_file": str(eval_file),
@@ -194,7 +195,8 @@ def format_report(report: dict, out_dir: Path) -> str:
     aucs = "  ".join(f"{i}:{layer['eval_auc']:.3f}" for i, layer in enumerate(report["layers"]))
     return (f"ROC AUC of a linear answerability probe on {report['eval_questions']} evaluation questions, by layer "
             f"(fitted on {report['train_questions']} training questions; 0.5 = chance):\n{aucs}\n"
-            f"best: layer {report['best_layer']}, AUC {report['best_eval_auc']:.3f}; "
+            f"best layer on held-out training questions: {report['best_layer']}, "
+            f"its eval AUC {report['best_eval_auc']:.3f}; "
             f"forward passes {report['forward_seconds']:.0f} s; wrote {out_dir / 'probe.json'}")  # fmt: skip
 
 

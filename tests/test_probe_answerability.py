@@ -79,7 +79,9 @@ def test_script_reports_every_layer_and_keeps_an_existing_report(checkpoint, tmp
     report = json.loads((out / "probe.json").read_text())
     assert len(report["layers"]) == 2 and report["train_questions"] == 60 and report["eval_questions"] == 30
     # The word that marks unanswerable questions is the prompt's last question word: the probe must find it.
-    assert report["best_eval_auc"] > 0.9 and "best: layer" in result.stdout
+    best = report["layers"][report["best_layer"]]
+    assert best["held_out_auc"] == max(layer["held_out_auc"] for layer in report["layers"])  # not chosen on eval
+    assert report["best_eval_auc"] == best["eval_auc"] > 0.9 and "best layer on held-out" in result.stdout
 
     again = run_script("scripts/probe_answerability.py", *args)
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--overwrite" in again.stderr
