@@ -42,6 +42,7 @@ from lit_qa.evaluation import (
     run_evaluation,
     select_subset,
 )
+from lit_qa.na_head import load_na_head
 from lit_qa.precision import resolve_precision, weights_dtype
 from lit_qa.quantize import check_quantize_args, load_for_inference, weights_size_bytes
 from lit_qa.squad import load_squad
@@ -79,7 +80,9 @@ def main(
         max_new_tokens: Longest answer in tokens.
         na_threshold: When to answer "no answer". Each question's best span (the no-answer string forbidden) and
             the no-answer string are scored by their mean log-probability (tokens + EOS); the model abstains when
-            p_na = sigmoid(s_na - s_span) reaches the threshold. "auto": the threshold saved with the weights
+            p_na = sigmoid(s_na - s_span) reaches the threshold; with a no-answer head saved beside the weights
+            (na_head.safetensors) p_na is the head's probability, or both combined, whichever rule tuning picked
+            (lit_qa/evaluation.py). "auto": the threshold (and rule) saved with the weights
             (checkpoint_dir/na_threshold.json, written by training with --eval.f1_questions), else tuned for F1 on
             ``calibration_file``, else 0.5 (the no-answer string as likely per token as the best span) with a
             warning; a number in [0, 1]: that threshold; "off" (or null): plain greedy decoding, the model says the
@@ -114,6 +117,8 @@ def main(
 
     t0 = time.perf_counter()
     model, config = load_for_inference(checkpoint_dir, device, weights_dtype(precision), quantize, gptq_checkpoint)
+    if load_na_head(model, checkpoint_dir) is not None:  # trained with --na_head true: abstain by its probability
+        print(f"no-answer head on blocks {list(model.na_head.layers)} from {checkpoint_dir}", file=sys.stderr)
     tokenizer = Tokenizer(checkpoint_dir)
     check_vocab_matches(tokenizer, config.padded_vocab_size, checkpoint_dir)
     check_chat_template(checkpoint_dir, prompt_style, tokenizer)

@@ -38,6 +38,7 @@ from lit_qa.evaluation import (
     select_subset,
 )
 from lit_qa.lora import check_lora_dir, load_lora_checkpoint, merge_lora_weights, read_base_record
+from lit_qa.na_head import load_na_head
 from lit_qa.precision import resolve_precision, weights_dtype
 from lit_qa.quantize import check_quantize_args, quantize_model, warn_if_trained_quantized, weights_size_bytes
 from lit_qa.squad import load_squad
@@ -77,7 +78,9 @@ def main(
         max_new_tokens: Longest answer in tokens.
         na_threshold: When to answer "no answer". Each question's best span (the no-answer string forbidden) and
             the no-answer string are scored by their mean log-probability (tokens + EOS); the model abstains when
-            p_na = sigmoid(s_na - s_span) reaches the threshold. "auto": the threshold saved with the weights
+            p_na = sigmoid(s_na - s_span) reaches the threshold; with a no-answer head saved beside the weights
+            (na_head.safetensors) p_na is the head's probability, or both combined, whichever rule tuning picked
+            (lit_qa/evaluation.py). "auto": the threshold (and rule) saved with the weights
             (lora_dir/na_threshold.json, written by training with --eval.f1_questions), else tuned for F1 on
             ``calibration_file``, else 0.5 with a warning; a number in [0, 1]: that threshold; "off" (or null): plain
             greedy decoding, the model says the no-answer string or a span as it likes.
@@ -121,6 +124,8 @@ def main(
     merge_lora_weights(model)  # the sum is formed in float32 and rounded once to the weights' dtype
     if quantize:
         quantize_model(model, quantize, device=device)  # after merging, layer by layer onto the device
+    if load_na_head(model, lora_dir) is not None:  # trained with --na_head true: abstain by its probability
+        print(f"no-answer head on blocks {list(model.na_head.layers)} from {lora_dir}", file=sys.stderr)
     tokenizer = Tokenizer(base)
     check_vocab_matches(tokenizer, config.padded_vocab_size, base)
     check_chat_template(lora_dir, prompt_style, tokenizer)

@@ -35,8 +35,9 @@ from lit_qa.adapter import (
 from lit_qa.args import EvalArgs, TrainArgs
 from lit_qa.distributed import FSDPArgs, Strategy, full_state_dict
 from lit_qa.errors import run_cli
-from lit_qa.launch import (check_inputs, launch, load_data_and_model, load_val_questions, make_fabric,
+from lit_qa.launch import (add_na_head, check_inputs, launch, load_data_and_model, load_val_questions, make_fabric,
                            make_optimizer, print_parameter_counts)  # fmt: skip
+from lit_qa.na_head import NAHeadConfig, na_head_files, na_head_state_dict
 from lit_qa.training import fit, save_final, save_hyperparameters, setup_model
 
 
@@ -52,6 +53,8 @@ def setup(
     adapter: AdapterConfig = AdapterConfig(),
     train: TrainArgs = TrainArgs(learning_rate=9e-3, global_batch_size=64, warmup_steps=100, weight_decay=0.02),
     eval: EvalArgs = EvalArgs(),
+    na_head: bool = True,
+    na: NAHeadConfig = NAHeadConfig(),
     resume: bool | Literal["auto"] | Path = False,
     overwrite: bool = False,
     seed: int = 42,
@@ -73,13 +76,17 @@ def setup(
         adapter: Adapter version (1 or 2), prompt length and first adapted layer.
         train: Training hyperparameters.
         eval: Validation hyperparameters.
+        na_head: Train a no-answer head with the model (lit_qa/na_head.py): a linear layer on middle layers'
+            hidden states at the prompt's last token, trained on "is this question unanswerable?"; evaluation
+            abstains by its probability. Saved beside the weights (na_head.safetensors, na_head_config.json).
+        na: The head's layers, size and loss weight.
         resume: Continue from the latest checkpoint in out_dir (True / "auto") or from a given step folder.
         overwrite: Start over in an out_dir that already holds checkpoints (they are deleted).
         seed: Random seed for the prompts' initialisation and the data order.
     """
     prepare_config = check_inputs(data_dir, checkpoint_dir, out_dir, resume, overwrite)
     fabric, precision = make_fabric(out_dir, precision, devices, num_nodes, strategy, fsdp, train)
-    launch(fabric, main, data_dir, checkpoint_dir, out_dir, precision, adapter, train, eval, resume, seed,
+    launch(fabric, main, data_dir, checkpoint_dir, out_dir, precision, adapter, train, eval, na_head, na, resume, seed,
            prepare_config)  # fmt: skip
 
 
@@ -92,6 +99,8 @@ def main(
     adapter_config: AdapterConfig,
     train_args: TrainArgs,
     eval_args: EvalArgs,
+    na_head: bool,
+    na_config: NAHeadConfig,
     resume: bool | str | Path,
     seed: int,
     prepare_config: dict,
@@ -102,19 +111,23 @@ def main(
     )
     apply_adapter(model, adapter_config)
     mark_only_adapter_as_trainable(model)
+    add_na_head(fabric, model, na_head, na_config, train_data)
     print_parameter_counts(fabric, model, precision)
     model = setup_model(fabric, model, train_args)
     optimizer = make_optimizer(fabric, model, train_args)
     if fabric.global_rank == 0:
         save_hyperparameters(out_dir, data_dir=data_dir, checkpoint_dir=checkpoint_dir, precision=precision,
-                             adapter=adapter_config, train=train_args, eval=eval_args, seed=seed)  # fmt: skip
+                             adapter=adapter_config, train=train_args, eval=eval_args, na_head=na_head,
+                             na=na_config, seed=seed)  # fmt: skip
 
     def save_fn(folder: Path) -> None:
-        # The adapter, its config, the base's identity and the prompt settings evaluation must reuse.
+        # The adapter, its config, the base's identity, the prompt settings evaluation must reuse and the head.
         tensors = full_state_dict(adapter_state_dict(model.module))  # every rank: a collective under FSDP
+        head_files = na_head_files(model.module, full_state_dict(na_head_state_dict(model.module)))
         if fabric.global_rank == 0:
             save_adapter_checkpoint(folder, model.module, adapter_config, checkpoint_dir, tensors=tensors,
-                                    extra={"prepare_config.json": prepare_config}, overwrite=True)  # fmt: skip
+                                    extra={"prepare_config.json": prepare_config, **head_files},
+                                    overwrite=True)  # fmt: skip
 
     val_questions = load_val_questions(data_dir, eval_args, prepare_config)
     progress = fit(fabric, model, optimizer, train_data, val_data, train_args, eval_args, out_dir, save_fn, tokenizer,

@@ -32,8 +32,9 @@ from lit_qa.convert_hf import tokenizer_files
 from lit_qa.data import CONFIG_FILE as PREPARE_CONFIG_FILE
 from lit_qa.distributed import FSDPArgs, Strategy, full_state_dict
 from lit_qa.errors import run_cli
-from lit_qa.launch import (check_inputs, launch, load_data_and_model, load_val_questions, make_fabric,
+from lit_qa.launch import (add_na_head, check_inputs, launch, load_data_and_model, load_val_questions, make_fabric,
                            make_optimizer, print_parameter_counts)  # fmt: skip
+from lit_qa.na_head import NAHeadConfig, na_head_files, split_na_head
 from lit_qa.training import fit, save_final, save_hyperparameters, setup_model
 
 
@@ -48,6 +49,8 @@ def setup(
     fsdp: FSDPArgs = FSDPArgs(),
     train: TrainArgs = TrainArgs(learning_rate=3e-5),
     eval: EvalArgs = EvalArgs(),
+    na_head: bool = True,
+    na: NAHeadConfig = NAHeadConfig(),
     resume: bool | Literal["auto"] | Path = False,
     overwrite: bool = False,
     seed: int = 42,
@@ -69,13 +72,17 @@ def setup(
         fsdp: CPU offload and resharding under ``--strategy fsdp``.
         train: Training hyperparameters (micro batch x accumulation x devices = global batch).
         eval: Validation hyperparameters.
+        na_head: Train a no-answer head with the model (lit_qa/na_head.py): a linear layer on middle layers'
+            hidden states at the prompt's last token, trained on "is this question unanswerable?"; evaluation
+            abstains by its probability. Saved beside the weights (na_head.safetensors, na_head_config.json).
+        na: The head's layers, size and loss weight.
         resume: Continue from the latest checkpoint in out_dir (True / "auto") or from a given step folder.
         overwrite: Start over in an out_dir that already holds checkpoints (they are deleted).
         seed: Random seed for dropout and data order.
     """
     prepare_config = check_inputs(data_dir, checkpoint_dir, out_dir, resume, overwrite)
     fabric, precision = make_fabric(out_dir, precision, devices, num_nodes, strategy, fsdp, train)
-    launch(fabric, main, data_dir, checkpoint_dir, out_dir, precision, train, eval, resume, seed, prepare_config)
+    launch(fabric, main, data_dir, checkpoint_dir, out_dir, precision, train, eval, na_head, na, resume, seed, prepare_config)
 
 
 def main(
@@ -86,6 +93,8 @@ def main(
     precision: str,
     train_args: TrainArgs,
     eval_args: EvalArgs,
+    na_head: bool,
+    na_config: NAHeadConfig,
     resume: bool | str | Path,
     seed: int,
     prepare_config: dict,
@@ -95,19 +104,22 @@ def main(
         fabric, data_dir, checkpoint_dir, precision, eval_args, prepare_config
     )
     model.requires_grad_(True)
+    add_na_head(fabric, model, na_head, na_config, train_data)
     print_parameter_counts(fabric, model, precision)
     model = setup_model(fabric, model, train_args)
     optimizer = make_optimizer(fabric, model, train_args)
     if fabric.global_rank == 0:
         save_hyperparameters(out_dir, data_dir=data_dir, checkpoint_dir=checkpoint_dir, precision=precision,
-                             train=train_args, eval=eval_args, seed=seed)  # fmt: skip
+                             train=train_args, eval=eval_args, na_head=na_head, na=na_config, seed=seed)  # fmt: skip
     extra_files = {**tokenizer_files(checkpoint_dir), PREPARE_CONFIG_FILE: data_dir / PREPARE_CONFIG_FILE}
 
     def save_fn(folder: Path) -> None:
         # A complete, consolidated checkpoint: evaluate/base.py and the converter load it as they load a base.
+        # The head goes into files of its own beside it: the model's weights file stays a plain checkpoint.
         state = full_state_dict(model.module.state_dict(), keep=fabric.global_rank == 0)  # a collective
         if fabric.global_rank == 0:
-            save_checkpoint(folder, config, state, extra_files, overwrite=True)
+            weights, head = split_na_head(state)
+            save_checkpoint(folder, config, weights, {**extra_files, **na_head_files(model.module, head)}, overwrite=True)
 
     val_questions = load_val_questions(data_dir, eval_args, prepare_config)
     progress = fit(fabric, model, optimizer, train_data, val_data, train_args, eval_args, out_dir, save_fn, tokenizer,

@@ -30,9 +30,10 @@ import lightning as L
 from lit_qa.args import EvalArgs, TrainArgs
 from lit_qa.distributed import FSDPArgs, Strategy, full_state_dict
 from lit_qa.errors import run_cli
-from lit_qa.launch import (check_inputs, launch, load_data_and_model, load_val_questions, make_fabric,
+from lit_qa.launch import (add_na_head, check_inputs, launch, load_data_and_model, load_val_questions, make_fabric,
                            make_optimizer, print_parameter_counts)  # fmt: skip
 from lit_qa.lora import LoRAConfig, apply_lora, lora_state_dict, mark_only_lora_as_trainable, save_lora_checkpoint
+from lit_qa.na_head import NAHeadConfig, na_head_files, na_head_state_dict
 from lit_qa.quantize import check_qlora_args, quantize_model, quantize_record
 from lit_qa.training import fit, save_final, save_hyperparameters, setup_model
 
@@ -49,6 +50,8 @@ def setup(
     lora: LoRAConfig = LoRAConfig(),
     train: TrainArgs = TrainArgs(),
     eval: EvalArgs = EvalArgs(),
+    na_head: bool = True,
+    na: NAHeadConfig = NAHeadConfig(),
     resume: bool | Literal["auto"] | Path = False,
     overwrite: bool = False,
     seed: int = 42,
@@ -71,6 +74,10 @@ def setup(
         lora: LoRA rank, alpha, dropout and target layers.
         train: Training hyperparameters.
         eval: Validation hyperparameters.
+        na_head: Train a no-answer head with the model (lit_qa/na_head.py): a linear layer on middle layers'
+            hidden states at the prompt's last token, trained on "is this question unanswerable?"; evaluation
+            abstains by its probability. Saved beside the weights (na_head.safetensors, na_head_config.json).
+        na: The head's layers, size and loss weight.
         resume: Continue from the latest checkpoint in out_dir (True / "auto") or from a given step folder.
         overwrite: Start over in an out_dir that already holds checkpoints (they are deleted).
         seed: Random seed for LoRA initialisation, dropout and data order.
@@ -80,7 +87,7 @@ def setup(
     prepare_config = check_inputs(data_dir, checkpoint_dir, out_dir, resume, overwrite)
     fabric, precision = make_fabric(out_dir, precision, devices, num_nodes, strategy, fsdp, train)
     check_qlora_args(quantize, fabric)
-    launch(fabric, main, data_dir, checkpoint_dir, out_dir, precision, lora, train, eval, resume, seed, prepare_config,
+    launch(fabric, main, data_dir, checkpoint_dir, out_dir, precision, lora, train, eval, na_head, na, resume, seed, prepare_config,
            quantize)  # fmt: skip
 
 
@@ -93,6 +100,8 @@ def main(
     lora_config: LoRAConfig,
     train_args: TrainArgs,
     eval_args: EvalArgs,
+    na_head: bool,
+    na_config: NAHeadConfig,
     resume: bool | str | Path,
     seed: int,
     prepare_config: dict,
@@ -106,19 +115,21 @@ def main(
         quantize_model(model, quantize, for_training=True)
     apply_lora(model, lora_config)
     mark_only_lora_as_trainable(model)
+    add_na_head(fabric, model, na_head, na_config, train_data)
     print_parameter_counts(fabric, model, precision)
     model = setup_model(fabric, model, train_args)
     optimizer = make_optimizer(fabric, model, train_args)
     if fabric.global_rank == 0:
         save_hyperparameters(out_dir, data_dir=data_dir, checkpoint_dir=checkpoint_dir, precision=precision,
                              quantize=quantize, lora=lora_config, train=train_args, eval=eval_args,
-                             seed=seed)  # fmt: skip
+                             na_head=na_head, na=na_config, seed=seed)  # fmt: skip
 
     def save_fn(folder: Path) -> None:
-        # The adapter, its config, the base's identity and the prompt settings evaluation must reuse.
+        # The adapter, its config, the base's identity, the prompt settings evaluation must reuse and the head.
         tensors = full_state_dict(lora_state_dict(model.module))  # every rank: a collective under FSDP
+        head_files = na_head_files(model.module, full_state_dict(na_head_state_dict(model.module)))
         if fabric.global_rank == 0:
-            extra = {"prepare_config.json": prepare_config, **quantize_record(quantize)}
+            extra = {"prepare_config.json": prepare_config, **quantize_record(quantize), **head_files}
             save_lora_checkpoint(folder, model.module, lora_config, checkpoint_dir, tensors=tensors, extra=extra,
                                  overwrite=True)  # fmt: skip
 

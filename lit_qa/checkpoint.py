@@ -124,7 +124,7 @@ def save_checkpoint(
     out_dir: str | Path,
     config: Config,
     state_dict: dict[str, torch.Tensor],
-    extra_files: dict[str, Path] | None = None,
+    extra_files: dict[str, Path | bytes] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a checkpoint folder: weights, config and extra files (tokenizer), all or nothing.
@@ -134,7 +134,8 @@ def save_checkpoint(
         config: The model config, saved as ``lit_config.json``.
         state_dict: Weights with lit-qa names. With ``config.tie_embeddings`` the ``lm_head.weight`` entry
             may be present (it must equal the embedding) and is not written.
-        extra_files: Files to copy into the folder, as ``{name in the folder: source path}``.
+        extra_files: Files to copy into the folder, as ``{name in the folder: source path}``; ``bytes`` are
+            written as they are (e.g. `lit_qa.na_head.na_head_files`).
         overwrite: Replace a non-empty ``out_dir``.
 
     Returns:
@@ -148,7 +149,10 @@ def save_checkpoint(
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         config.save(tmp / CONFIG_FILE)
         for name, source in (extra_files or {}).items():
-            shutil.copyfile(source, tmp / name)
+            if isinstance(source, bytes):
+                (tmp / name).write_bytes(source)
+            else:
+                shutil.copyfile(source, tmp / name)
     return Path(out_dir)
 
 

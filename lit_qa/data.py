@@ -426,7 +426,8 @@ def collate(
 
     Returns:
         ``{"input_ids": (B, T), "labels": (B, T)}``, where T is the longest (cut) sample in the batch, rounded
-        up to ``pad_multiple``.
+        up to ``pad_multiple``; plus ``"unanswerable": (B,)`` 0/1 floats when the samples are marked
+        (`mark_unanswerable`).
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
@@ -440,4 +441,19 @@ def collate(
     for row, (x, y) in enumerate(zip(input_ids, labels, strict=True)):
         batch_ids[row, : len(x)] = x
         batch_labels[row, : len(y)] = y
-    return {"input_ids": batch_ids, "labels": batch_labels}
+    batch = {"input_ids": batch_ids, "labels": batch_labels}
+    if all("unanswerable" in s for s in samples):
+        batch["unanswerable"] = torch.tensor([float(s["unanswerable"]) for s in samples])  # (B,)
+    return batch
+
+
+def mark_unanswerable(samples: list[dict[str, Any]], no_answer_ids: torch.Tensor) -> int:
+    """Label each sample ``unanswerable`` (True/False) by its target: the no-answer reply's tokens
+    (``tokenizer.encode(no_answer, eos=True)``, as `QuestionEncoder` writes them) or an answer. Works on data
+    prepared before the no-answer head existed. Returns how many are unanswerable."""
+    count = 0
+    for sample in samples:
+        target = sample["input_ids"][sample["labels"] != IGNORE_INDEX]
+        sample["unanswerable"] = bool(target.shape == no_answer_ids.shape and torch.equal(target, no_answer_ids))
+        count += sample["unanswerable"]
+    return count

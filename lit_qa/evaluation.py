@@ -21,6 +21,15 @@ one decoding pass that yields two length-normalised scores under the model's own
     s_na   = mean log p(no-answer + EOS | prompt)      read from one extra forward pass through the KV cache
     p_na   = sigmoid(s_na - s_span)                     abstain when p_na >= na_threshold
 
+A model fine-tuned with a no-answer head (`lit_qa.na_head`) has a third score, read from the same prefill::
+
+    z_head = the head's logit of "unanswerable"        from the prompt's forward pass, no extra pass
+
+and p_na is taken from one of three rules (`NA_SOURCES`): ``head`` (sigmoid(z_head)), ``span`` (sigmoid(s_na -
+s_span)) or ``head+span`` (sigmoid(z_head + s_na - s_span), both read as log-odds). Which one, and its threshold,
+is what tuning on held-out questions picks (`best_na_rule`); always and never abstaining are among the candidates,
+so on those questions the chosen rule is never worse than either.
+
 ``p_na`` is written to ``na_probs.json`` (the official script's ``--na-prob-file``), and the threshold that
 maximises F1 is tuned on held-out questions (`best_na_threshold`) or saved with the fine-tuned weights by the
 training loop (``na_threshold.json``, `read_na_threshold`).
@@ -50,6 +59,7 @@ from lit_qa.errors import LitQAError
 from lit_qa.extractive import SpanDecoder
 from lit_qa.generate import generate
 from lit_qa.model import GPT
+from lit_qa.na_head import NAHeadOutputs
 from lit_qa.prompts import NO_ANSWER, chat_template_sha256, check_prompt_style
 from lit_qa.squad import Question, evaluate_predictions, exact_match, f1_score, gold_answers
 from lit_qa.tokenizer import Tokenizer
@@ -62,6 +72,13 @@ PARTIAL_FILE = "predictions.partial.jsonl"  # header line, then one line per ans
 NA_THRESHOLD_FILE = "na_threshold.json"  # next to fine-tuned weights: the threshold tuned during training
 # What p_na means; recorded with every threshold, so one tuned for another rule is never applied to this one.
 NA_METHOD = "p_na = sigmoid(mean log p(no-answer + EOS) - mean log p(best span + EOS))"
+# Each no-answer rule and the formula recorded with a threshold tuned for it (a threshold only fits its own rule).
+NA_METHODS = {
+    "head": "p_na = sigmoid(no-answer head logit)",
+    "span": NA_METHOD,
+    "head+span": "p_na = sigmoid(no-answer head logit + mean log p(no-answer + EOS) - mean log p(best span + EOS))",
+}
+NA_SOURCES = tuple(NA_METHODS)  # in order of preference when two rules tune to the same F1
 ORACLE_NOTE = ("best_f1/best_exact: the best threshold chosen on these evaluation questions themselves (as the "
                "official script's --na-prob-file output); an oracle for reference, not a result")  # fmt: skip
 
@@ -154,12 +171,44 @@ class Answers:
     Attributes:
         final: Question id to reported answer, ``""`` meaning "no answer".
         best_span: Question id to the best answer when abstaining is not allowed (with ``na_threshold``).
-        na_prob: Question id to p_na = sigmoid(s_na - s_span), see the module docstring (with ``na_threshold``).
+        na_prob: Question id to p_na by the rule in use (module docstring; with ``na_threshold``).
+        na_logits: Question id to the log-odds each rule reads: ``span`` (s_na - s_span) and, with a no-answer
+            head, ``head`` (its logit).
     """
 
     final: dict[str, str]
     best_span: dict[str, str] = field(default_factory=dict)
     na_prob: dict[str, float] = field(default_factory=dict)
+    na_logits: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def with_source(self, source: str, questions: list[Question]) -> Answers:
+        """These answers with ``na_prob`` taken from rule ``source`` (`NA_SOURCES`) for ``questions``."""
+        na_prob = {q.id: _sigmoid(na_logit(self.na_logits[q.id], source)) for q in questions}
+        return replace(self, na_prob=na_prob)
+
+    def sources(self) -> tuple[str, ...]:
+        """The rules every scored question has the logits for."""
+        if not self.na_logits:
+            return ()
+        return tuple(s for s in NA_SOURCES if all(_has_logits(logits, s) for logits in self.na_logits.values()))
+
+
+def na_logit(logits: dict[str, float], source: str) -> float:
+    """The log-odds of "no answer" under rule ``source``: the head's logit, the span score or their sum."""
+    if source not in NA_METHODS:
+        raise LitQAError(f"unknown no-answer rule {source!r}; choose one of: {', '.join(NA_SOURCES)}")
+    if not _has_logits(logits, source):
+        raise LitQAError(f"no-answer rule {source!r} needs a model with a no-answer head (lit_qa.na_head)")
+    return sum(logits[part] for part in source.split("+"))
+
+
+def _has_logits(logits: dict[str, float], source: str) -> bool:
+    return all(part in logits for part in source.split("+"))
+
+
+def default_na_source(model: torch.nn.Module) -> str:
+    """The rule used when nothing was tuned: the head's when the model has one, else the span score's."""
+    return "head" if getattr(model, "na_head", None) is not None else "span"
 
 
 def answer_questions(
@@ -200,6 +249,7 @@ def score_questions(
     na_threshold: float | None = 0.5,
     result: Answers | None = None,
     extractive: bool = False,
+    na_source: str | None = None,
 ) -> Answers:
     """Answer questions by greedy decoding, and score how likely each is to have no answer.
 
@@ -225,9 +275,12 @@ def score_questions(
         extractive: Span-constrained decoding (`lit_qa.extractive`): every answer is a substring of its
             question's context or the no-answer string. With ``na_threshold`` the best span may only be a
             substring of the context; without ``extractive`` only the no-answer string's first token is forbidden.
+        na_source: The rule p_na is read from (`NA_SOURCES`); None: `default_na_source`. Every rule's logits are
+            kept in ``na_logits`` either way (the span score's costs one forward of the no-answer string's few
+            tokens through the KV cache; the head's, nothing: it reads the prefill).
 
     Returns:
-        The final answers, and with ``na_threshold`` the best spans and p_na.
+        The final answers, and with ``na_threshold`` the best spans, p_na and every rule's logits.
 
     Raises:
         LitQAError: If the arguments are out of range, or a question cannot fit the model even windowed.
@@ -237,6 +290,9 @@ def score_questions(
     if na_threshold is not None and not 0.0 <= na_threshold <= 1.0:
         raise LitQAError(f"--na_threshold must be in [0, 1], got {na_threshold}")
     probe, targets = (None, None) if na_threshold is None else no_answer_ids(tokenizer, no_answer)
+    has_head = getattr(model, "na_head", None) is not None
+    na_source = na_source or default_na_source(model)
+    na_logit({"span": 0.0, **({"head": 0.0} if has_head else {})}, na_source)  # an unknown or impossible rule fails now
     # With a threshold, the no-answer string is scored in the cache slots the answer uses later: room for both.
     room = max_new_tokens if probe is None else max(max_new_tokens, len(probe))
     max_prompt_length = model.max_seq_length - room
@@ -263,21 +319,28 @@ def score_questions(
             # With a threshold the model abstains by p_na: the best span may not spell the no-answer string.
             contexts = [q.context for q in batch]
             constrain = None if spans is None else spans.processor(contexts, na_threshold is None, max_new_tokens)
-            scorer = na_scores = None
+            scorer = na_scores = head = None
             if na_threshold is not None:
                 scorer = GreedyScorer(constrain, forbidden_first=None if extractive else int(probe[0]))
                 na_scores = NoAnswerScores(targets)
+                head = NAHeadOutputs() if has_head else None
             # Prompt lengths rounded to 64: a few shapes keep CPU bf16 kernels from being re-built per batch.
             outputs = generate(model, [prompts[q.id][0] for q in batch], max_new_tokens, stop_ids=tokenizer.eos_ids,
                                pad_id=pad_id, pad_multiple=64, logits_processor=constrain if scorer is None else scorer,
-                               probe=None if na_scores is None else probe, on_probe=na_scores)  # fmt: skip
+                               probe=None if na_scores is None else probe, on_probe=na_scores,
+                               on_na_logits=head)  # fmt: skip
             texts = [to_official(tokenizer.decode(out.cpu(), skip_special_tokens=True), no_answer) for out in outputs]
-            na_probs = None if scorer is None else na_probabilities(na_scores.scores, scorer.mean_log_probs(outputs))
+            span_scores = None if scorer is None else scorer.mean_log_probs(outputs)
             batch_answers = {}
             for row, (question, text) in enumerate(zip(batch, texts, strict=True)):
-                if na_probs is not None:
-                    result.best_span[question.id], result.na_prob[question.id] = text, na_probs[row]
-                    text = "" if na_probs[row] >= na_threshold else text
+                if span_scores is not None:
+                    logits = {"span": na_scores.scores[row] - span_scores[row]}
+                    if head is not None:
+                        logits["head"] = head.logits[row]
+                    p_na = _sigmoid(na_logit(logits, na_source))
+                    result.best_span[question.id], result.na_prob[question.id] = text, p_na
+                    result.na_logits[question.id] = logits
+                    text = "" if p_na >= na_threshold else text
                 batch_answers[question.id] = text
             result.final.update(batch_answers)
             if on_batch is not None:
@@ -405,6 +468,36 @@ def best_na_threshold(
     return _threshold_at(rows, cuts[i]), 100.0 * totals[i] / n
 
 
+def best_na_rule(
+    questions: list[Question], answers: Answers, sources: tuple[str, ...] | None = None
+) -> tuple[str, float, float]:
+    """The no-answer rule and threshold that maximise F1 on ``questions``: `best_na_threshold` for each rule in
+    ``sources`` (default: every rule the answers have logits for), the best F1 winning, ties going to the rule
+    listed first in `NA_SOURCES`. Thresholds 0 (always abstain) and 1 (never) are candidates of every rule.
+
+    Returns:
+        ``(rule, threshold, F1 at it)``.
+
+    Raises:
+        LitQAError: If no rule can be scored (answers scored without ``na_threshold``).
+    """
+    tuned = tune_na_rules(questions, answers, sources)
+    best = max(f1 for _, f1 in tuned.values())
+    source = next(source for source, (_, f1) in tuned.items() if f1 >= best - 1e-9)
+    return source, *tuned[source]
+
+
+def tune_na_rules(
+    questions: list[Question], answers: Answers, sources: tuple[str, ...] | None = None
+) -> dict[str, tuple[float, float]]:
+    """Rule to (best threshold, its F1) on ``questions`` (`best_na_threshold`), for each rule in ``sources``
+    (default: every rule the answers have logits for), in `NA_SOURCES` order."""
+    sources = answers.sources() if sources is None else sources
+    if not sources:
+        raise LitQAError("tuning the no-answer rule needs answers scored with an na_threshold")
+    return {source: best_na_threshold(questions, answers.with_source(source, questions)) for source in sources}
+
+
 def _threshold_at(rows: list[tuple[float, float, float]], k: int) -> float:
     """A threshold that answers rows[:k] and abstains on rows[k:] (sorted by p_na)."""
     if k == 0:
@@ -469,15 +562,21 @@ def run_evaluation(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     na_threshold, na_record = resolve_na_threshold(na_threshold, threshold_dir, bool(calibration_questions), extractive)
+    na_source = na_record.pop("na_source", None) or default_na_source(model)
+    tuned = {}
     if na_threshold == "calibrate":
-        scored = score_questions(model, tokenizer, calibration_questions, prompt_style, no_answer, batch_size,
-                                 max_new_tokens, na_threshold=1.0, extractive=extractive)  # fmt: skip
-        na_threshold, calibration_f1 = best_na_threshold(calibration_questions, scored)
-        na_record.update(calibration_questions=len(calibration_questions), calibration_f1=round(calibration_f1, 3))
-        print(f"no-answer threshold {na_threshold:.4f} (F1 {calibration_f1:.2f} on {len(calibration_questions)} "
-              "calibration questions)", file=sys.stderr)  # fmt: skip
+        calibrated = score_questions(model, tokenizer, calibration_questions, prompt_style, no_answer, batch_size,
+                                     max_new_tokens, na_threshold=1.0, extractive=extractive)  # fmt: skip
+        tuned = tune_na_rules(calibration_questions, calibrated)
+        na_source, na_threshold, calibration_f1 = best_na_rule(calibration_questions, calibrated)
+        na_record.update(calibration_questions=len(calibration_questions), calibration_f1=round(calibration_f1, 3),
+                         calibration_always_abstain_f1=round(no_answer_baseline(calibration_questions)["f1"], 3))
+        print(f"no-answer rule {na_source}, threshold {na_threshold:.4f} (F1 {calibration_f1:.2f} on "
+              f"{len(calibration_questions)} calibration questions)", file=sys.stderr)  # fmt: skip
+    if na_threshold is not None:
+        na_record.update(na_source=na_source, na_method=NA_METHODS[na_source])
     settings = partial_settings(model, questions, prompt_style, no_answer, max_new_tokens, na_threshold, info,
-                                extractive)  # fmt: skip
+                                extractive, na_source)  # fmt: skip
     partial_path = out_dir / PARTIAL_FILE
     scored = read_partial(partial_path, settings)
     if resumed := len(scored.final):
@@ -494,7 +593,7 @@ def run_evaluation(
 
         score_questions(model, tokenizer, questions, prompt_style, no_answer, batch_size, max_new_tokens,
                         on_batch=save_partial, na_threshold=na_threshold, result=scored,
-                        extractive=extractive)  # fmt: skip
+                        extractive=extractive, na_source=na_source)  # fmt: skip
     predictions = scored.final
     seconds = time.perf_counter() - start
     metrics = {
@@ -518,6 +617,8 @@ def run_evaluation(
     if na_threshold is not None:
         metrics.update(oracle_thresholds(questions, scored))
         metrics.update(answerability_diagnostics(questions, scored))
+        if tuned:
+            metrics["na_rules"] = rule_comparison(questions, scored, tuned)
         write_json(out_dir / NA_PROBS_FILE, {q.id: scored.na_prob[q.id] for q in questions})
         write_json(out_dir / BEST_SPANS_FILE, {q.id: scored.best_span[q.id] for q in questions})
     write_json(out_dir / METRICS_FILE, metrics)
@@ -535,6 +636,22 @@ def oracle_thresholds(questions: list[Question], answers: Answers) -> dict[str, 
             "best_thresholds_note": ORACLE_NOTE}  # fmt: skip
 
 
+def rule_comparison(
+    questions: list[Question], answers: Answers, tuned: dict[str, tuple[float, float]]
+) -> dict[str, dict[str, Any]]:
+    """Per no-answer rule: its threshold and F1 on the calibration questions (``tuned``, `tune_na_rules`) and the
+    official scores of these questions at that threshold: the ablation of the rules from one decoding pass."""
+    table = {}
+    for source, (threshold, calibration_f1) in tuned.items():
+        by_rule = answers.with_source(source, questions)
+        scores = evaluate_predictions(questions, apply_na_threshold(by_rule, threshold, questions))
+        table[source] = {"threshold": threshold, "calibration_f1": round(calibration_f1, 3),
+                         **{key: scores[key] for key in ("exact", "f1", "HasAns_f1", "NoAns_exact") if key in scores},
+                         "na_prob_auc": roc_auc([by_rule.na_prob[q.id] for q in questions],
+                                                [not q.answers for q in questions])}  # fmt: skip
+    return table
+
+
 def answerability_diagnostics(questions: list[Question], answers: Answers) -> dict[str, Any]:
     """Tell the two skills SQuAD 2.0 F1 mixes apart: copying the right span, and knowing when to abstain.
 
@@ -546,8 +663,15 @@ def answerability_diagnostics(questions: list[Question], answers: Answers) -> di
     answerable = [q for q in questions if q.answers]
     span_f1 = [max(f1_score(answers.best_span[q.id], g) for g in gold_answers(q)) for q in answerable]
     na_probs = [answers.na_prob[q.id] for q in questions]
-    return {"span_HasAns_f1": 100.0 * sum(span_f1) / len(span_f1) if span_f1 else None,
-            "na_prob_auc": roc_auc(na_probs, [not q.answers for q in questions])}  # fmt: skip
+    unanswerable = [not q.answers for q in questions]
+    diagnostics = {"span_HasAns_f1": 100.0 * sum(span_f1) / len(span_f1) if span_f1 else None,
+                   "na_prob_auc": roc_auc(na_probs, unanswerable)}  # fmt: skip
+    if len(sources := answers.sources()) > 1:  # which rule separates best, whichever is in use
+        diagnostics["na_prob_auc_by_rule"] = {
+            source: roc_auc([na_logit(answers.na_logits[q.id], source) for q in questions], unanswerable)
+            for source in sources
+        }
+    return diagnostics
 
 
 def roc_auc(scores: list[float], positive: list[bool]) -> float | None:
@@ -585,7 +709,7 @@ def resolve_na_threshold(
 
     Returns:
         The threshold (None for off, "calibrate" to tune it on the calibration questions) and what to record
-        in ``metrics.json`` about where it came from.
+        in ``metrics.json`` about where it came from; for a saved threshold also its rule (``na_source``).
 
     Raises:
         LitQAError: For a value out of range, or a saved threshold file that is unreadable.
@@ -601,18 +725,18 @@ def resolve_na_threshold(
             if saved.get("extractive", True) != extractive and verbose:
                 print(f"warning: {path} was tuned with extractive={saved.get('extractive')}, this evaluation uses "
                       f"extractive={extractive}", file=sys.stderr)  # fmt: skip
-            return float(saved["threshold"]), {"na_threshold_source": f"saved: {path}", "na_method": NA_METHOD,
+            return float(saved["threshold"]), {"na_threshold_source": f"saved: {path}", "na_source": saved["source"],
                                                "na_threshold_saved": saved}  # fmt: skip
         if calibration:
-            return "calibrate", {"na_threshold_source": "tuned on --calibration_file", "na_method": NA_METHOD}
+            return "calibrate", {"na_threshold_source": "tuned on --calibration_file"}
         if verbose:
             where = f"{threshold_dir} has no {NA_THRESHOLD_FILE}" if threshold_dir else "no threshold is saved"
             print(f"warning: --na_threshold auto: {where} (training writes it with --eval.f1_questions) and no "
                   "--calibration_file was given; using 0.5. Tune it: --calibration_file val-v2.0.json of the "
                   "prepared data", file=sys.stderr)  # fmt: skip
-        return 0.5, {"na_threshold_source": "0.5 (nothing saved or tuned)", "na_method": NA_METHOD}
+        return 0.5, {"na_threshold_source": "0.5 (nothing saved or tuned)"}
     if isinstance(na_threshold, (int, float)) and not isinstance(na_threshold, bool) and 0 <= na_threshold <= 1:
-        return float(na_threshold), {"na_threshold_source": "--na_threshold", "na_method": NA_METHOD}
+        return float(na_threshold), {"na_threshold_source": "--na_threshold"}
     raise LitQAError(f"--na_threshold must be auto, off or a number in [0, 1], got {na_threshold!r}")
 
 
@@ -633,10 +757,11 @@ def read_na_threshold(folder: Path) -> dict[str, Any] | None:
     threshold = record.get("threshold") if isinstance(record, dict) else None
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
         raise LitQAError(f"{path}: 'threshold' must be a number in [0, 1], got {threshold!r}")
-    if record.get("method") != NA_METHOD:
+    sources = [source for source, method in NA_METHODS.items() if method == record.get("method")]
+    if not sources:
         print(f"warning: ignoring {path}: tuned for another no-answer rule ({record.get('method')!r})", file=sys.stderr)
         return None
-    return record
+    return {**record, "source": sources[0]}
 
 
 def partial_settings(
@@ -648,6 +773,7 @@ def partial_settings(
     na_threshold: float | None,
     info: dict[str, Any] | None,
     extractive: bool = False,
+    na_source: str = "span",
 ) -> dict[str, Any]:
     """What a partial answers file must have been written with to be resumed: the same questions, weights,
     prompt and decoding settings, and run settings (``info``). The batch size is left out: it does not change
@@ -656,7 +782,7 @@ def partial_settings(
                 "prompt_style": prompt_style, "no_answer": no_answer, "max_new_tokens": max_new_tokens,
                 "na_threshold": na_threshold, **(info or {})}  # fmt: skip
     if na_threshold is not None:  # answers abstained by another rule (the first token's probability) never mix in
-        settings["na_method"] = NA_METHOD
+        settings["na_method"] = NA_METHODS[na_source]
     if extractive:  # only then: free-decoding partial files written before the flag existed still resume
         settings["extractive"] = True
     return json.loads(json.dumps(settings, default=str))  # as it reads back from the file
@@ -699,6 +825,7 @@ def read_partial(path: Path, settings: dict[str, Any]) -> Answers:
         answers.final[qid] = answer
         if "na_prob" in entry:
             answers.best_span[qid], answers.na_prob[qid] = entry["best_span"], entry["na_prob"]
+            answers.na_logits[qid] = entry.get("na_logits", {})
     return answers
 
 
@@ -706,7 +833,7 @@ def partial_line(answers: Answers, qid: str) -> str:
     """One question's answer (and with a threshold its best span and p_na) as a JSON line."""
     entry = {"id": qid, "answer": answers.final[qid]}
     if qid in answers.na_prob:
-        entry.update(best_span=answers.best_span[qid], na_prob=answers.na_prob[qid])
+        entry.update(best_span=answers.best_span[qid], na_prob=answers.na_prob[qid], na_logits=answers.na_logits[qid])
     return json.dumps(entry, ensure_ascii=False) + "\n"
 
 

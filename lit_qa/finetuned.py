@@ -105,8 +105,9 @@ def save_finetuned_dir(
         config_file: Its file name, e.g. ``lora_config.json``.
         base_checkpoint_dir: The base checkpoint folder; its path (as given), ``lit_config`` and a weights
             fingerprint (`weights_fingerprint`) go to ``base_checkpoint.json``.
-        extra: More files for the folder, ``{file name: content}``: a `Path` is copied, anything else
-            written as JSON (e.g. ``{"hyperparameters.json": asdict(train_args)}``).
+        extra: More files for the folder, ``{file name: content}``: a `Path` is copied, ``bytes`` written as they
+            are (e.g. `lit_qa.na_head.na_head_files`), anything else written as JSON (e.g.
+            ``{"hyperparameters.json": asdict(train_args)}``).
         overwrite: Replace a non-empty ``out_dir``.
 
     Returns:
@@ -135,6 +136,8 @@ def save_finetuned_dir(
         for name, content in extra.items():
             if isinstance(content, Path):
                 shutil.copyfile(content, tmp / name)
+            elif isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
             else:
                 (tmp / name).write_text(json.dumps(content, indent=2, default=str) + "\n")
     return Path(out_dir)

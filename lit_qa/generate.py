@@ -84,6 +84,7 @@ def generate(
     logits_processor: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
     probe: torch.Tensor | None = None,
     on_probe: Callable[[torch.Tensor], None] | None = None,
+    on_na_logits: Callable[[torch.Tensor], None] | None = None,
 ) -> list[torch.Tensor]:
     """Continue each prompt by up to ``max_new_tokens`` tokens, stopping a row at its first stop token.
 
@@ -108,6 +109,8 @@ def generate(
         on_probe: Called once with the probe's logits (B, P + 1, vocab), P = ``probe.numel()``: position i holds
             the raw logits of the token after prompt + probe[:i], so it predicts ``probe[i]`` for i < P, and
             position P what follows the whole probe (e.g. EOS).
+        on_na_logits: Called once with the no-answer head's (B,) logits at each prompt's last token, read from the
+            prefill itself (the model needs a head, `lit_qa.na_head`).
 
     Returns:
         For each prompt, the newly generated tokens (1-D, on the model's device).
@@ -132,7 +135,13 @@ def generate(
         pad_lengths = prompt_length - lengths
         pad_lengths = pad_lengths if bool(pad_lengths.any()) else None
         input_pos = torch.arange(prompt_length, device=device)
-        logits = model(idx, input_pos, pad_lengths, last_only=True)[:, -1]  # (B, vocab)
+        if on_na_logits is None:
+            logits = model(idx, input_pos, pad_lengths, last_only=True)[:, -1]  # (B, vocab)
+        else:  # left-padded: every prompt ends at the last position
+            last = torch.full((batch_size,), prompt_length - 1, dtype=torch.long, device=device)
+            logits, na_logits = model(idx, input_pos, pad_lengths, last_only=True, na_positions=last)
+            logits = logits[:, -1]  # (B, vocab)
+            on_na_logits(na_logits)
         if probe is not None:
             probe_pos = torch.arange(prompt_length, prompt_length + probe.numel(), device=device)
             probe_idx = probe.to(device).expand(batch_size, -1)  # (B, P)

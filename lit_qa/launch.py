@@ -21,12 +21,13 @@ from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 from lit_qa.args import EvalArgs, TrainArgs
 from lit_qa.checkpoint import check_checkpoint_dir, load_model
 from lit_qa.config import Config
-from lit_qa.data import VAL_SQUAD_FILE, load_prepared, read_prepare_config
+from lit_qa.data import VAL_SQUAD_FILE, load_prepared, mark_unanswerable, read_prepare_config
 from lit_qa.distributed import FSDPArgs, make_strategy
 from lit_qa.errors import LitQAError
 from lit_qa.evaluation import select_subset
 from lit_qa.lora import count_parameters
 from lit_qa.model import GPT
+from lit_qa.na_head import NAHeadConfig, attach_na_head
 from lit_qa.precision import resolve_precision, weights_dtype
 from lit_qa.prompts import NO_ANSWER
 from lit_qa.squad import load_squad
@@ -103,6 +104,10 @@ def load_data_and_model(
     tokenizer = Tokenizer(checkpoint_dir)
     with fabric.rank_zero_first():
         train_data, val_data = load_prepared(data_dir, "train"), load_prepared(data_dir, "val")
+    # Labels for the no-answer head, read off each sample's target (data prepared before the head works too).
+    no_answer_ids = tokenizer.encode(prepare_config.get("no_answer", NO_ANSWER), bos=False, eos=True)
+    for samples in (train_data, val_data):
+        mark_unanswerable(samples, no_answer_ids)
     model, config = load_model(checkpoint_dir, dtype=weights_dtype(precision))
     check_vocab_matches(tokenizer, config.padded_vocab_size, checkpoint_dir)
     prepared = prepare_config["tokenizer"]
@@ -131,6 +136,22 @@ def load_val_questions(data_dir: Path, eval_args: EvalArgs, prepare_config: dict
     questions = select_subset(questions=load_squad(path), limit=eval_args.f1_questions, seed=VAL_SUBSET_SEED)
     prompt_style, no_answer = prepare_config.get("prompt_style", "plain"), prepare_config.get("no_answer", NO_ANSWER)
     return ValQuestions(questions, prompt_style, no_answer, source=str(data_dir))
+
+
+def add_na_head(fabric: L.Fabric, model: GPT, enabled: bool, config: NAHeadConfig, train_data: list[dict]) -> None:
+    """Attach a trainable no-answer head (``--na_head true``, `lit_qa.na_head`) after the method marked what it
+    trains; skipped with a note when the training data has only one kind of question (e.g. SQuAD 1.1)."""
+    if not enabled:
+        return
+    unanswerable = sum(sample["unanswerable"] for sample in train_data)
+    if unanswerable in (0, len(train_data)):
+        fabric.print(f"note: no no-answer head: {unanswerable} of {len(train_data)} training samples are "
+                     "unanswerable, so there is nothing to tell apart (--na_head false silences this)")  # fmt: skip
+        return
+    head = attach_na_head(model, config)
+    fabric.print(f"no-answer head on blocks {list(head.layers)} ({sum(p.numel() for p in head.parameters()):,} "
+                 f"parameters, loss weight {head.config.loss_weight}); {unanswerable} of {len(train_data)} training "
+                 "samples are unanswerable")  # fmt: skip
 
 
 def print_parameter_counts(fabric: L.Fabric, model: torch.nn.Module, precision: str) -> None:

@@ -43,6 +43,9 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         self.max_seq_length = config.block_size
+        # A `lit_qa.na_head.NoAnswerHead` once attached (`attach_na_head`); a submodule, so it trains and saves
+        # like every other weight.
+        self.na_head: nn.Module | None = None
 
     @property
     def max_seq_length(self) -> int:
@@ -94,8 +97,9 @@ class GPT(nn.Module):
         pad_lengths: torch.Tensor | None = None,
         last_only: bool = False,
         output_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Compute next-token logits.
+        na_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Compute next-token logits (and, with ``na_positions``, the no-answer head's logits).
 
         Args:
             idx: Token ids, shape (B, T).
@@ -107,22 +111,42 @@ class GPT(nn.Module):
                 vocabulary projection is a large share of a small model's FLOPs).
             output_mask: Boolean (B, T): return logits only where it is True, as (N, vocab) in row-major
                 order. Fine-tuning uses it to project only the positions that carry loss (the answer tokens).
+            na_positions: (B,) position of each row's last prompt token: also run the no-answer head there
+                (the model needs one, see `lit_qa.na_head`). The head reads the same forward pass, so it costs
+                no extra pass over the prompt.
 
         Returns:
             Logits of shape (B, T, padded_vocab_size); (B, 1, padded_vocab_size) with ``last_only``;
-            (N, padded_vocab_size) with ``output_mask``.
+            (N, padded_vocab_size) with ``output_mask``. With ``na_positions``: those logits and the head's
+            (B,) float32 logits of "unanswerable".
         """
-        x = self.hidden_states(idx, input_pos, pad_lengths)
+        if na_positions is not None and self.na_head is None:
+            raise LitQAError("na_positions was given but the model has no no-answer head (lit_qa.na_head)")
+        x, kept = self._forward_blocks(idx, input_pos, pad_lengths, na_positions)
         if last_only:
             x = x[:, -1:]
         elif output_mask is not None:
             x = x[output_mask]  # (N, n_embd)
-        return self.lm_head(x)
+        logits = self.lm_head(x)
+        if na_positions is None:
+            return logits
+        return logits, self.na_head(kept)
 
     def hidden_states(
         self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, pad_lengths: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The final normalised hidden states (B, T, n_embd), before the output head."""
+        return self._forward_blocks(idx, input_pos, pad_lengths)[0]
+
+    def _forward_blocks(
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        pad_lengths: torch.Tensor | None = None,
+        na_positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The final normalised hidden states (B, T, n_embd), and with ``na_positions`` the outputs of the no-answer
+        head's layers at those positions, one (B, n_embd) tensor each."""
         B, T = idx.shape
         if input_pos is None:
             if T > self.max_seq_length:
@@ -137,9 +161,14 @@ class GPT(nn.Module):
             cache_length = self.transformer.h[0].attn.kv_cache.k.size(2)
             mask = build_cache_mask(input_pos, pad_lengths, cache_length)
         x = self.transformer.wte(idx)  # (B, T, n_embd)
-        for block in self.transformer.h:
+        keep = set(self.na_head.layers) if na_positions is not None else set()
+        rows = torch.arange(B, device=idx.device)
+        kept = []
+        for i, block in enumerate(self.transformer.h):
             x = block(x, cos, sin, mask, input_pos)
-        return self.transformer.ln_f(x)
+            if i in keep:
+                kept.append(x[rows, na_positions])  # (B, n_embd)
+        return self.transformer.ln_f(x), kept
 
 
 class Block(nn.Module):

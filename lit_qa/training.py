@@ -54,9 +54,10 @@ from lit_qa.args import EvalArgs, TrainArgs
 from lit_qa.data import collate
 from lit_qa.distributed import SHARDED_STATE_DIR, is_sharded, load_sharded_state, save_sharded_state
 from lit_qa.errors import LitQAError
-from lit_qa.evaluation import (NA_METHOD, NA_THRESHOLD_FILE, apply_na_threshold, best_na_threshold, score_questions,
+from lit_qa.evaluation import (NA_METHODS, NA_THRESHOLD_FILE, apply_na_threshold, best_na_rule, score_questions,
                                write_json)  # fmt: skip
 from lit_qa.generate import generate
+from lit_qa.na_head import last_prompt_positions, na_loss_sum
 from lit_qa.squad import Question, evaluate_predictions
 from lit_qa.tokenizer import Tokenizer
 
@@ -163,6 +164,8 @@ def fit(
     total_steps = train_args.total_steps(steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train_args, total_steps))
     trainable = trainable_parameter_names(model)
+    na_head = getattr(model, "module", model).na_head
+    na_weight = na_head.config.loss_weight if na_head is not None else 0.0
     if train_args.compile:
         compile_blocks(model)
     progress = {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0, "val_loss": None, "val": None, "best": None}
@@ -210,13 +213,20 @@ def fit(
                     continue
             micro_batches, loss_tokens = step_batches.pop(0)
             step_loss = torch.zeros((), device=fabric.device)
+            step_na_loss = torch.zeros((), device=fabric.device)
             for i, indices in enumerate(micro_batches):
                 samples = [train_data[j] for j in indices]
                 batch = collate(samples, pad_id, max_length, train_args.pad_multiple)
                 batch = {key: value.to(fabric.device) for key, value in batch.items()}
                 with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
-                    # Sum of token losses / tokens of the global batch, times world_size because DDP averages ranks.
-                    loss = token_loss_sum(model, batch, train_args.loss_positions_only) * world_size / loss_tokens
+                    # Sum of token losses / tokens of the global batch, times world_size because DDP averages ranks;
+                    # the no-answer head's term is a mean over the global batch's samples, weighted.
+                    token_sum, na_logits = loss_sums(model, batch, train_args.loss_positions_only)
+                    loss = token_sum * world_size / loss_tokens
+                    if na_logits is not None:
+                        na_loss = na_loss_sum(na_logits, batch["unanswerable"]) * world_size / train_args.global_batch_size
+                        loss = loss + na_weight * na_loss
+                        step_na_loss += na_loss.detach()
                     fabric.backward(loss)
                 step_loss += loss.detach()
                 window_tokens += int(batch["input_ids"].numel())
@@ -244,6 +254,8 @@ def fit(
                     "train/epoch": progress["epoch"] + progress["step_in_epoch"] / steps_per_epoch,
                     "train/memory_gb": peak_memory_gb(fabric.device),
                 }
+                if na_head is not None:  # the head's mean cross-entropy per sample (0.693 = knows nothing)
+                    metrics["train/na_loss"] = float(fabric.all_reduce(step_na_loss, reduce_op="mean"))
                 if (scaler := loss_scaler(fabric)) is not None:
                     metrics["train/loss_scale"] = scaler.get_scale()
                 fabric.log_dict(metrics, step=step)
@@ -415,6 +427,29 @@ def token_loss_sum(
     return F.cross_entropy(logits.float(), targets[targets != -100], reduction="sum")
 
 
+def loss_sums(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_positions_only: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The summed answer-token loss (`token_loss_sum`) and, when the model has a no-answer head and the batch its
+    labels (``unanswerable``), the head's (B,) logits at each row's last prompt token; both from one forward pass.
+    Without a head the second is None."""
+    if getattr(getattr(model, "module", model), "na_head", None) is None or "unanswerable" not in batch:
+        return token_loss_sum(model, batch, loss_positions_only), None
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    targets = labels[:, 1:]
+    positions = last_prompt_positions(labels)
+    if not loss_positions_only:
+        logits, na_logits = model(input_ids, na_positions=positions)
+        logits = logits[:, :-1]  # (B, T-1, vocab)
+        token_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+        return token_sum, na_logits
+    output_mask = torch.zeros_like(labels, dtype=torch.bool)
+    output_mask[:, :-1] = targets != -100
+    logits, na_logits = model(input_ids, output_mask=output_mask, na_positions=positions)  # (N, vocab), (B,)
+    token_sum = F.cross_entropy(logits.float(), targets[targets != -100], reduction="sum")
+    return token_sum, na_logits
+
+
 def setup_model(fabric: L.Fabric, model: torch.nn.Module, train_args: TrainArgs) -> torch.nn.Module:
     """Hand a model whose trainable parameters are marked to Fabric: activation checkpointing first (it must
     wrap the blocks before FSDP shards them), then the strategy's wrapping (DDP / FSDP2 / none)."""
@@ -446,7 +481,6 @@ def compile_blocks(model: torch.nn.Module) -> None:
         block.compile()
 
 
-@torch.no_grad()
 def validate(
     fabric: L.Fabric,
     model: torch.nn.Module,
@@ -456,9 +490,24 @@ def validate(
     pad_multiple: int = 64,
 ) -> float:
     """Mean token loss over the first ``max_batches`` validation micro-batches (the same every time)."""
+    return validation_metrics(fabric, model, val_data, micro_batch_size, max_batches, pad_multiple)["loss"]
+
+
+@torch.no_grad()
+def validation_metrics(
+    fabric: L.Fabric,
+    model: torch.nn.Module,
+    val_data: list[dict[str, Any]],
+    micro_batch_size: int,
+    max_batches: int,
+    pad_multiple: int = 64,
+) -> dict[str, float]:
+    """Mean token loss (``loss``) over the first ``max_batches`` validation micro-batches (the same every time);
+    with a no-answer head also its mean cross-entropy (``na_loss``) and accuracy at p_na = 0.5 (``na_acc``)."""
     was_training = model.training
     model.eval()
     total, tokens = torch.zeros((), device=fabric.device), torch.zeros((), device=fabric.device)
+    na_total = torch.zeros(3, device=fabric.device)  # summed cross-entropy, correct, samples
     starts = list(range(0, min(len(val_data), max_batches * micro_batch_size), micro_batch_size))
     max_length = getattr(model, "module", model).max_seq_length
     # Every rank runs the same number of forward passes (FSDP gathers weights collectively in each);
@@ -469,15 +518,24 @@ def validate(
         start = own[i] if i < len(own) else starts[0]
         batch = collate(val_data[start : start + micro_batch_size], 0, max_length, pad_multiple)
         batch = {key: value.to(fabric.device) for key, value in batch.items()}
-        loss_sum = token_loss_sum(model, batch)
+        loss_sum, na_logits = loss_sums(model, batch)
         if i < len(own):
             total += loss_sum
             tokens += (batch["labels"][:, 1:] != -100).sum()
+            if na_logits is not None:
+                labels = batch["unanswerable"]
+                na_total += torch.stack([na_loss_sum(na_logits, labels), ((na_logits > 0).float() == labels).sum(),
+                                         torch.tensor(float(len(labels)), device=labels.device)])  # fmt: skip
     model.train(was_training)
     total, tokens = fabric.all_reduce(total, reduce_op="sum"), fabric.all_reduce(tokens, reduce_op="sum")
     if tokens == 0:
         raise LitQAError("the validation split has no answer tokens to compute a loss on")
-    return float(total / tokens)
+    metrics = {"loss": float(total / tokens)}
+    if getattr(getattr(model, "module", model), "na_head", None) is not None:
+        na_total = fabric.all_reduce(na_total, reduce_op="sum")
+        if na_total[2] > 0:
+            metrics.update(na_loss=float(na_total[0] / na_total[2]), na_acc=100.0 * float(na_total[1] / na_total[2]))
+    return metrics
 
 
 def print_sample_generations(
@@ -516,11 +574,12 @@ def run_validation(
     The global RNG is left as it was (`rng_kept`): validation only observes the run.
     """
     with rng_kept(fabric.device):
-        metrics = {"loss": validate(fabric, model, val_data, train_args.micro_batch_size, eval_args.max_batches,
-                                    train_args.pad_multiple)}  # fmt: skip
+        metrics = validation_metrics(fabric, model, val_data, train_args.micro_batch_size, eval_args.max_batches,
+                                     train_args.pad_multiple)  # fmt: skip
         if val_questions is not None:
             metrics.update(generation_metrics(fabric, model, tokenizer, val_questions, eval_args))
-        fabric.log_dict({f"val/{name}": value for name, value in metrics.items()}, step=progress["step"])
+        numbers = {f"val/{name}": value for name, value in metrics.items() if isinstance(value, (int, float))}
+        fabric.log_dict(numbers, step=progress["step"])
         fabric.print(f"\nstep {progress['step']}: {format_val(metrics)}")
         print_sample_generations(fabric, model, val_data, tokenizer, eval_args)
     progress["val_loss"], progress["val"] = metrics["loss"], metrics
@@ -530,11 +589,16 @@ def run_validation(
 def format_val(metrics: dict[str, float]) -> str:
     """``val loss 1.2345, F1 52.10, EM 48.00, has-answer F1 40.20, no-answer accuracy 63.00, no-answer threshold
     0.3120`` (what is there)."""
-    labels = {"f1": "F1", "em": "EM", "has_ans_f1": "has-answer F1", "no_ans_acc": "no-answer accuracy"}
+    labels = {"f1": "F1", "em": "EM", "has_ans_f1": "has-answer F1", "no_ans_acc": "no-answer accuracy",
+              "na_acc": "no-answer head accuracy"}
     parts = [f"val loss {metrics['loss']:.4f}"] + [f"{label} {metrics[key]:.2f}" for key, label in labels.items()
                                                    if key in metrics]  # fmt: skip
+    if "na_loss" in metrics:
+        parts.append(f"no-answer head loss {metrics['na_loss']:.4f}")
     if "na_threshold" in metrics:
         parts.append(f"no-answer threshold {metrics['na_threshold']:.4f}")
+    if "na_source" in metrics:
+        parts.append(f"rule {metrics['na_source']}")
     return ", ".join(parts)
 
 
@@ -571,14 +635,15 @@ def generation_metrics(
                                      progress=False, na_threshold=1.0, extractive=True)  # fmt: skip
     finally:
         module.train(was_training)
-    threshold, _ = best_na_threshold(questions, scored)
-    scores = evaluate_predictions(questions, apply_na_threshold(scored, threshold, questions))
+    source, threshold, _ = best_na_rule(questions, scored)
+    scores = evaluate_predictions(questions, apply_na_threshold(scored.with_source(source, questions), threshold,
+                                                                questions))  # fmt: skip
     metrics = {"f1": scores["f1"], "em": scores["exact"]}
     if "HasAns_f1" in scores:
         metrics["has_ans_f1"] = scores["HasAns_f1"]
     if "NoAns_exact" in scores:  # for an unanswerable question EM is whether the model abstained
         metrics["no_ans_acc"] = scores["NoAns_exact"]
-    metrics["na_threshold"] = threshold
+    metrics["na_threshold"], metrics["na_source"] = threshold, source
     return fabric.broadcast(metrics, src=0) if fabric.world_size > 1 else metrics
 
 
@@ -668,7 +733,8 @@ def save_na_threshold(
     if fabric.global_rank != 0 or val_questions is None or "na_threshold" not in val:
         return
     record = {"threshold": val["na_threshold"], "tuned_on": f"{len(val_questions.questions)} validation questions "
-              f"of {val_questions.source}", "val_f1": val["f1"], "extractive": True, "method": NA_METHOD,
+              f"of {val_questions.source}", "val_f1": val["f1"], "extractive": True, "method": NA_METHODS[val.get("na_source", "span")],
+              "source": val.get("na_source", "span"),
               "step": validated["step"], "prompt_style": val_questions.prompt_style,
               "no_answer": val_questions.no_answer}  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,9 @@ The result loads like any converted model, and can be exported to Hugging Face f
 A LoRA on the output head of a model with tied embeddings is merged into an untied copy of the head
 (the input embedding stays as it was), so the written ``lit_config.json`` then says ``tie_embeddings: false``.
 
-The adapter's ``prepare_config.json`` (prompt style, no-answer string) and ``na_threshold.json`` (the tuned
-no-answer threshold) are copied beside the merged weights, where `evaluate/base.py` looks for them.
+The adapter's ``prepare_config.json`` (prompt style, no-answer string), ``na_threshold.json`` (the tuned
+no-answer threshold) and no-answer head (``na_head.safetensors``, ``na_head_config.json``) are copied beside the
+merged weights, where `evaluate/base.py` looks for them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lit_qa.data import CONFIG_FILE as PREPARE_CONFIG_FILE
 from lit_qa.errors import run_cli
 from lit_qa.evaluation import NA_THRESHOLD_FILE
 from lit_qa.lora import load_lora_checkpoint, lora_filter, merge_lora_weights, read_base_record
+from lit_qa.na_head import NA_HEAD_FILES
 
 
 def main(
@@ -53,9 +55,9 @@ def main(
     untied = merge_lora_weights(model)
     state_dict = {key: value for key, value in model.state_dict().items() if not lora_filter(key, value)}
     # model.config, not the loaded config: merging a tied head's LoRA unties it.
-    # The prompt settings and the tuned no-answer threshold travel with the weights, so evaluate/base.py on the
+    # The prompt settings, the tuned no-answer threshold and the no-answer head travel with the weights, so evaluate/base.py on the
     # merged folder asks and abstains exactly as evaluate/lora.py does on the adapter.
-    trained_with = {name: Path(lora_dir) / name for name in (PREPARE_CONFIG_FILE, NA_THRESHOLD_FILE)}
+    trained_with = {name: Path(lora_dir) / name for name in (PREPARE_CONFIG_FILE, NA_THRESHOLD_FILE, *NA_HEAD_FILES)}
     extra_files = tokenizer_files(base) | {name: path for name, path in trained_with.items() if path.is_file()}
     save_checkpoint(out_dir, model.config, state_dict, extra_files, overwrite)
     print(f"merged LoRA (r={lora_config.r}, alpha={lora_config.alpha}) from {lora_dir} into {base}")

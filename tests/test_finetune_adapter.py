@@ -46,7 +46,8 @@ def test_prepare_finetune_evaluate_from_the_command_line(prepared, tmp_path, scr
         assert "lm_head.adapter_scale" in final and "transformer.ln_f.weight" in final
     assert (run / "step-000004" / "training_state.pt").is_file()
     assert result.stdout.count("val loss") == 2  # steps 2 and 4
-    assert f"{sum(t.numel() for t in final.values()):,} trainable" in result.stdout
+    head = load_file(run / "final" / "na_head.safetensors")  # the no-answer head trains with it (--na_head true)
+    assert f"{sum(t.numel() for t in [*final.values(), *head.values()]):,} trainable" in result.stdout
 
     eval_out = tmp_path / "eval"
     result = run_script("evaluate/adapter.py", "--adapter_dir", str(run / "final"), "--eval_file", str(train_file),

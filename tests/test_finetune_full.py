@@ -46,9 +46,11 @@ def test_full_finetune_writes_a_checkpoint_that_evaluation_loads(prepared, tmp_p
     assert base.keys() == tuned.keys()
     assert all(not torch.equal(base[key], tuned[key]) for key in base)  # every weight trained
     assert (final / "prepare_config.json").is_file() and (final / "tokenizer.json").is_file()
-    # The trainable-parameter count is the whole model.
+    # The trainable-parameter count is the whole model and the no-answer head, saved beside it (not in its weights).
     model, _ = load_model(final)
-    assert f"{sum(p.numel() for p in model.parameters()):,} trainable of" in result.stdout
+    head = load_file(final / "na_head.safetensors")
+    trained = sum(p.numel() for p in model.parameters()) + sum(t.numel() for t in head.values())
+    assert f"{trained:,} trainable of" in result.stdout
 
     result = run_script("evaluate/base.py", "--checkpoint_dir", str(final), "--eval_file", str(train_file),
                         "--out_dir", str(tmp_path / "eval"), "--max_new_tokens", "4", "--precision", "32-true")  # fmt: skip

@@ -49,7 +49,8 @@ def script_f1(monkeypatch, f1_values: Iterator[float]) -> list[int]:
         answered.append(len(questions))
         assert kwargs["extractive"] and kwargs["na_threshold"] is not None  # the calibrated, span-constrained pass
         return Answers(final={q.id: "" for q in questions}, best_span={q.id: "" for q in questions},
-                       na_prob={q.id: 0.5 for q in questions})  # fmt: skip
+                       na_prob={q.id: 0.5 for q in questions},
+                       na_logits={q.id: {"span": 0.0} for q in questions})  # fmt: skip
 
     def scorer(questions, predictions):
         if len(questions) < len(QUESTIONS):  # the fresh start's 2-question check: not a validation
@@ -168,7 +169,9 @@ def test_real_run_writes_best_with_the_highest_validation_f1(prepared, tmp_path)
     f1 = {int(row["step"]): float(row["val/f1"]) for row in rows}
     best = json.loads((run / BEST_DIR / BEST_FILE).read_text())
     assert best["step"] == max(f1, key=f1.get) and best["val"]["f1"] == pytest.approx(f1[best["step"]])
-    assert set(best["val"]) == {"loss", "f1", "em", "has_ans_f1", "no_ans_acc", "na_threshold"}
+    # The no-answer head trains by default: its validation loss and accuracy, and the rule tuning picked.
+    assert set(best["val"]) == {"loss", "f1", "em", "has_ans_f1", "no_ans_acc", "na_threshold", "na_source", "na_loss",
+                                "na_acc"}  # fmt: skip
     assert all(row["val/na_threshold"] for row in rows)
     weights = load_file(run / BEST_DIR / "lit_lora.safetensors")
     reference = load_file(run / f"step-{best['step']:06d}" / "lit_lora.safetensors")

@@ -29,6 +29,7 @@ from lit_qa.data import FORMAT_VERSION, PREPARED_BY, QuestionEncoder
 from lit_qa.errors import LitQAError
 from lit_qa.evaluation import (
     NA_METHOD,
+    NA_METHODS,
     NA_THRESHOLD_FILE,
     Answers,
     GreedyScorer,
@@ -378,8 +379,8 @@ def test_auto_reads_the_saved_threshold_falls_back_to_calibration_then_to_one_ha
     assert metrics["na_threshold_source"] == "tuned on --calibration_file"
     assert metrics["calibration_questions"] == len(questions) and 0.0 <= metrics["na_threshold"] <= 1.0
     capsys.readouterr()
-    assert resolve_na_threshold("auto", checkpoint) == (0.5, {"na_threshold_source": "0.5 (nothing saved or tuned)",
-                                                              "na_method": NA_METHOD})  # fmt: skip
+    assert resolve_na_threshold("auto", checkpoint) == (0.5, {"na_threshold_source": "0.5 (nothing saved or tuned)"})
+    assert metrics["na_source"] == "span" and metrics["na_method"] == NA_METHOD  # recorded once the rule is known
     warning = capsys.readouterr().err
     assert f"{checkpoint} has no na_threshold.json" in warning and "--calibration_file" in warning
 
@@ -389,7 +390,7 @@ def test_auto_reads_the_saved_threshold_falls_back_to_calibration_then_to_one_ha
         resolve_na_threshold("auto", trained)
     saved_threshold(trained, 0.2, method="P(first token of the no-answer string)")
     assert resolve_na_threshold("auto", trained, calibration=True) == ("calibrate", {
-        "na_threshold_source": "tuned on --calibration_file", "na_method": NA_METHOD})  # fmt: skip
+        "na_threshold_source": "tuned on --calibration_file"})  # fmt: skip
     assert "ignoring" in capsys.readouterr().err
     for bad in (1.5, -0.1, "sometimes", True):
         with pytest.raises(LitQAError, match="--na_threshold must be auto, off or a number in"):
@@ -457,7 +458,7 @@ def test_training_saves_the_tuned_threshold_in_best_and_final_for_evaluation(pre
         record = json.loads((folder / NA_THRESHOLD_FILE).read_text())
         assert record["threshold"] == pytest.approx(float(rows[step]["val/na_threshold"]))
         assert record["val_f1"] == pytest.approx(float(rows[step]["val/f1"])) and record["step"] == step
-        assert record["tuned_on"] == f"4 validation questions of {data_dir}" and record["method"] == NA_METHOD
+        assert record["tuned_on"] == f"4 validation questions of {data_dir}" and record["method"] == NA_METHODS[record["source"]]
         assert record["extractive"] is True and 0.0 <= record["threshold"] <= 1.0
     assert not list(run.glob(f"step-*/{NA_THRESHOLD_FILE}"))  # resume checkpoints do not need one
 
