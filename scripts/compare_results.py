@@ -4,7 +4,9 @@
     python scripts/compare_results.py --runs '[base=out/evaluate/base, lora=out/evaluate/lora]' --out results.md
 
 Each run is ``label=path``, where the path is a ``metrics.json`` written by ``evaluate/*.py`` or the folder
-holding it. The table ends with the "always no-answer" floor on the same questions. Runs scored on different
+holding it. ``na_prob AUC`` is how well the run's no-answer probability separates unanswerable from answerable
+questions (0.5 = chance; a dash for plain greedy decoding, which has none). The table ends with the "always
+no-answer" floor on the same questions. Runs scored on different
 question sets (another ``--limit``, ``--seed`` or eval file) are refused, since their numbers do not compare.
 """
 
@@ -17,7 +19,7 @@ from lit_qa.errors import LitQAError, run_cli
 from lit_qa.evaluation import METRICS_FILE
 from lit_qa.squad import read_json_file
 
-COLUMNS = ("run", "questions", "EM", "F1", "HasAns F1", "NoAns accuracy", "questions/s")
+COLUMNS = ("run", "questions", "EM", "F1", "HasAns F1", "NoAns accuracy", "na_prob AUC", "questions/s")
 REQUIRED = ("exact", "f1", "num_questions", "question_ids_sha256", "no_answer_baseline")
 
 
@@ -79,6 +81,7 @@ def row(label: str, metrics: dict[str, Any], questions_per_second: float | None)
         f"{metrics['f1']:.2f}",
         f"{metrics['HasAns_f1']:.2f}" if "HasAns_f1" in metrics else "-",
         f"{metrics['NoAns_exact']:.2f}" if "NoAns_exact" in metrics else "-",
+        f"{metrics['na_prob_auc']:.3f}" if metrics.get("na_prob_auc") is not None else "-",
         f"{questions_per_second:.2f}" if questions_per_second is not None else "-",
     ]
 

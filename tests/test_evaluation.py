@@ -417,9 +417,13 @@ def test_compare_results_table_and_mismatch(tmp_path, capsys):
     assert [c.strip() for c in lines[0].strip("|").split("|")] == list(compare.COLUMNS)
     assert len(lines) == 5  # header, rule, two runs, always no-answer
     assert [c.strip() for c in lines[2].strip("|").split("|")] == ["good", "6", "100.00", "100.00", "100.00", "100.00",
-                                                                   "12.50"]  # fmt: skip
+                                                                   "-", "12.50"]  # fmt: skip
     assert [c.strip() for c in lines[4].strip("|").split("|")] == ["always no-answer", "6", "50.00", "50.00", "0.00",
-                                                                   "100.00", "-"]  # fmt: skip
+                                                                   "100.00", "-", "-"]  # fmt: skip
+    # A run with a no-answer probability shows its AUC.
+    metrics = json.loads((chatty / "metrics.json").read_text())
+    (chatty / "metrics.json").write_text(json.dumps({**metrics, "na_prob_auc": 0.8125}))
+    assert "| 0.812 |" in compare.main([f"chatty={chatty}"]).splitlines()[2]
 
     other = write_metrics(tmp_path / "other", questions[:5], gold, 1.0)
     with pytest.raises(LitQAError, match="computed on other questions"):

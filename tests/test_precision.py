@@ -23,3 +23,15 @@ def test_weights_dtype():
     assert precision.weights_dtype("bf16-true") is torch.bfloat16
     assert precision.weights_dtype("bf16-mixed") is torch.float32
     assert precision.weights_dtype("32-true") is torch.float32
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert precision.cpu_has_native_bf16(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")  # AVX-512 without bf16
+    assert not precision.cpu_has_native_bf16(cpuinfo)
+    assert not precision.cpu_has_native_bf16(tmp_path / "missing")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert precision.cpu_has_native_bf16(tmp_path / "missing")
