@@ -101,6 +101,7 @@ def main(
     steps: int = 8,
     precision: str = "auto",
     out: Path = Path("out/benchmarks/demo_budget.json"),
+    variants: list[str] | None = None,
 ) -> None:
     """Measure the demo's training settings against variants, and the demo's other costs.
 
@@ -109,7 +110,12 @@ def main(
         steps: Timed optimizer steps per variant (of the config's global batch size).
         precision: "auto" (bf16 where native, else fp32), "32-true" or "bf16-true".
         out: Where the numbers go as JSON.
+        variants: Names of `VARIANTS` to run (the demo's settings always run first); None runs them all.
     """
+    unknown = sorted(set(variants or ()) - set(VARIANTS))
+    if unknown:
+        raise LitQAError(f"unknown variants {unknown}; choose from: {', '.join(VARIANTS)}")
+    chosen = [name for i, name in enumerate(VARIANTS) if i == 0 or variants is None or name in variants]
     settings = yaml.safe_load(Path(config).read_text())
     data_dir, checkpoint_dir = Path(settings["data_dir"]), Path(settings["checkpoint_dir"])
     if not (data_dir / "train.pt").is_file():
@@ -128,7 +134,8 @@ def main(
     print(f"{describe_machine()}; precision {precision}; {steps} steps x {train_args.global_batch_size} samples each")
 
     rows = []
-    for name, change in VARIANTS.items():
+    for name in chosen:
+        change = VARIANTS[name]
         na_head = change.get("na_head", True)
         variant_dtype = dtype
         if change.get("precision") == "other":  # fp32 where "auto" chose bf16, and the other way round

@@ -195,11 +195,16 @@ class Answers:
 
 def na_logit(logits: dict[str, float], source: str) -> float:
     """The log-odds of "no answer" under rule ``source``: the head's logit, the span score or their sum."""
+    check_na_source(source, "head" in logits)
+    return sum(logits[part] for part in source.split("+"))
+
+
+def check_na_source(source: str, has_head: bool) -> None:
+    """Raise `LitQAError` for an unknown rule, or one that needs a no-answer head the model does not have."""
     if source not in NA_METHODS:
         raise LitQAError(f"unknown no-answer rule {source!r}; choose one of: {', '.join(NA_SOURCES)}")
-    if not _has_logits(logits, source):
+    if "head" in source and not has_head:
         raise LitQAError(f"no-answer rule {source!r} needs a model with a no-answer head (lit_qa.na_head)")
-    return sum(logits[part] for part in source.split("+"))
 
 
 def _has_logits(logits: dict[str, float], source: str) -> bool:
@@ -292,7 +297,7 @@ def score_questions(
     probe, targets = (None, None) if na_threshold is None else no_answer_ids(tokenizer, no_answer)
     has_head = getattr(model, "na_head", None) is not None
     na_source = na_source or default_na_source(model)
-    na_logit({"span": 0.0, **({"head": 0.0} if has_head else {})}, na_source)  # an unknown or impossible rule fails now
+    check_na_source(na_source, has_head)
     # With a threshold, the no-answer string is scored in the cache slots the answer uses later: room for both.
     room = max_new_tokens if probe is None else max(max_new_tokens, len(probe))
     max_prompt_length = model.max_seq_length - room
@@ -414,11 +419,6 @@ class NoAnswerScores:
         targets = self.targets.to(logits.device)[None, :, None].expand(logits.size(0), -1, 1)  # (B, P+1, 1)
         log_probs = logits.float().log_softmax(dim=-1).gather(-1, targets)[..., 0]  # (B, P+1)
         self.scores = log_probs.mean(dim=-1).tolist()
-
-
-def na_probabilities(na_scores: list[float], span_scores: list[float]) -> list[float]:
-    """p_na = sigmoid(s_na - s_span) per row, in (0, 1) (saturating to 0 or 1 only past a difference of ~37)."""
-    return [_sigmoid(na - span) for na, span in zip(na_scores, span_scores, strict=True)]
 
 
 def _sigmoid(x: float) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from lit_qa.errors import LitQAError
 from lit_qa.evaluation import select_subset
 from lit_qa.lora import count_parameters
 from lit_qa.model import GPT
-from lit_qa.na_head import NAHeadConfig, attach_na_head
+from lit_qa.na_head import NAHeadConfig, attach_na_head, standardize_na_head
 from lit_qa.precision import resolve_precision, weights_dtype
 from lit_qa.prompts import NO_ANSWER
 from lit_qa.squad import load_squad
@@ -149,9 +150,12 @@ def add_na_head(fabric: L.Fabric, model: GPT, enabled: bool, config: NAHeadConfi
                      "unanswerable, so there is nothing to tell apart (--na_head false silences this)")  # fmt: skip
         return
     head = attach_na_head(model, config)
+    start = time.perf_counter()
+    standardized = standardize_na_head(model, train_data, config.standardize_samples)
     fabric.print(f"no-answer head on blocks {list(head.layers)} ({sum(p.numel() for p in head.parameters()):,} "
-                 f"parameters, loss weight {head.config.loss_weight}); {unanswerable} of {len(train_data)} training "
-                 "samples are unanswerable")  # fmt: skip
+                 f"parameters, loss weight {head.config.loss_weight}, learning rate x{head.config.lr_scale}; "
+                 f"features standardised on {standardized} training prompts in {time.perf_counter() - start:.1f} s); "
+                 f"{unanswerable} of {len(train_data)} training samples are unanswerable")  # fmt: skip
 
 
 def print_parameter_counts(fabric: L.Fabric, model: torch.nn.Module, precision: str) -> None:
@@ -161,8 +165,16 @@ def print_parameter_counts(fabric: L.Fabric, model: torch.nn.Module, precision: 
 
 
 def make_optimizer(fabric: L.Fabric, model: torch.nn.Module, train_args: TrainArgs) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (fused kernels on GPU), set up by Fabric."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=train_args.learning_rate, weight_decay=train_args.weight_decay,
+    """AdamW over the trainable parameters (fused kernels on GPU), set up by Fabric. A no-answer head's parameters
+    get the learning rate times its ``lr_scale`` (a freshly initialised classifier on a pretrained model)."""
+    module = getattr(model, "module", model)
+    head = getattr(module, "na_head", None)
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    trainable = [p for p in module.parameters() if p.requires_grad and id(p) not in head_ids]
+    groups = [{"params": trainable}]
+    if head is not None and any(p.requires_grad for p in head.parameters()):
+        groups.append({"params": [p for p in head.parameters() if p.requires_grad],
+                       "lr": train_args.learning_rate * head.config.lr_scale})  # fmt: skip
+    optimizer = torch.optim.AdamW(groups, lr=train_args.learning_rate, weight_decay=train_args.weight_decay,
                                   betas=(train_args.beta1, train_args.beta2), fused=fabric.device.type == "cuda")  # fmt: skip
     return fabric.setup_optimizers(optimizer)

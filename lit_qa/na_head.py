@@ -24,7 +24,7 @@ answerability probe (scripts/probe_answerability.py) found them the most informa
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 
 from lit_qa.checkpoint import load_state_dict
+from lit_qa.data import collate
 from lit_qa.errors import LitQAError
 from lit_qa.finetuned import read_method_config
 
@@ -53,11 +54,17 @@ class NAHeadConfig:
         hidden_size: 0 for a linear head; > 0 for a 2-layer MLP with this many GELU units.
         loss_weight: Weight of the head's binary cross-entropy (mean over samples) next to the answer loss (mean
             over answer tokens).
+        lr_scale: The head's learning rate is the run's times this: it starts from scratch, while the adapter
+            nudges a pretrained model.
+        standardize_samples: Before training, standardise each feature by its mean and spread over this many
+            training prompts (`standardize_na_head`; one forward pass each); 0 skips it.
     """
 
     layers: list[int] | None = None
     hidden_size: int = 0
     loss_weight: float = 1.0
+    lr_scale: float = 10.0
+    standardize_samples: int = 128
 
     def __post_init__(self) -> None:
         problems = []
@@ -67,6 +74,10 @@ class NAHeadConfig:
             problems.append(f"na_head hidden_size must be >= 0, got {self.hidden_size}")
         if self.loss_weight < 0:
             problems.append(f"na_head loss_weight must be >= 0, got {self.loss_weight}")
+        if self.standardize_samples < 0 or self.standardize_samples == 1:
+            problems.append(f"na_head standardize_samples must be 0 or >= 2, got {self.standardize_samples}")
+        if self.lr_scale <= 0:
+            problems.append(f"na_head lr_scale must be > 0, got {self.lr_scale}")
         if problems:
             raise LitQAError("; ".join(problems))
 
@@ -75,7 +86,7 @@ class NAHeadConfig:
         layers = sorted(set(self.layers)) if self.layers is not None else default_layers(n_layer)
         if layers[-1] >= n_layer:
             raise LitQAError(f"na_head layers {layers} must be below the model's {n_layer} blocks")
-        return NAHeadConfig(layers=layers, hidden_size=self.hidden_size, loss_weight=self.loss_weight)
+        return replace(self, layers=layers)
 
     @classmethod
     def from_file(cls, path: str | Path) -> NAHeadConfig:
@@ -99,6 +110,10 @@ class NoAnswerHead(nn.Module):
             raise ValueError("NoAnswerHead needs concrete layers: pass config.resolved(n_layer)")
         self.config = config
         self.layers = tuple(config.layers)
+        # Per-layer, per-feature mean and spread of the normalised states (`fit_standardization`): the residual
+        # stream has a few huge dimensions, and without this a linear head under Adam barely sees the rest.
+        self.register_buffer("mean", torch.zeros(len(self.layers), n_embd))
+        self.register_buffer("std", torch.ones(len(self.layers), n_embd))
         if config.hidden_size:
             self.proj = nn.Sequential(nn.Linear(n_embd, config.hidden_size), nn.GELU(),
                                       nn.Linear(config.hidden_size, 1))  # fmt: skip
@@ -113,12 +128,23 @@ class NoAnswerHead(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
+    def features(self, states: list[torch.Tensor]) -> torch.Tensor:
+        """(L, B, n_embd) float32: each layer's state RMS-normalised (residual streams grow with depth)."""
+        return torch.stack([F.rms_norm(s.float(), (s.size(-1),)) for s in states])
+
     def forward(self, states: list[torch.Tensor]) -> torch.Tensor:
         """``states``: one (B, n_embd) tensor per layer in `layers`; returns (B,) float32 logits."""
-        # Parameter-free RMS norm per layer: residual streams grow with depth, and the head should weigh layers alike.
-        h = torch.stack([F.rms_norm(s.float(), (s.size(-1),)) for s in states]).mean(dim=0)  # (B, n_embd)
+        z = (self.features(states) - self.mean.float()[:, None]) / self.std.float()[:, None]  # (L, B, n_embd)
         weight = next(self.proj.parameters())
-        return self.proj(h.to(weight.dtype))[:, 0].float()
+        return self.proj(z.mean(dim=0).to(weight.dtype))[:, 0].float()
+
+    @torch.no_grad()
+    def fit_standardization(self, states: list[torch.Tensor]) -> None:
+        """Set `mean` and `std` from the states (one (N, n_embd) tensor per layer) of N training prompts, as the
+        probe standardises its features; called once before training, so the same data gives the same head."""
+        features = self.features(states)  # (L, N, n_embd)
+        self.mean.copy_(features.mean(dim=1))
+        self.std.copy_(features.std(dim=1).clamp(min=1e-3))
 
 
 def attach_na_head(model: nn.Module, config: NAHeadConfig) -> NoAnswerHead:
@@ -129,6 +155,32 @@ def attach_na_head(model: nn.Module, config: NAHeadConfig) -> NoAnswerHead:
     model.na_head = head.to(device=weight.device if weight.device.type != "meta" else "cpu")
     head.requires_grad_(True)
     return head
+
+
+@torch.no_grad()
+def standardize_na_head(model: nn.Module, samples: list[dict[str, Any]], count: int, batch_size: int = 8) -> int:
+    """Fit the head's feature standardisation on the last prompt token of ``count`` training samples spread evenly
+    over ``samples`` (so always the same ones), with the model as it is before training. Returns how many.
+
+    Before the first step, so a resumed run computes the same values again; they are saved with the head.
+    """
+    if count == 0 or not samples:
+        return 0
+    chosen = samples[:: max(1, len(samples) // count)][:count]
+    was_training = model.training
+    model.eval()
+    per_layer: list[list[torch.Tensor]] = [[] for _ in model.na_head.layers]
+    device = model.transformer.wte.weight.device
+    for start in range(0, len(chosen), batch_size):
+        # Lengths rounded to 64: a few shapes for CPU bf16 kernels (never past what the model takes).
+        batch = collate(chosen[start : start + batch_size], 0, model.max_seq_length, pad_multiple=64)
+        positions = last_prompt_positions(batch["labels"]).to(device)
+        _, kept = model._forward_blocks(batch["input_ids"].to(device), na_positions=positions)
+        for states, layer_states in zip(per_layer, kept, strict=True):
+            states.append(layer_states.float())
+    model.train(was_training)
+    model.na_head.fit_standardization([torch.cat(states) for states in per_layer])
+    return len(chosen)
 
 
 def na_head_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -69,3 +69,36 @@ def test_evaluate_benchmark_batched_and_per_question_answers_are_identical(tmp_p
     assert ours == theirs
     assert len(set(ours.values())) > 2  # not vacuous: the answers differ from question to question
     assert all(result["seconds"] > 0 for result in results.values())
+
+
+def test_demo_budget_measures_every_variant_on_the_same_steps(prepared_tiny, tmp_path, monkeypatch):
+    """The demo-budget benchmark runs on the demo's config file; finer padding computes fewer padded tokens."""
+    from benchmarks import demo_budget
+
+    checkpoint, data_dir = prepared_tiny
+    config = tmp_path / "config.yaml"
+    config.write_text(f"data_dir: {data_dir}\ncheckpoint_dir: {checkpoint}\nlora:\n  r: 2\ntrain:\n  global_batch_size: 4\n"
+                      "  micro_batch_size: 2\n  pad_multiple: 64\neval:\n  max_batches: 1\n  num_samples: 1\n"
+                      "  max_new_tokens: 2\n")  # fmt: skip
+    out = tmp_path / "budget.json"
+    demo_budget.main(config, steps=2, precision="32-true", out=out,
+                     variants=["pad to 8", "without the no-answer head"])  # fmt: skip
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 3 and all(row["samples/s"] > 0 for row in rows.values())
+    assert rows["pad to 8"]["padding %"] < rows["demo settings (pad to 64, length-grouped, eager)"]["padding %"]
+    with pytest.raises(Exception, match="unknown variants"):
+        demo_budget.main(config, variants=["faster"])
+
+
+@pytest.fixture
+def prepared_tiny(tmp_path):
+    from helpers import run_script
+    from test_finetune_lora import squad_file as four_question_file
+
+    checkpoint = make_tiny_checkpoint(tmp_path)
+    data_dir = tmp_path / "data"
+    result = run_script("scripts/prepare_squad.py", "--train_file", str(four_question_file(tmp_path / "t.json", 8)),
+                        "--out_dir", str(data_dir), "--checkpoint_dir", str(checkpoint), "--max_seq_length", "128",
+                        "--val_fraction", "0.25")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return checkpoint, data_dir

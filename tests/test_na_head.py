@@ -26,7 +26,7 @@ from lit_qa.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
 from lit_qa.model import GPT
 from lit_qa.na_head import (NA_HEAD_CONFIG_FILE, NA_HEAD_WEIGHTS_FILE, NAHeadConfig, NAHeadOutputs, attach_na_head,
                             default_layers, last_prompt_positions, load_na_head, na_head_files, na_loss_sum,
-                            split_na_head)  # fmt: skip
+                            split_na_head, standardize_na_head)  # fmt: skip
 from lit_qa.squad import evaluate_predictions
 from lit_qa.tokenizer import Tokenizer
 from helpers import make_tiny_tokenizer, run_script
@@ -269,3 +269,38 @@ def test_finetune_evaluate_and_merge_keep_the_head(prepared, tmp_path):  # noqa:
                       *fixed).returncode == 0  # fmt: skip
     by_lora, by_base = (json.loads((tmp_path / name / "na_probs.json").read_text()) for name in ("lora", "base"))
     assert by_lora == by_base and json.loads((tmp_path / "base" / "metrics.json").read_text())["na_source"] == "head"
+
+
+def test_the_optimizer_gives_the_head_its_own_learning_rate_and_every_trained_weight_a_group():
+    from lit_qa.launch import make_optimizer
+
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
+    model = lora_model_with_head(config=NAHeadConfig(lr_scale=10.0))
+    optimizer = make_optimizer(fabric, fabric.setup_module(model), TrainArgs(learning_rate=1e-3))
+    groups = optimizer.param_groups
+    assert [group["lr"] for group in groups] == [1e-3, pytest.approx(1e-2)]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.na_head.parameters()}
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for group in groups for p in group["params"]} == trained
+
+
+def test_standardization_is_fitted_on_training_prompts_saved_with_the_head_and_the_same_every_time(tmp_path):
+    samples = answerability_samples(40, seed=3)
+    model = lora_model_with_head(config=NAHeadConfig(standardize_samples=16))
+    assert standardize_na_head(model, samples, 16) == 16
+    head = model.na_head
+    assert head.mean.abs().sum() > 0 and not torch.equal(head.std, torch.ones_like(head.std))
+    # The standardised features of the prompts it was fitted on have mean 0 and spread 1, feature by feature.
+    batch = collate(samples[::2][:16], 0)
+    _, kept = model._forward_blocks(batch["input_ids"], na_positions=last_prompt_positions(batch["labels"]))
+    z = (head.features(kept) - head.mean[:, None]) / head.std[:, None]
+    torch.testing.assert_close(z.mean(dim=1), torch.zeros_like(head.mean), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std(dim=1), torch.ones_like(head.std), atol=1e-3, rtol=0)
+    again = lora_model_with_head(config=NAHeadConfig(standardize_samples=16))
+    standardize_na_head(again, samples, 16)
+    assert torch.equal(again.na_head.mean, head.mean) and torch.equal(again.na_head.std, head.std)
+    for name, content in na_head_files(model).items():
+        (tmp_path / name).write_bytes(content)
+    loaded = load_na_head(GPT(Config.from_name("tiny-gqa")), tmp_path)
+    assert torch.equal(loaded.mean, head.mean) and torch.equal(loaded.std, head.std)
+    assert standardize_na_head(model, samples, 0) == 0
