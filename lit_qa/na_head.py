@@ -63,7 +63,7 @@ class NAHeadConfig:
     layers: list[int] | None = None
     hidden_size: int = 0
     loss_weight: float = 1.0
-    lr_scale: float = 10.0
+    lr_scale: float = 1.0
     standardize_samples: int = 128
 
     def __post_init__(self) -> None:
