@@ -160,12 +160,13 @@ def main(
     print_sample_generations(fabric, model, val_data, tokenizer, eval_args)
     generations = time.perf_counter() - start
     step_seconds = rows[0]["s/step"]
+    steps_in_run = train_args.max_steps or steps  # a config without max_steps: as many as were timed
+    validations = max(1, steps_in_run // eval_args.interval)
     costs = {"validation (s)": round(validation, 1), "sample generations (s)": round(generations, 1),
-             "demo step (s)": step_seconds, "demo steps": train_args.max_steps,
-             "validations per demo run": train_args.max_steps // eval_args.interval}  # fmt: skip
-    total = train_args.max_steps * step_seconds + costs["validations per demo run"] * (validation + generations)
+             "demo step (s)": step_seconds, "demo steps": steps_in_run, "validations per demo run": validations}
+    validating = validations * (validation + generations)
     costs["share of the demo's training minutes spent validating (%)"] = round(
-        100 * costs["validations per demo run"] * (validation + generations) / total, 1)  # fmt: skip
+        100 * validating / (steps_in_run * step_seconds + validating), 1)  # fmt: skip
     print(costs)
     write_json(out, {"machine": describe_machine(), "precision": precision, "steps": steps, "rows": rows,
                      "costs": costs})  # fmt: skip

@@ -79,7 +79,7 @@ def setup(
         na_head: Train a no-answer head with the model (lit_qa/na_head.py): a linear layer on middle layers'
             hidden states at the prompt's last token, trained on "is this question unanswerable?"; evaluation
             abstains by its probability. Saved beside the weights (na_head.safetensors, na_head_config.json).
-        na: The head's layers, size and loss weight.
+        na: The head's layers, size, loss weight, learning-rate scale and feature standardisation.
         resume: Continue from the latest checkpoint in out_dir (True / "auto") or from a given step folder.
         overwrite: Start over in an out_dir that already holds checkpoints (they are deleted).
         seed: Random seed for the prompts' initialisation and the data order.

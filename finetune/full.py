@@ -75,14 +75,15 @@ def setup(
         na_head: Train a no-answer head with the model (lit_qa/na_head.py): a linear layer on middle layers'
             hidden states at the prompt's last token, trained on "is this question unanswerable?"; evaluation
             abstains by its probability. Saved beside the weights (na_head.safetensors, na_head_config.json).
-        na: The head's layers, size and loss weight.
+        na: The head's layers, size, loss weight, learning-rate scale and feature standardisation.
         resume: Continue from the latest checkpoint in out_dir (True / "auto") or from a given step folder.
         overwrite: Start over in an out_dir that already holds checkpoints (they are deleted).
         seed: Random seed for dropout and data order.
     """
     prepare_config = check_inputs(data_dir, checkpoint_dir, out_dir, resume, overwrite)
     fabric, precision = make_fabric(out_dir, precision, devices, num_nodes, strategy, fsdp, train)
-    launch(fabric, main, data_dir, checkpoint_dir, out_dir, precision, train, eval, na_head, na, resume, seed, prepare_config)
+    launch(fabric, main, data_dir, checkpoint_dir, out_dir, precision, train, eval, na_head, na, resume, seed,
+           prepare_config)  # fmt: skip
 
 
 def main(
@@ -119,7 +120,8 @@ def main(
         state = full_state_dict(model.module.state_dict(), keep=fabric.global_rank == 0)  # a collective
         if fabric.global_rank == 0:
             weights, head = split_na_head(state)
-            save_checkpoint(folder, config, weights, {**extra_files, **na_head_files(model.module, head)}, overwrite=True)
+            extra = {**extra_files, **na_head_files(model.module, head)}
+            save_checkpoint(folder, config, weights, extra, overwrite=True)
 
     val_questions = load_val_questions(data_dir, eval_args, prepare_config)
     progress = fit(fabric, model, optimizer, train_data, val_data, train_args, eval_args, out_dir, save_fn, tokenizer,

@@ -77,7 +77,7 @@ def setup(
         na_head: Train a no-answer head with the model (lit_qa/na_head.py): a linear layer on middle layers'
             hidden states at the prompt's last token, trained on "is this question unanswerable?"; evaluation
             abstains by its probability. Saved beside the weights (na_head.safetensors, na_head_config.json).
-        na: The head's layers, size and loss weight.
+        na: The head's layers, size, loss weight, learning-rate scale and feature standardisation.
         resume: Continue from the latest checkpoint in out_dir (True / "auto") or from a given step folder.
         overwrite: Start over in an out_dir that already holds checkpoints (they are deleted).
         seed: Random seed for LoRA initialisation, dropout and data order.
@@ -87,8 +87,8 @@ def setup(
     prepare_config = check_inputs(data_dir, checkpoint_dir, out_dir, resume, overwrite)
     fabric, precision = make_fabric(out_dir, precision, devices, num_nodes, strategy, fsdp, train)
     check_qlora_args(quantize, fabric)
-    launch(fabric, main, data_dir, checkpoint_dir, out_dir, precision, lora, train, eval, na_head, na, resume, seed, prepare_config,
-           quantize)  # fmt: skip
+    launch(fabric, main, data_dir, checkpoint_dir, out_dir, precision, lora, train, eval, na_head, na, resume, seed,
+           prepare_config, quantize)  # fmt: skip
 
 
 def main(

@@ -144,7 +144,7 @@ class NoAnswerHead(nn.Module):
         probe standardises its features; called once before training, so the same data gives the same head."""
         features = self.features(states)  # (L, N, n_embd)
         self.mean.copy_(features.mean(dim=1))
-        self.std.copy_(features.std(dim=1).clamp(min=1e-3))
+        self.std.copy_(features.std(dim=1).clamp(min=0.1))
 
 
 def attach_na_head(model: nn.Module, config: NAHeadConfig) -> NoAnswerHead:

@@ -224,7 +224,8 @@ def fit(
                     token_sum, na_logits = loss_sums(model, batch, train_args.loss_positions_only)
                     loss = token_sum * world_size / loss_tokens
                     if na_logits is not None:
-                        na_loss = na_loss_sum(na_logits, batch["unanswerable"]) * world_size / train_args.global_batch_size
+                        na_loss = na_loss_sum(na_logits, batch["unanswerable"]) * world_size
+                        na_loss = na_loss / train_args.global_batch_size
                         loss = loss + na_weight * na_loss
                         step_na_loss += na_loss.detach()
                     fabric.backward(loss)

@@ -55,8 +55,8 @@ def main(
     untied = merge_lora_weights(model)
     state_dict = {key: value for key, value in model.state_dict().items() if not lora_filter(key, value)}
     # model.config, not the loaded config: merging a tied head's LoRA unties it.
-    # The prompt settings, the tuned no-answer threshold and the no-answer head travel with the weights, so evaluate/base.py on the
-    # merged folder asks and abstains exactly as evaluate/lora.py does on the adapter.
+    # The prompt settings, the tuned no-answer threshold and the no-answer head travel with the weights, so
+    # evaluate/base.py on the merged folder asks and abstains exactly as evaluate/lora.py does on the adapter.
     trained_with = {name: Path(lora_dir) / name for name in (PREPARE_CONFIG_FILE, NA_THRESHOLD_FILE, *NA_HEAD_FILES)}
     extra_files = tokenizer_files(base) | {name: path for name, path in trained_with.items() if path.is_file()}
     save_checkpoint(out_dir, model.config, state_dict, extra_files, overwrite)

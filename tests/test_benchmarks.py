@@ -77,9 +77,9 @@ def test_demo_budget_measures_every_variant_on_the_same_steps(prepared_tiny, tmp
 
     checkpoint, data_dir = prepared_tiny
     config = tmp_path / "config.yaml"
-    config.write_text(f"data_dir: {data_dir}\ncheckpoint_dir: {checkpoint}\nlora:\n  r: 2\ntrain:\n  global_batch_size: 4\n"
-                      "  micro_batch_size: 2\n  pad_multiple: 64\neval:\n  max_batches: 1\n  num_samples: 1\n"
-                      "  max_new_tokens: 2\n")  # fmt: skip
+    config.write_text(f"data_dir: {data_dir}\ncheckpoint_dir: {checkpoint}\nlora:\n  r: 2\ntrain:\n"
+                      "  global_batch_size: 4\n  micro_batch_size: 2\n  pad_multiple: 64\neval:\n  max_batches: 1\n"
+                      "  num_samples: 1\n  max_new_tokens: 2\n")  # fmt: skip
     out = tmp_path / "budget.json"
     demo_budget.main(config, steps=2, precision="32-true", out=out,
                      variants=["pad to 8", "without the no-answer head"])  # fmt: skip

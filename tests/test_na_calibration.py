@@ -458,7 +458,8 @@ def test_training_saves_the_tuned_threshold_in_best_and_final_for_evaluation(pre
         record = json.loads((folder / NA_THRESHOLD_FILE).read_text())
         assert record["threshold"] == pytest.approx(float(rows[step]["val/na_threshold"]))
         assert record["val_f1"] == pytest.approx(float(rows[step]["val/f1"])) and record["step"] == step
-        assert record["tuned_on"] == f"4 validation questions of {data_dir}" and record["method"] == NA_METHODS[record["source"]]
+        assert record["tuned_on"] == f"4 validation questions of {data_dir}"
+        assert record["method"] == NA_METHODS[record["source"]]
         assert record["extractive"] is True and 0.0 <= record["threshold"] <= 1.0
     assert not list(run.glob(f"step-*/{NA_THRESHOLD_FILE}"))  # resume checkpoints do not need one
 

@@ -259,7 +259,8 @@ def test_finetune_evaluate_and_merge_keep_the_head(prepared, tmp_path):  # noqa:
     assert metrics["calibration_f1"] >= metrics["calibration_always_abstain_f1"]
 
     merged = tmp_path / "merged"
-    assert run_script("scripts/merge_lora.py", "--lora_dir", str(run / "final"), "--out_dir", str(merged)).returncode == 0
+    merging = run_script("scripts/merge_lora.py", "--lora_dir", str(run / "final"), "--out_dir", str(merged))
+    assert merging.returncode == 0, merging.stderr
     for name in (NA_HEAD_WEIGHTS_FILE, NA_HEAD_CONFIG_FILE):
         assert (merged / name).read_bytes() == (run / "final" / name).read_bytes()
     fixed = ("--na_threshold", "0.5", *common)
