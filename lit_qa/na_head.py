@@ -3,11 +3,12 @@
 
 Every strong SQuAD 2.0 system since BERT decides answerability with a classifier on the model's hidden states,
 trained together with the span objective. Here it reads the residual stream of a few middle layers at the last
-prompt token (where the answer's first token is predicted), each layer's vector RMS-normalised, averaged, and
-mapped to one logit by a linear layer (or a 2-layer MLP)::
+prompt token (where the answer's first token is predicted), each layer's vector RMS-normalised and standardised
+per feature (mean and spread over training prompts, fitted once before training), averaged, and mapped to one
+logit by a linear layer (or a 2-layer MLP)::
 
-    h = mean_l rmsnorm(x_l[last prompt token])      l in config.layers (default: a few middle layers)
-    z = w . h + b                                    logit of "unanswerable"; p_na = sigmoid(z)
+    h = mean_l (rmsnorm(x_l[last prompt token]) - mean_l) / std_l     l in config.layers (a few middle layers)
+    z = w . h + b                                                      logit of "unanswerable"; p_na = sigmoid(z)
 
 Training adds ``loss_weight * BCE(z, is_unanswerable)`` (one term per sample) to the answer loss, and the
 gradient flows back into whatever else trains (LoRA, adapter, every weight), so the layers below learn features
