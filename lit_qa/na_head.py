@@ -207,11 +207,6 @@ def na_head_files(model: nn.Module, tensors: dict[str, torch.Tensor] | None = No
             NA_HEAD_CONFIG_FILE: (json.dumps(asdict(head.config), indent=2) + "\n").encode()}  # fmt: skip
 
 
-def has_na_head_files(folder: str | Path) -> bool:
-    """Whether ``folder`` holds a saved head (both files)."""
-    return all((Path(folder) / name).is_file() for name in NA_HEAD_FILES)
-
-
 def load_na_head(model: nn.Module, folder: str | Path) -> NoAnswerHead | None:
     """Attach the head saved in ``folder`` to ``model`` (in its weights' dtype and device), or do nothing and
     return None when the folder has none.
