@@ -417,15 +417,7 @@ def token_loss_sum(
     model's FLOPs. Without it, logits are computed at every position first (the usual, slower way; the
     result is the same, which a test checks).
     """
-    input_ids, labels = batch["input_ids"], batch["labels"]
-    targets = labels[:, 1:]  # the token each position predicts
-    if not loss_positions_only:
-        logits = model(input_ids)[:, :-1]  # (B, T-1, vocab)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
-    output_mask = torch.zeros_like(labels, dtype=torch.bool)
-    output_mask[:, :-1] = targets != -100
-    logits = model(input_ids, output_mask=output_mask)  # (N, vocab)
-    return F.cross_entropy(logits.float(), targets[targets != -100], reduction="sum")
+    return _token_loss_sum(model, batch, loss_positions_only)[0]
 
 
 def loss_sums(
@@ -436,19 +428,29 @@ def loss_sums(
     Without a head the second is None."""
     if getattr(getattr(model, "module", model), "na_head", None) is None or "unanswerable" not in batch:
         return token_loss_sum(model, batch, loss_positions_only), None
+    return _token_loss_sum(model, batch, loss_positions_only, last_prompt_positions(batch["labels"]))
+
+
+def _token_loss_sum(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    loss_positions_only: bool,
+    na_positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_loss_sum`, and with ``na_positions`` the no-answer head's logits from the same forward pass."""
     input_ids, labels = batch["input_ids"], batch["labels"]
-    targets = labels[:, 1:]
-    positions = last_prompt_positions(labels)
+    targets = labels[:, 1:]  # the token each position predicts
+    output_mask = None
+    if loss_positions_only:
+        output_mask = torch.zeros_like(labels, dtype=torch.bool)
+        output_mask[:, :-1] = targets != -100
+    out = model(input_ids, output_mask=output_mask, na_positions=na_positions)
+    logits, na_logits = out if na_positions is not None else (out, None)
     if not loss_positions_only:
-        logits, na_logits = model(input_ids, na_positions=positions)
         logits = logits[:, :-1]  # (B, T-1, vocab)
-        token_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
-        return token_sum, na_logits
-    output_mask = torch.zeros_like(labels, dtype=torch.bool)
-    output_mask[:, :-1] = targets != -100
-    logits, na_logits = model(input_ids, output_mask=output_mask, na_positions=positions)  # (N, vocab), (B,)
-    token_sum = F.cross_entropy(logits.float(), targets[targets != -100], reduction="sum")
-    return token_sum, na_logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                               reduction="sum"), na_logits  # fmt: skip
+    return F.cross_entropy(logits.float(), targets[targets != -100], reduction="sum"), na_logits  # (N, vocab) logits
 
 
 def setup_model(fabric: L.Fabric, model: torch.nn.Module, train_args: TrainArgs) -> torch.nn.Module:
