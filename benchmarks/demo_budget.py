@@ -22,16 +22,18 @@ import torch
 import yaml
 
 from benchmarks.utils import describe_machine, print_table, write_json
-from lit_qa.args import EvalArgs, TrainArgs
-from lit_qa.checkpoint import load_model
-from lit_qa.data import collate, load_prepared, mark_unanswerable, read_prepare_config
+from lit_qa.checkpoints.folder import load_model
+from lit_qa.data.dataset import collate, load_prepared, mark_unanswerable, read_prepare_config
 from lit_qa.errors import LitQAError, run_cli
-from lit_qa.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
-from lit_qa.na_head import NAHeadConfig, attach_na_head, na_loss_sum
+from lit_qa.models.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
+from lit_qa.models.na_head import NAHeadConfig, attach_na_head, na_loss_sum
+from lit_qa.models.tokenizer import Tokenizer
 from lit_qa.precision import resolve_precision, weights_dtype
-from lit_qa.tokenizer import Tokenizer
-from lit_qa.training import (compile_blocks, count_loss_tokens, loss_sums, print_sample_generations,
-                             rank_batches_of_epoch, validate)  # fmt: skip
+from lit_qa.training.args import EvalArgs, TrainArgs
+from lit_qa.training.batches import count_loss_tokens, rank_batches_of_epoch
+from lit_qa.training.loop import compile_blocks
+from lit_qa.training.loss import loss_sums
+from lit_qa.training.validation import print_sample_generations, validate
 
 VARIANTS = {
     "demo settings (pad to 64, length-grouped, eager)": {},

@@ -5,10 +5,10 @@
 
 Both answer the same fixed subset of questions (`select_subset`) in fp32 on the CPU by default, by plain
 greedy decoding (no abstain-probability gating), from the same prompt token ids, with the same stop tokens
-and the same decoding of the answer, so their predictions should be identical: the table shows the official
-metrics of both next to the speed. The Hugging Face model is our checkpoint exported with
-`lit_qa.convert_hf.convert_lit_to_hf`, so the weights are identical. Timings are one wall-clock run each after
-a warm-up on two questions; on a shared 2-core machine they swing, so compare the ratio printed in one run.
+and the same decoding of the answer, so their predictions should be identical: the table shows the official metrics of
+both next to the speed. The Hugging Face model is our checkpoint exported with
+`lit_qa.checkpoints.convert_hf.convert_lit_to_hf`, so the weights are identical. Timings are one wall-clock run each
+after a warm-up on two questions; on a shared 2-core machine they swing, so compare the ratio printed in one run.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ from typing import Any
 import torch
 
 from benchmarks.utils import describe_machine, print_table, write_json
-from lit_qa.checkpoint import load_model
-from lit_qa.convert_hf import convert_lit_to_hf
-from lit_qa.data import QuestionEncoder
+from lit_qa.checkpoints.convert_hf import convert_lit_to_hf
+from lit_qa.checkpoints.folder import load_model
+from lit_qa.data.prepare import QuestionEncoder
+from lit_qa.data.prompts import NO_ANSWER
+from lit_qa.data.squad import Question, load_squad, question_ids_sha256, select_subset
 from lit_qa.errors import run_cli
-from lit_qa.evaluation import answer_questions, prompt_for, question_ids_sha256, select_subset, to_official
-from lit_qa.model import GPT
-from lit_qa.prompts import NO_ANSWER
-from lit_qa.squad import Question, evaluate_predictions, load_squad
-from lit_qa.tokenizer import Tokenizer
+from lit_qa.evaluation.answering import answer_questions, prompt_for, to_official
+from lit_qa.evaluation.squad_metric import evaluate_predictions
+from lit_qa.models.model import GPT
+from lit_qa.models.tokenizer import Tokenizer
 
 
 def hf_answer_questions(hf_model: Any, tokenizer: Tokenizer, questions: list[Question], max_prompt_length: int,

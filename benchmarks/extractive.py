@@ -22,14 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.utils import describe_machine, print_table, write_json
-from lit_qa.checkpoint import load_model
+from lit_qa.checkpoints.folder import load_model
+from lit_qa.checkpoints.lora import load_lora_checkpoint
+from lit_qa.data.squad import load_squad, question_ids_sha256, select_subset
 from lit_qa.errors import run_cli
-from lit_qa.evaluation import answer_questions, prompt_settings, question_ids_sha256, select_subset
-from lit_qa.extractive import SpanConstraint, vocab_trie
-from lit_qa.lora import load_lora_checkpoint, merge_lora_weights
+from lit_qa.evaluation.answering import answer_questions
+from lit_qa.evaluation.run import prompt_settings
+from lit_qa.evaluation.squad_metric import evaluate_predictions
+from lit_qa.generation.extractive import SpanConstraint, vocab_trie
+from lit_qa.models.lora import merge_lora_weights
+from lit_qa.models.tokenizer import Tokenizer
 from lit_qa.precision import resolve_precision, weights_dtype
-from lit_qa.squad import evaluate_predictions, load_squad
-from lit_qa.tokenizer import Tokenizer
 
 
 @contextlib.contextmanager

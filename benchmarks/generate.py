@@ -5,7 +5,7 @@
 
 Both decode ``new_tokens`` tokens greedily after a ``prompt_length``-token prompt at each batch size,
 in fp32 on the CPU by default. The Hugging Face model is our checkpoint exported with
-`lit_qa.convert_hf.convert_lit_to_hf`, so the weights are identical. Stop tokens are ignored on both
+`lit_qa.checkpoints.convert_hf.convert_lit_to_hf`, so the weights are identical. Stop tokens are ignored on both
 sides so every row decodes exactly ``new_tokens`` tokens. Run on a quiet machine: timings on a shared
 2-core machine swing by several times, so compare the ratios printed in the same run.
 """
@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.utils import best_time, describe_machine, print_table, write_json
-from lit_qa.checkpoint import load_model
-from lit_qa.convert_hf import convert_lit_to_hf
+from lit_qa.checkpoints.convert_hf import convert_lit_to_hf
+from lit_qa.checkpoints.folder import load_model
 from lit_qa.errors import run_cli
-from lit_qa.generate import generate
+from lit_qa.generation.generate import generate
 
 
 def main(

@@ -9,7 +9,7 @@ Each (implementation, method) runs in a fresh subprocess, so its peak memory (re
 SQuAD prompts from the demo split with their answers, padded to ``seq_length`` tokens, loss on the answer
 tokens only, an AdamW step after each micro-batch. LoRA is r 8 / alpha 16 / dropout 0.05 on the query and
 value projections on both sides (the known-good 7B recipe). The Hugging Face model is our checkpoint
-exported with `lit_qa.convert_hf.convert_lit_to_hf`.
+exported with `lit_qa.checkpoints.convert_hf.convert_lit_to_hf`.
 
 Model FLOPs utilisation (MFU) counts the useful work of the transformer blocks only: the matmuls of the
 forward pass (2 FLOPs per weight per token) plus causal attention, doubled for LoRA and adapters (the
@@ -31,16 +31,17 @@ from pathlib import Path
 import torch
 
 from benchmarks.utils import describe_machine, print_table, write_json
-from lit_qa.adapter import AdapterConfig, apply_adapter, mark_only_adapter_as_trainable
-from lit_qa.checkpoint import load_model
-from lit_qa.config import Config
-from lit_qa.data import QuestionEncoder, collate
+from lit_qa.checkpoints.folder import load_model
+from lit_qa.data.dataset import collate
+from lit_qa.data.prepare import QuestionEncoder
+from lit_qa.data.squad import load_squad, select_subset
 from lit_qa.errors import LitQAError, run_cli
-from lit_qa.evaluation import select_subset
-from lit_qa.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
-from lit_qa.squad import load_squad
-from lit_qa.tokenizer import Tokenizer
-from lit_qa.training import checkpoint_blocks, compile_blocks, token_loss_sum
+from lit_qa.models.adapter import AdapterConfig, apply_adapter, mark_only_adapter_as_trainable
+from lit_qa.models.config import Config
+from lit_qa.models.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
+from lit_qa.models.tokenizer import Tokenizer
+from lit_qa.training.loop import checkpoint_blocks, compile_blocks
+from lit_qa.training.loss import token_loss_sum
 
 METHODS = ("lora", "full", "adapter", "adapter_v2")  # transformers + peft runs only the first two
 IMPLEMENTATIONS = ("lit-qa", "lit-qa --compile", "transformers")
@@ -87,7 +88,7 @@ def lit_model(checkpoint_dir: Path, method: str, dtype: torch.dtype, device: str
 def hf_model(checkpoint_dir: Path, method: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     import transformers
 
-    from lit_qa.convert_hf import convert_lit_to_hf
+    from lit_qa.checkpoints.convert_hf import convert_lit_to_hf
 
     with tempfile.TemporaryDirectory() as tmp:
         convert_lit_to_hf(checkpoint_dir, Path(tmp) / "hf", overwrite=True)

@@ -13,8 +13,8 @@ evaluated at that threshold by default.
 ``scripts/compare_results.py``. An ``--out_dir`` holding a finished evaluation is refused unless ``--overwrite
 true``; one holding only ``predictions.partial.jsonl`` (an interrupted run) is resumed.
 
-Decoding is span-constrained by default (``lit_qa.extractive``): every answer is a substring of its context or
-the no-answer string. ``--extractive false`` decodes freely, as the model would on its own.
+Decoding is span-constrained by default (``lit_qa.generation.extractive``): every answer is a substring of its context
+or the no-answer string. ``--extractive false`` decodes freely, as the model would on its own.
 
 Quantized: ``--quantize bnb.nf4`` (bnb.fp4, bnb.int8) quantizes the block linears after loading;
 ``--quantize gptq.int4 --gptq_checkpoint FOLDER`` evaluates the model scripts/quantize_gptq.py wrote to FOLDER
@@ -30,23 +30,16 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from lit_qa.checkpoints.inference import load_for_inference
+from lit_qa.checkpoints.na_head import load_na_head
+from lit_qa.data.squad import load_squad, select_subset
 from lit_qa.errors import run_cli
-from lit_qa.evaluation import (
-    autocast,
-    check_chat_template,
-    check_out_dir,
-    format_summary,
-    prompt_settings,
-    resolve_device,
-    resolve_na_threshold,
-    run_evaluation,
-    select_subset,
-)
-from lit_qa.na_head import load_na_head
-from lit_qa.precision import resolve_precision, weights_dtype
-from lit_qa.quantize import check_quantize_args, load_for_inference, weights_size_bytes
-from lit_qa.squad import load_squad
-from lit_qa.tokenizer import Tokenizer, check_vocab_matches
+from lit_qa.evaluation.calibration import resolve_na_threshold
+from lit_qa.evaluation.results import check_out_dir, format_summary
+from lit_qa.evaluation.run import check_chat_template, prompt_settings, run_evaluation
+from lit_qa.models.tokenizer import Tokenizer, check_vocab_matches
+from lit_qa.precision import autocast, resolve_device, resolve_precision, weights_dtype
+from lit_qa.quantize import check_quantize_args, weights_size_bytes
 
 
 def main(
@@ -82,7 +75,7 @@ def main(
             the no-answer string are scored by their mean log-probability (tokens + EOS); the model abstains when
             p_na = sigmoid(s_na - s_span) reaches the threshold; with a no-answer head saved beside the weights
             (na_head.safetensors) p_na is the head's probability, or both combined, whichever rule tuning picked
-            (lit_qa/evaluation.py). "auto": the threshold (and rule) saved with the weights
+            (lit_qa/evaluation/answers.py). "auto": the threshold (and rule) saved with the weights
             (checkpoint_dir/na_threshold.json, written by training with --eval.f1_questions), else tuned for F1 on
             ``calibration_file``, else 0.5 (the no-answer string as likely per token as the best span) with a
             warning; a number in [0, 1]: that threshold; "off" (or null): plain greedy decoding, the model says the

@@ -25,24 +25,17 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from lit_qa.checkpoints.lora import check_lora_dir, load_lora_checkpoint, read_base_record
+from lit_qa.checkpoints.na_head import load_na_head
+from lit_qa.data.squad import load_squad, select_subset
 from lit_qa.errors import LitQAError, run_cli
-from lit_qa.evaluation import (
-    autocast,
-    check_chat_template,
-    check_out_dir,
-    format_summary,
-    prompt_settings,
-    resolve_device,
-    resolve_na_threshold,
-    run_evaluation,
-    select_subset,
-)
-from lit_qa.lora import check_lora_dir, load_lora_checkpoint, merge_lora_weights, read_base_record
-from lit_qa.na_head import load_na_head
-from lit_qa.precision import resolve_precision, weights_dtype
+from lit_qa.evaluation.calibration import resolve_na_threshold
+from lit_qa.evaluation.results import check_out_dir, format_summary
+from lit_qa.evaluation.run import check_chat_template, prompt_settings, run_evaluation
+from lit_qa.models.lora import merge_lora_weights
+from lit_qa.models.tokenizer import Tokenizer, check_vocab_matches
+from lit_qa.precision import autocast, resolve_device, resolve_precision, weights_dtype
 from lit_qa.quantize import check_quantize_args, quantize_model, warn_if_trained_quantized, weights_size_bytes
-from lit_qa.squad import load_squad
-from lit_qa.tokenizer import Tokenizer, check_vocab_matches
 
 
 def main(
@@ -80,7 +73,7 @@ def main(
             the no-answer string are scored by their mean log-probability (tokens + EOS); the model abstains when
             p_na = sigmoid(s_na - s_span) reaches the threshold; with a no-answer head saved beside the weights
             (na_head.safetensors) p_na is the head's probability, or both combined, whichever rule tuning picked
-            (lit_qa/evaluation.py). "auto": the threshold (and rule) saved with the weights
+            (lit_qa/evaluation/answers.py). "auto": the threshold (and rule) saved with the weights
             (lora_dir/na_threshold.json, written by training with --eval.f1_questions), else tuned for F1 on
             ``calibration_file``, else 0.5 with a warning; a number in [0, 1]: that threshold; "off" (or null): plain
             greedy decoding, the model says the no-answer string or a span as it likes.

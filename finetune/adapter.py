@@ -1,7 +1,7 @@
 # Copyright lit-qa authors. Licensed under the Apache License 2.0.
 """LLaMA-Adapter fine-tuning for SQuAD 2.0 on prepared data (see scripts/prepare_squad.py).
 
-Trains a gated adaption prompt in the upper layers (v1, arXiv 2303.16199; lit_qa/adapter.py explains it), or
+Trains a gated adaption prompt in the upper layers (v1, arXiv 2303.16199; lit_qa/models/adapter.py explains it), or
 with ``--adapter.version 2`` also a scale and bias per linear layer and the norms (v2, arXiv 2304.15010;
 ``finetune/adapter_v2.py`` is this script with v2's defaults).
 
@@ -25,20 +25,26 @@ from typing import Literal
 
 import lightning as L
 
-from lit_qa.adapter import (
-    AdapterConfig,
-    adapter_state_dict,
-    apply_adapter,
-    mark_only_adapter_as_trainable,
-    save_adapter_checkpoint,
-)
-from lit_qa.args import EvalArgs, TrainArgs
-from lit_qa.distributed import FSDPArgs, Strategy, full_state_dict
+from lit_qa.checkpoints.adapter import save_adapter_checkpoint
+from lit_qa.checkpoints.na_head import na_head_files
 from lit_qa.errors import run_cli
-from lit_qa.launch import (add_na_head, check_inputs, launch, load_data_and_model, load_val_questions, make_fabric,
-                           make_optimizer, print_parameter_counts)  # fmt: skip
-from lit_qa.na_head import NAHeadConfig, na_head_files, na_head_state_dict
-from lit_qa.training import fit, save_final, save_hyperparameters, setup_model
+from lit_qa.models.adapter import AdapterConfig, adapter_state_dict, apply_adapter, mark_only_adapter_as_trainable
+from lit_qa.models.na_head import NAHeadConfig, na_head_state_dict
+from lit_qa.training.args import EvalArgs, TrainArgs
+from lit_qa.training.distributed import FSDPArgs, Strategy, full_state_dict
+from lit_qa.training.launch import (
+    add_na_head,
+    check_inputs,
+    launch,
+    load_data_and_model,
+    load_val_questions,
+    make_fabric,
+    make_optimizer,
+    print_parameter_counts,
+    save_hyperparameters,
+)
+from lit_qa.training.loop import fit, setup_model
+from lit_qa.training.selection import save_final
 
 
 def setup(
@@ -76,7 +82,7 @@ def setup(
         adapter: Adapter version (1 or 2), prompt length and first adapted layer.
         train: Training hyperparameters.
         eval: Validation hyperparameters.
-        na_head: Train a no-answer head with the model (lit_qa/na_head.py): a linear layer on middle layers'
+        na_head: Train a no-answer head with the model (lit_qa/models/na_head.py): a linear layer on middle layers'
             hidden states at the prompt's last token, trained on "is this question unanswerable?"; evaluation
             abstains by its probability. Saved beside the weights (na_head.safetensors, na_head_config.json).
         na: The head's layers, size, loss weight, learning-rate scale and feature standardisation.

@@ -27,15 +27,27 @@ from typing import Literal
 
 import lightning as L
 
-from lit_qa.args import EvalArgs, TrainArgs
-from lit_qa.distributed import FSDPArgs, Strategy, full_state_dict
+from lit_qa.checkpoints.lora import save_lora_checkpoint
+from lit_qa.checkpoints.na_head import na_head_files
 from lit_qa.errors import run_cli
-from lit_qa.launch import (add_na_head, check_inputs, launch, load_data_and_model, load_val_questions, make_fabric,
-                           make_optimizer, print_parameter_counts)  # fmt: skip
-from lit_qa.lora import LoRAConfig, apply_lora, lora_state_dict, mark_only_lora_as_trainable, save_lora_checkpoint
-from lit_qa.na_head import NAHeadConfig, na_head_files, na_head_state_dict
+from lit_qa.models.lora import LoRAConfig, apply_lora, lora_state_dict, mark_only_lora_as_trainable
+from lit_qa.models.na_head import NAHeadConfig, na_head_state_dict
 from lit_qa.quantize import check_qlora_args, quantize_model, quantize_record
-from lit_qa.training import fit, save_final, save_hyperparameters, setup_model
+from lit_qa.training.args import EvalArgs, TrainArgs
+from lit_qa.training.distributed import FSDPArgs, Strategy, full_state_dict
+from lit_qa.training.launch import (
+    add_na_head,
+    check_inputs,
+    launch,
+    load_data_and_model,
+    load_val_questions,
+    make_fabric,
+    make_optimizer,
+    print_parameter_counts,
+    save_hyperparameters,
+)
+from lit_qa.training.loop import fit, setup_model
+from lit_qa.training.selection import save_final
 
 
 def setup(
@@ -74,7 +86,7 @@ def setup(
         lora: LoRA rank, alpha, dropout and target layers.
         train: Training hyperparameters.
         eval: Validation hyperparameters.
-        na_head: Train a no-answer head with the model (lit_qa/na_head.py): a linear layer on middle layers'
+        na_head: Train a no-answer head with the model (lit_qa/models/na_head.py): a linear layer on middle layers'
             hidden states at the prompt's last token, trained on "is this question unanswerable?"; evaluation
             abstains by its probability. Saved beside the weights (na_head.safetensors, na_head_config.json).
         na: The head's layers, size, loss weight, learning-rate scale and feature standardisation.

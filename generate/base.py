@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
+from lit_qa.checkpoints.inference import load_for_inference
 from lit_qa.errors import LitQAError, run_cli
-from lit_qa.generate import check_sampling_args, generate
+from lit_qa.generation.generate import check_sampling_args, generate
+from lit_qa.models.tokenizer import Tokenizer, check_vocab_matches
 from lit_qa.precision import resolve_precision, weights_dtype
-from lit_qa.quantize import check_quantize_args, load_for_inference, weights_size_bytes
-from lit_qa.tokenizer import Tokenizer, check_vocab_matches
+from lit_qa.quantize import check_quantize_args, weights_size_bytes
 
 
 def main(

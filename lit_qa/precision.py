@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -54,3 +55,16 @@ def resolve_precision(precision: str = "auto", accelerator: str = "auto") -> str
 def weights_dtype(precision: str) -> torch.dtype:
     """The dtype model weights are kept in under a resolved Fabric precision ("-mixed" keeps fp32 weights)."""
     return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
+
+
+def resolve_device(device: str) -> str:
+    """Turn "auto" into "cuda" when a GPU is available, else "cpu"."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
+    """Mixed precision keeps float32 weights and computes in half precision; "-true" precisions need nothing."""
+    if not precision.endswith("-mixed"):
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

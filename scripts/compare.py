@@ -16,7 +16,6 @@ memory is its own.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Literal
 import torch
 
 from lit_qa.errors import LitQAError, run_cli
+from lit_qa.quantize.comparison import add_differences, write_outputs
 
 FORMATS = ("full", "bnb.int8", "bnb.nf4", "gptq.int4")
 REPO = Path(__file__).resolve().parents[1]
@@ -124,12 +124,14 @@ def run(args: list) -> None:
 
 def worker(job: dict) -> dict:
     """Load one format, evaluate it, measure decoding speed, weights size and peak memory; save and return."""
-    from lit_qa.evaluation import prompt_settings, resolve_device, run_evaluation, select_subset
-    from lit_qa.generate import generate
-    from lit_qa.precision import resolve_precision, weights_dtype
-    from lit_qa.quantize import load_for_inference, weights_size_bytes
-    from lit_qa.squad import load_squad
-    from lit_qa.tokenizer import Tokenizer
+    from lit_qa.checkpoints.inference import load_for_inference
+    from lit_qa.data.squad import load_squad, select_subset
+    from lit_qa.evaluation.run import prompt_settings, run_evaluation
+    from lit_qa.generation.generate import generate
+    from lit_qa.models.tokenizer import Tokenizer
+    from lit_qa.precision import resolve_device, resolve_precision, weights_dtype
+    from lit_qa.quantize import weights_size_bytes
+    from lit_qa.training.loop import peak_memory_gb
 
     fmt = job["format"]
     device = resolve_device("auto")
@@ -146,10 +148,7 @@ def worker(job: dict) -> dict:
                              job["batch_size"], job["max_new_tokens"], {"format": fmt, "precision": precision},
                              na_threshold=job["na_threshold"], calibration_questions=calibration)  # fmt: skip
     tokens_per_sec = decode_speed(model, generate, device)
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 1e9
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    peak = peak_memory_gb(torch.device(device))
     result = {"format": fmt, "precision": precision, "EM": metrics["exact"], "F1": metrics["f1"],
               "HasAns F1": metrics.get("HasAns_f1"), "NoAns accuracy": metrics.get("NoAns_exact"),
               "weights GB": weights_size_bytes(model) / 1e9, "peak memory GB": peak,
@@ -173,62 +172,6 @@ def decode_speed(model: torch.nn.Module, generate, device: str) -> float:
         generate(model, [prompt], new_tokens)
         best = min(best, time.perf_counter() - start)
     return new_tokens / best
-
-
-def add_differences(rows: list[dict]) -> list[dict]:
-    """Add each format's F1 difference to the full-precision row (if present)."""
-    full = next((r for r in rows if r["format"] == "full"), None)
-    for row in rows:
-        row["F1 vs full"] = None if full is None else row["F1"] - full["F1"]
-    return rows
-
-
-def write_outputs(out_dir: Path, rows: list[dict], extra: dict) -> None:
-    """``comparison.md`` (printed too), ``comparison.json`` and ``comparison.png``."""
-    columns = ["format", "EM", "F1", "HasAns F1", "NoAns accuracy", "best-threshold F1", "weights GB",
-               "peak memory GB", "tokens/s", "F1 vs full"]  # fmt: skip
-
-    def cell(value) -> str:
-        return "-" if value is None else f"{value:+.2f}" if isinstance(value, float) and value < 0 else (
-            f"{value:.2f}" if isinstance(value, float) else str(value))
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(label(row) if c == "format" else row.get(c)) for c in columns) + " |"
-              for row in rows]  # fmt: skip
-    markdown = "\n".join(lines) + "\n"
-    print(markdown)
-    (out_dir / "comparison.md").write_text(markdown)
-    (out_dir / "comparison.json").write_text(json.dumps({"rows": rows, **extra}, indent=2) + "\n")
-    plot(rows, out_dir / "comparison.png")
-    if extra.get("gptq_quantization_seconds"):
-        print(f"GPTQ quantization took {extra['gptq_quantization_seconds']:.0f} s")
-    print(f"wrote {out_dir / 'comparison.md'}, comparison.json and comparison.png")
-
-
-def label(row: dict) -> str:
-    """The format and, for GPTQ, its settings: ``gptq.int4 g128 act-order``."""
-    return f"{row['format']} {row['settings']}" if row.get("settings") else row["format"]
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    """Bar charts of F1 and weights size per format, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    names = [label(row) for row in rows]
-    fig, (f1_axis, size_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    f1_axis.bar(names, [row["F1"] for row in rows], color="tab:blue")
-    f1_axis.set_ylabel("SQuAD F1")
-    size_axis.bar(names, [row["weights GB"] for row in rows], color="tab:orange")
-    size_axis.set_ylabel("weights (GB)")
-    for axis in (f1_axis, size_axis):
-        axis.tick_params(axis="x", rotation=20)
-    fig.suptitle(f"{rows[0]['questions']} SQuAD questions")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

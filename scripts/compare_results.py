@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lit_qa.data.squad import read_json_file
 from lit_qa.errors import LitQAError, run_cli
-from lit_qa.evaluation import METRICS_FILE
-from lit_qa.squad import read_json_file
+from lit_qa.evaluation.results import METRICS_FILE
 
 COLUMNS = ("run", "questions", "EM", "F1", "HasAns F1", "NoAns accuracy", "na_prob AUC", "questions/s")
 REQUIRED = ("exact", "f1", "num_questions", "question_ids_sha256", "no_answer_baseline")

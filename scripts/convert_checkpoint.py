@@ -89,12 +89,12 @@ def main(
     """
     torch_dtype = DTYPES[dtype] if dtype is not None else None
     if to == "hf":
-        from lit_qa.convert_hf import convert_lit_to_hf
+        from lit_qa.checkpoints.convert_hf import convert_lit_to_hf
 
         if dtype is not None or name is not None:
             raise LitQAError("--dtype and --name apply to conversion into lit-qa, not to --to hf")
         if is_gptq_folder(source):
-            from lit_qa.quantize.gptq import export_hf_gptq
+            from lit_qa.checkpoints.gptq import export_hf_gptq
 
             written = export_hf_gptq(source, out_dir, overwrite=overwrite)
         else:
@@ -108,20 +108,20 @@ def main(
 def _convert_to_lit(source: Path, out_dir: Path, name: str | None, dtype: torch.dtype | None, overwrite: bool) -> Path:
     kind = detect_source_kind(source)
     if kind == "gguf":
-        from lit_qa.convert_gguf import convert_gguf
+        from lit_qa.checkpoints.convert_gguf import convert_gguf
 
         return convert_gguf(source, out_dir, name=name, dtype=dtype or torch.float32, overwrite=overwrite)
     if kind == "meta":
-        from lit_qa.convert_meta import convert_meta_checkpoint
+        from lit_qa.checkpoints.convert_meta import convert_meta_checkpoint
 
         return convert_meta_checkpoint(source, out_dir, name=name, dtype=dtype, overwrite=overwrite)
     if is_gptq_folder(source):
-        from lit_qa.quantize.gptq import import_hf_gptq
+        from lit_qa.checkpoints.gptq import import_hf_gptq
 
         if dtype is not None:
             raise LitQAError(f"{source} holds GPTQ-quantized weights: --dtype does not apply")
         return import_hf_gptq(source, out_dir, name=name, overwrite=overwrite)
-    from lit_qa.convert_hf import convert_hf_checkpoint
+    from lit_qa.checkpoints.convert_hf import convert_hf_checkpoint
 
     return convert_hf_checkpoint(source, out_dir, name=name, dtype=dtype, overwrite=overwrite)
 

@@ -10,7 +10,7 @@ activations, transient buffers and a fixed overhead, from the model config alone
 
 ``--gpu_memory_gb`` adds whether the run fits and the largest micro batch that does. GB are 1e9 bytes, so an
 "80 GB" card (80 GiB) has about 7 % more room than ``--gpu_memory_gb 80`` assumes. The accounting rules, and
-how the estimate compares with measured runs, are in the docstring of `lit_qa.memory`.
+how the estimate compares with measured runs, are in the docstring of `lit_qa.training.memory`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,16 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from lit_qa.config import Config
 from lit_qa.errors import LitQAError, run_cli
-from lit_qa.memory import GB, MemoryEstimate, TrainingSetup, count_parameters, estimate_memory, largest_micro_batch
+from lit_qa.models.config import Config
+from lit_qa.training.memory import (
+    GB,
+    MemoryEstimate,
+    TrainingSetup,
+    count_parameters,
+    estimate_memory,
+    largest_micro_batch,
+)
 
 
 def main(
@@ -46,7 +53,7 @@ def main(
     """Print the expected memory per GPU of fine-tuning a model.
 
     Arguments:
-        model: A registered config name, e.g. Llama-2-7b (see lit_qa/config.py).
+        model: A registered config name, e.g. Llama-2-7b (see lit_qa/models/config.py).
         checkpoint_dir: Or a checkpoint folder: its lit_config.json describes the model.
         method: full, lora, adapter, adapter_v2 or qlora (4-bit nf4 base weights plus LoRA).
         precision: 32-true, bf16-true, 16-true, bf16-mixed or 16-mixed (fp32 weights, 16-bit compute).

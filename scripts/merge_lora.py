@@ -22,13 +22,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lit_qa.checkpoint import check_out_dir, save_checkpoint
-from lit_qa.convert_hf import tokenizer_files
-from lit_qa.data import CONFIG_FILE as PREPARE_CONFIG_FILE
+from lit_qa.checkpoints.convert_hf import tokenizer_files
+from lit_qa.checkpoints.folder import check_out_dir, save_checkpoint
+from lit_qa.checkpoints.lora import load_lora_checkpoint, read_base_record
+from lit_qa.checkpoints.na_head import NA_HEAD_FILES
+from lit_qa.data.dataset import CONFIG_FILE as PREPARE_CONFIG_FILE
 from lit_qa.errors import run_cli
-from lit_qa.evaluation import NA_THRESHOLD_FILE
-from lit_qa.lora import load_lora_checkpoint, lora_filter, merge_lora_weights, read_base_record
-from lit_qa.na_head import NA_HEAD_FILES
+from lit_qa.evaluation.calibration import NA_THRESHOLD_FILE
+from lit_qa.models.lora import lora_filter, merge_lora_weights
 
 
 def main(

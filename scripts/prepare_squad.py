@@ -1,12 +1,12 @@
 # Copyright lit-qa authors. Licensed under the Apache License 2.0.
 """Tokenize a SQuAD training file into train/val samples for fine-tuning.
 
-The training questions are split by article into train and val (seeded), prompted with `lit_qa.prompts`,
-tokenized with the checkpoint's tokenizer, and windowed where a paragraph is longer than ``max_seq_length``
-(see `lit_qa.data`). ``--answers all`` trains on every distinct gold answer of a question (one sample each)
-instead of the first; ``--prompt_style chat`` wraps the prompt in the checkpoint's chat template (instruct
-models). The evaluation file is never trained or validated on; give it with ``--eval_file`` only
-to check that it loads and does not share questions with the training file.
+The training questions are split by article into train and val (seeded), prompted with `lit_qa.data.prompts`,
+tokenized with the checkpoint's tokenizer, and windowed where a paragraph is longer than ``max_seq_length`` (see
+`lit_qa.data.prepare`). ``--answers all`` trains on every distinct gold answer of a question (one sample each) instead
+of the first; ``--prompt_style chat`` wraps the prompt in the checkpoint's chat template (instruct models). The
+evaluation file is never trained or validated on; give it with ``--eval_file`` only to check that it loads and does
+not share questions with the training file.
 
 Usage::
 
@@ -16,43 +16,35 @@ Usage::
     python scripts/prepare_squad.py ... --answers all --prompt_style chat   # every gold answer, chat template
 
 Writes to ``out_dir``: ``train.pt`` and ``val.pt`` (lists of ``{"id", "input_ids", "labels"}``, read them
-with `lit_qa.data.load_prepared`), ``val-v2.0.json`` (the val articles in official format, for
+with `lit_qa.data.dataset.load_prepared`), ``val-v2.0.json`` (the val articles in official format, for
 generation-based validation), ``stats.json`` and ``prepare_config.json``. The same inputs and seed give
 byte-identical files.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from lit_qa.data import (
-    CONFIG_FILE,
-    FORMAT_VERSION,
-    PREPARED_BY,
-    SPLITS,
-    STATS_FILE,
-    VAL_SQUAD_FILE,
-    QuestionEncoder,
-    encode_questions,
-    samples_to_bytes,
-    split_by_article,
+from lit_qa.data.dataset import (
+    PREPARED_FILES,
+    check_prepared_out_dir,
+    prepare_config,
     write_atomic,
+    write_prepared,
 )
+from lit_qa.data.prepare import QuestionEncoder, encode_splits
+from lit_qa.data.prompts import ANSWER_MODES, NO_ANSWER, check_prompt_style
+from lit_qa.data.squad import Question, load_squad
 from lit_qa.errors import LitQAError, run_cli
-from lit_qa.prompts import ANSWER_MODES, NO_ANSWER, chat_template_sha256, check_prompt_style
-from lit_qa.squad import Question, load_squad, read_json_file
-from lit_qa.tokenizer import Tokenizer
+from lit_qa.models.tokenizer import Tokenizer
 
 SQUAD_URLS = {
     "train-v2.0.json": "https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v2.0.json",
     "dev-v2.0.json": "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v2.0.json",
 }
-OUTPUT_FILES = tuple(f"{split}.pt" for split in SPLITS) + (VAL_SQUAD_FILE, STATS_FILE, CONFIG_FILE)
 
 
 def main(
@@ -82,7 +74,7 @@ def main(
         val_fraction: Share of the training articles held out for validation (at least one article).
         no_answer: What the model is trained to answer for unanswerable questions.
         prompt_style: The prompt template: "plain" (instruction, context and question as text) or "chat" (the same
-            as a user turn of the checkpoint's chat template, for instruct models; see ``lit_qa.prompts``).
+            as a user turn of the checkpoint's chat template, for instruct models; see ``lit_qa.data.prompts``).
         answers: Training targets: "first" (the first gold answer of each question) or "all" (one sample per
             distinct gold answer text). Validation always uses the first, so its loss stays comparable.
         seed: Seed of the train/val split.
@@ -107,55 +99,13 @@ def main(
     questions = load_squad(train_file)
     if eval_file is not None:
         check_no_overlap(questions, eval_file, train_file)
-    config = {
-        "prepared_by": PREPARED_BY,
-        "format_version": FORMAT_VERSION,
-        "checkpoint_dir": str(checkpoint_dir),
-        "tokenizer": {
-            "vocab_size": tokenizer.vocab_size,
-            "bos_id": tokenizer.bos_id,
-            "eos_id": tokenizer.eos_id,
-            "add_bos": tokenizer.add_bos,
-            "sha256": tokenizer.file_sha256(),
-        },
-        "max_seq_length": max_seq_length,
-        "prompt_style": prompt_style,
-        "no_answer": no_answer,
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "train_file": {"path": str(train_file), "sha256": sha256(train_file)},
-        "eval_file": None if eval_file is None else {"path": str(eval_file), "sha256": sha256(eval_file)},
-    }
-    # Recorded only when not the default, so folders prepared before these options existed stay valid.
-    if prompt_style == "chat":
-        config["chat_template_sha256"] = chat_template_sha256(tokenizer)
-    if answers != "first":
-        config["answers"] = answers
-    check_out_dir(out_dir, config, overwrite)
+    config = prepare_config(tokenizer, checkpoint_dir, max_seq_length, prompt_style, no_answer, seed, val_fraction,
+                            answers, train_file, eval_file)  # fmt: skip
+    check_prepared_out_dir(out_dir, config, overwrite)
 
     start = time.perf_counter()
-    splits = dict(zip(SPLITS, split_by_article(questions, val_fraction, seed), strict=True))
-    files, stats = {}, {}
-    for split, split_questions in splits.items():
-        # Validation keeps one sample per question, so its loss means the same whatever --answers is.
-        mode = answers if split == "train" else "first"
-        samples, stats[split] = encode_questions(encoder, split_questions, f"tokenizing {split}", mode)
-        if not samples:
-            raise LitQAError(
-                f"no {split} samples left: all {len(split_questions)} questions were dropped "
-                f"({stats[split]['dropped']}); raise --max_seq_length"
-            )
-        stats[split]["articles"] = len({q.title for q in split_questions})
-        files[f"{split}.pt"] = samples_to_bytes(samples)
-    files[VAL_SQUAD_FILE] = val_squad_json(train_file, {q.title for q in splits["val"]})
-    files[STATS_FILE] = to_json(stats)
-    # The config goes last: a folder whose write was interrupted has none, and load_prepared refuses it.
-    files[CONFIG_FILE] = to_json(config)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_FILE).unlink(missing_ok=True)
-    for name, data in files.items():
-        write_atomic(out_dir / name, data)
+    files, stats = encode_splits(encoder, questions, train_file, val_fraction, seed, answers)
+    write_prepared(out_dir, files, stats, config)
     print_stats(stats, out_dir, time.perf_counter() - start)
     return stats
 
@@ -188,44 +138,6 @@ def check_no_overlap(questions: list[Question], eval_file: Path, train_file: Pat
         )
 
 
-def check_out_dir(out_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to replace prepared files made with other settings, unless ``overwrite``."""
-    present = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
-    if not present or overwrite:
-        return
-    try:
-        old = json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        old = None
-    if old == config:
-        return  # same settings: the rewrite gives the same bytes
-    keys = set(config) | (set(old) if isinstance(old, dict) else set())
-    changed = sorted(k for k in keys if not isinstance(old, dict) or old.get(k) != config.get(k))
-    raise LitQAError(
-        f"{out_dir} already holds prepared data ({', '.join(present)}) made with other settings "
-        f"(differs in: {', '.join(changed)}); pass --overwrite to replace it or choose another --out_dir"
-    )
-
-
-def val_squad_json(train_file: Path, val_titles: set[str]) -> bytes:
-    """The val articles of the training file in official format, serialized as the official files are."""
-    raw = read_json_file(train_file)
-    subset = {"version": raw.get("version", "v2.0"), "data": [a for a in raw["data"] if a["title"] in val_titles]}
-    return json.dumps(subset).encode("utf-8")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def to_json(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
-
-
 def print_stats(stats: dict[str, Any], out_dir: Path, seconds: float) -> None:
     for split, s in stats.items():
         dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "none"
@@ -237,7 +149,7 @@ def print_stats(stats: dict[str, Any], out_dir: Path, seconds: float) -> None:
         if "extra_answer_samples" in s:
             print(f"  {s['extra_answer_samples']} of the samples train on a second or later distinct gold answer")
         print(f"  tokens per sample: {', '.join(f'{k} {v}' for k, v in s['tokens'].items())}")
-    print(f"wrote {', '.join(OUTPUT_FILES)} to {out_dir} in {seconds:.1f} s")
+    print(f"wrote {', '.join(PREPARED_FILES)} to {out_dir} in {seconds:.1f} s")
 
 
 if __name__ == "__main__":

@@ -28,15 +28,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lit_qa.checkpoint import load_model
-from lit_qa.data import QuestionEncoder
+from lit_qa.checkpoints.folder import load_model
+from lit_qa.checkpoints.lora import check_lora_dir, load_lora_checkpoint
+from lit_qa.data.prepare import QuestionEncoder
+from lit_qa.data.squad import Question, load_squad, select_subset
 from lit_qa.errors import LitQAError, run_cli
-from lit_qa.evaluation import prompt_for, prompt_settings, resolve_device, roc_auc, select_subset
-from lit_qa.lora import check_lora_dir, load_lora_checkpoint, merge_lora_weights
-from lit_qa.model import GPT
-from lit_qa.precision import resolve_precision, weights_dtype
-from lit_qa.squad import Question, load_squad
-from lit_qa.tokenizer import Tokenizer
+from lit_qa.evaluation.answering import prompt_for
+from lit_qa.evaluation.calibration import roc_auc
+from lit_qa.evaluation.run import prompt_settings
+from lit_qa.models.lora import merge_lora_weights
+from lit_qa.models.model import GPT
+from lit_qa.models.tokenizer import Tokenizer
+from lit_qa.precision import resolve_device, resolve_precision, weights_dtype
 
 L2_CHOICES = (1e-3, 1e-2, 1e-1)
 

@@ -10,7 +10,7 @@ calibrated on what it will see) or any plain-text file, cut into chunks::
     # also write a copy AutoGPTQ / GPTQModel / transformers can load
     python scripts/quantize_gptq.py ... --export_hf checkpoints/SmolLM2-135M-Instruct-gptq-int4-hf
 
-The output folder is read by `lit_qa.quantize.gptq.load_gptq_model`. The embeddings, norms and output head
+The output folder is read by `lit_qa.checkpoints.gptq.load_gptq_model`. The embeddings, norms and output head
 stay unquantized, as is usual for GPTQ. Nothing is downloaded.
 """
 
@@ -23,21 +23,15 @@ from pathlib import Path
 
 import torch
 
-from lit_qa.checkpoint import check_checkpoint_dir, check_out_dir, load_model
-from lit_qa.config import Config
-from lit_qa.convert_hf import tokenizer_files
-from lit_qa.data import IGNORE_INDEX, load_prepared
+from lit_qa.checkpoints.convert_hf import tokenizer_files
+from lit_qa.checkpoints.folder import check_checkpoint_dir, check_out_dir, load_model
+from lit_qa.checkpoints.gptq import export_hf_gptq, gptq_state_dict, save_gptq_checkpoint
+from lit_qa.data.dataset import IGNORE_INDEX, load_prepared
 from lit_qa.errors import LitQAError, run_cli
-from lit_qa.quantize.gptq import (
-    GPTQConfig,
-    export_hf_gptq,
-    gptq_state_dict,
-    packed_size,
-    quantize_model,
-    save_gptq_checkpoint,
-    summarize,
-)
-from lit_qa.tokenizer import Tokenizer
+from lit_qa.models.config import Config
+from lit_qa.models.tokenizer import Tokenizer
+from lit_qa.quantize.gptq import GPTQConfig
+from lit_qa.quantize.gptq_model import packed_size, quantize_model, summarize
 
 
 def main(

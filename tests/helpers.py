@@ -12,9 +12,9 @@ from types import ModuleType
 
 import torch
 
-from lit_qa.checkpoint import save_checkpoint
-from lit_qa.config import Config
-from lit_qa.model import GPT
+from lit_qa.checkpoints.folder import save_checkpoint
+from lit_qa.models.config import Config
+from lit_qa.models.model import GPT
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SQUAD = REPO.parent / "shared" / "data" / "squad2"  # shared/ sits beside the repository, read-only

@@ -13,24 +13,26 @@ import torch.nn as nn
 from helpers import sgd_step
 from safetensors.torch import save_file
 
-from lit_qa.adapter import (
+from lit_qa.checkpoints.adapter import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
+    load_adapter_checkpoint,
+    save_adapter_checkpoint,
+)
+from lit_qa.checkpoints.folder import load_state_dict, save_checkpoint
+from lit_qa.errors import LitQAError
+from lit_qa.generation.generate import generate
+from lit_qa.models.adapter import (
     AdapterAttention,
     AdapterConfig,
     AdapterV2Linear,
     adapter_state_dict,
     apply_adapter,
-    load_adapter_checkpoint,
     mark_only_adapter_as_trainable,
-    save_adapter_checkpoint,
 )
-from lit_qa.checkpoint import load_state_dict, save_checkpoint
-from lit_qa.config import Config
-from lit_qa.errors import LitQAError
-from lit_qa.generate import generate
-from lit_qa.lora import count_parameters
-from lit_qa.model import GPT, CausalSelfAttention
+from lit_qa.models.config import Config
+from lit_qa.models.lora import count_parameters
+from lit_qa.models.model import GPT, CausalSelfAttention
 
 NAMES = ["tiny-gqa", "tiny-mha", "tiny-tied"]
 LINEARS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -333,8 +335,10 @@ def test_saving_without_an_adapter_is_refused(tmp_path):
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("quantize", ["bnb.int8", "bnb.nf4", "gptq.int4"])
 def test_quantized_base_keeps_the_adapter_in_full_precision(tmp_path, version, quantize):
+    from lit_qa.checkpoints.gptq import gptq_state_dict, save_gptq_checkpoint
     from lit_qa.quantize.bnb import is_bnb_layer
-    from lit_qa.quantize.gptq import GPTQConfig, gptq_state_dict, quantize_model, save_gptq_checkpoint
+    from lit_qa.quantize.gptq import GPTQConfig
+    from lit_qa.quantize.gptq_model import quantize_model
     from lit_qa.quantize.int4 import Int4Linear
 
     # 64 wide: bitsandbytes' CPU 4-bit kernels need rows of whole 64-weight blocks.

@@ -9,10 +9,10 @@ import pytest
 from helpers import make_tiny_checkpoint
 
 from benchmarks.evaluate import compare
-from lit_qa.checkpoint import load_model, save_checkpoint
-from lit_qa.convert_hf import convert_lit_to_hf
-from lit_qa.squad import load_squad
-from lit_qa.tokenizer import Tokenizer
+from lit_qa.checkpoints.convert_hf import convert_lit_to_hf
+from lit_qa.checkpoints.folder import load_model, save_checkpoint
+from lit_qa.data.squad import load_squad
+from lit_qa.models.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import lit_qa.checkpoint as checkpoint
-from lit_qa.checkpoint import (
+import lit_qa.checkpoints.folder as checkpoint
+from lit_qa.checkpoints.folder import (
     WEIGHTS_FILE,
     check_checkpoint_dir,
     expected_shapes,
@@ -20,9 +20,9 @@ from lit_qa.checkpoint import (
     load_torch_file,
     save_checkpoint,
 )
-from lit_qa.config import CONFIG_FILE, Config
 from lit_qa.errors import LitQAError
-from lit_qa.model import GPT
+from lit_qa.models.config import CONFIG_FILE, Config
+from lit_qa.models.model import GPT
 
 
 def make_model(name: str = "tiny-gqa") -> GPT:
@@ -154,7 +154,7 @@ def test_pickle_with_code_is_refused(tmp_path):
 
 
 def test_pickle_with_code_is_refused_by_the_hf_converter(tmp_path):
-    from lit_qa.convert_hf import convert_hf_checkpoint
+    from lit_qa.checkpoints.convert_hf import convert_hf_checkpoint
 
     marker = tmp_path / "pwned"
     hf_dir = tmp_path / "hf"
@@ -208,7 +208,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, lit_dir, monkeypatch, f
         raise OSError("disk full")
 
     target = "save_file" if fail_in == "save_file" else "shutil.copyfile"
-    monkeypatch.setattr(f"lit_qa.checkpoint.{target}", write_half_then_fail)
+    monkeypatch.setattr(f"lit_qa.checkpoints.folder.{target}", write_half_then_fail)
     model = make_model("tiny-mha")
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(

@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_qa.checkpoint import load_model, load_state_dict
-from lit_qa.config import Config, configs
-from lit_qa.convert_hf import (
+from lit_qa.checkpoints.convert_hf import (
     config_from_hf,
     config_to_hf,
     convert_hf_checkpoint,
@@ -22,8 +20,10 @@ from lit_qa.convert_hf import (
     hf_to_lit_key,
     lit_to_hf_key,
 )
-from lit_qa.convert_meta import convert_meta_checkpoint, intermediate_size
+from lit_qa.checkpoints.convert_meta import convert_meta_checkpoint, intermediate_size
+from lit_qa.checkpoints.folder import load_model, load_state_dict
 from lit_qa.errors import LitQAError
+from lit_qa.models.config import Config, configs
 
 transformers = pytest.importorskip("transformers")
 
@@ -209,7 +209,7 @@ def test_hf_config_errors(tmp_path):
 
 
 def meta_permute_inverse(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF rotate-half rows -> Meta's interleaved rows (the inverse of `lit_qa.convert_meta.permute`)."""
+    """HF rotate-half rows -> Meta's interleaved rows (the inverse of `lit_qa.checkpoints.convert_meta.permute`)."""
     dim1, dim2 = w.shape
     return w.view(n_heads, 2, dim1 // n_heads // 2, dim2).transpose(1, 2).reshape(dim1, dim2)
 

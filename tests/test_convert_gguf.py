@@ -16,11 +16,12 @@ import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lit_qa.checkpoint import load_model, load_state_dict
-from lit_qa.config import Config
-from lit_qa.convert_gguf import convert_gguf, read_gguf_config
+from lit_qa.checkpoints.convert_gguf import convert_gguf
+from lit_qa.checkpoints.folder import load_model, load_state_dict
+from lit_qa.checkpoints.gguf_reader import read_gguf_config
 from lit_qa.errors import LitQAError
-from lit_qa.tokenizer import Tokenizer as LitTokenizer
+from lit_qa.models.config import Config
+from lit_qa.models.tokenizer import Tokenizer as LitTokenizer
 
 Q = gguf.GGMLQuantizationType
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -145,7 +146,7 @@ def tiny_config(**overrides) -> Config:
 
 
 def random_state_dict(config: Config) -> dict[str, torch.Tensor]:
-    from lit_qa.model import GPT
+    from lit_qa.models.model import GPT
 
     state_dict = {k: torch.randn_like(v) * 0.1 for k, v in GPT(config).state_dict().items()}
     if config.tie_embeddings:
@@ -422,7 +423,7 @@ def test_real_smollm2_matches_transformers(tmp_path):
         torch.testing.assert_close(model(ids), hf_model(ids).logits, rtol=0, atol=1e-4)
 
     # Greedy continuation through our KV-cached decoder equals transformers' generate on the same weights.
-    from lit_qa.generate import generate
+    from lit_qa.generation.generate import generate
 
     (ours_new,) = generate(model, [ids[0]], max_new_tokens=24)
     with torch.inference_mode():

@@ -13,21 +13,19 @@ import pytest
 import torch
 from helpers import make_tiny_tokenizer
 
-from lit_qa.data import (
-    IGNORE_INDEX,
+from lit_qa.data.dataset import IGNORE_INDEX, collate, load_prepared
+from lit_qa.data.prepare import (
     QuestionEncoder,
-    collate,
     context_windows,
     encode_questions,
     length_stats,
-    load_prepared,
     split_by_article,
     training_targets,
 )
+from lit_qa.data.prompts import NO_ANSWER, PROMPT_STYLES, answer_text, build_prompt
+from lit_qa.data.squad import Question, load_squad
 from lit_qa.errors import LitQAError
-from lit_qa.prompts import NO_ANSWER, PROMPT_STYLES, answer_text, build_prompt
-from lit_qa.squad import Question, load_squad
-from lit_qa.tokenizer import Tokenizer
+from lit_qa.models.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "prepare_squad.py"

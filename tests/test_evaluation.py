@@ -10,32 +10,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import lit_qa.evaluation as evaluation
-from lit_qa.checkpoint import load_model, save_checkpoint
-from lit_qa.data import FORMAT_VERSION, IGNORE_INDEX, PREPARED_BY, QuestionEncoder
-from lit_qa.errors import LitQAError, run_cli
-from lit_qa.evaluation import (
-    answer_questions,
-    check_out_dir,
-    no_answer_baseline,
-    question_ids_sha256,
-    select_subset,
-    to_official,
-)
-from lit_qa.lora import (
-    LoRAConfig,
-    apply_lora,
-    load_lora_checkpoint,
-    lora_filter,
-    lora_layers,
-    merge_lora_weights,
-    save_lora_checkpoint,
-)
-from lit_qa.model import GPT
-from lit_qa.squad import Question, evaluate_predictions, load_squad
-from lit_qa.tokenizer import Tokenizer
 from helpers import SHARED_SQUAD, load_script, make_tiny_checkpoint, real_smollm2, run_script
+
+import lit_qa.evaluation.answering as answering
+import lit_qa.evaluation.results as results
+from lit_qa.checkpoints.folder import load_model, save_checkpoint
+from lit_qa.checkpoints.lora import load_lora_checkpoint, save_lora_checkpoint
+from lit_qa.data.dataset import FORMAT_VERSION, IGNORE_INDEX, PREPARED_BY
+from lit_qa.data.prepare import QuestionEncoder
+from lit_qa.data.squad import Question, load_squad, question_ids_sha256, select_subset
+from lit_qa.errors import LitQAError, run_cli
+from lit_qa.evaluation.answering import answer_questions, to_official
+from lit_qa.evaluation.results import check_out_dir
+from lit_qa.evaluation.squad_metric import evaluate_predictions, no_answer_baseline
+from lit_qa.models.lora import LoRAConfig, apply_lora, lora_filter, lora_layers, merge_lora_weights
+from lit_qa.models.model import GPT
+from lit_qa.models.tokenizer import Tokenizer
 
 DEMO_EVAL = SHARED_SQUAD / "demo-eval-v2.0.json"
 
@@ -91,13 +81,13 @@ def squad_file(path: Path, questions: list[Question]) -> Path:
 def record_prompts(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
     """Let `answer_questions` decode as usual, but keep every prompt it hands to `generate`."""
     seen: list[torch.Tensor] = []
-    real_generate = evaluation.generate
+    real_generate = answering.generate
 
     def spy(model, prompts, *args, **kwargs):
         seen.extend(prompts)
         return real_generate(model, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "generate", spy)
+    monkeypatch.setattr(answering, "generate", spy)
     return seen
 
 
@@ -167,7 +157,7 @@ def test_no_answer_string_maps_to_empty(model, tokenizer, monkeypatch):
         return [tokenizer.encode(" Unanswerable ", bos=False) if i % 2 else tokenizer.encode(" Normandy\n", bos=False)
                 for i in range(len(prompts))]  # fmt: skip
 
-    monkeypatch.setattr(evaluation, "generate", fake_generate)
+    monkeypatch.setattr(answering, "generate", fake_generate)
     answers = answer_questions(model, tokenizer, sample_questions(), batch_size=2, progress=False, na_threshold=None)
     assert sorted(answers.values()) == ["", "", "", "Normandy", "Normandy", "Normandy"]
 
@@ -274,9 +264,9 @@ def test_evaluate_base_missing_input_is_one_line_error(checkpoint_dir, tmp_path,
 
 def test_check_out_dir_refuses_finished_results_only(tmp_path):
     check_out_dir(tmp_path / "new")  # nothing there yet
-    (tmp_path / evaluation.PARTIAL_FILE).write_text("{}\n")
+    (tmp_path / results.PARTIAL_FILE).write_text("{}\n")
     check_out_dir(tmp_path)  # an interrupted run: resumed, not refused
-    for name in (evaluation.PREDICTIONS_FILE, evaluation.METRICS_FILE):
+    for name in (results.PREDICTIONS_FILE, results.METRICS_FILE):
         folder = tmp_path / name.split(".")[0]
         folder.mkdir()
         (folder / name).write_text("{}")
@@ -305,8 +295,8 @@ def test_every_evaluate_script_refuses_finished_results_before_loading(tmp_path,
 
 def test_extractive_best_spans_are_spans_and_every_question_gets_a_no_answer_probability(model, tokenizer):
     questions = sample_questions()
-    free = evaluation.score_questions(model, tokenizer, questions, max_new_tokens=8, progress=False)
-    spans = evaluation.score_questions(model, tokenizer, questions, max_new_tokens=8, progress=False,
+    free = answering.score_questions(model, tokenizer, questions, max_new_tokens=8, progress=False)
+    spans = answering.score_questions(model, tokenizer, questions, max_new_tokens=8, progress=False,
                                        extractive=True)  # fmt: skip
     for scored in (free, spans):
         assert sorted(scored.na_prob) == sorted(q.id for q in questions)
@@ -325,11 +315,11 @@ def test_extractive_best_spans_are_spans_and_every_question_gets_a_no_answer_pro
 
 def test_extractive_is_part_of_the_resume_fingerprint(model):
     questions = sample_questions()
-    settings = [evaluation.partial_settings(model, questions, "plain", "unanswerable", 8, 0.5, {"seed": 1}, extractive)
+    settings = [results.partial_settings(model, questions, "plain", "unanswerable", 8, 0.5, {"seed": 1}, extractive)
                 for extractive in (False, True)]  # fmt: skip
     assert settings[0] != settings[1] and settings[1]["extractive"] is True
     # Free decoding keeps the fingerprint of partial files written before the flag existed.
-    assert settings[0] == evaluation.partial_settings(model, questions, "plain", "unanswerable", 8, 0.5, {"seed": 1})
+    assert settings[0] == results.partial_settings(model, questions, "plain", "unanswerable", 8, 0.5, {"seed": 1})
 
 
 # ---- evaluate/lora.py ----
@@ -469,10 +459,10 @@ def test_real_smollm2_on_demo_eval(tmp_path):
 
 def test_scoring_with_a_threshold_separates_abstaining_from_the_best_span(model, tokenizer):
     questions = sample_questions()
-    never = evaluation.score_questions(model, tokenizer, questions, max_new_tokens=4, progress=False, na_threshold=1.0)
-    always = evaluation.score_questions(model, tokenizer, questions, max_new_tokens=4, progress=False, na_threshold=0.0)
+    never = answering.score_questions(model, tokenizer, questions, max_new_tokens=4, progress=False, na_threshold=1.0)
+    always = answering.score_questions(model, tokenizer, questions, max_new_tokens=4, progress=False, na_threshold=0.0)
     assert set(always.final.values()) == {""}
     assert never.best_span == always.best_span == {q: a for q, a in never.final.items()}
     assert all(0.0 <= p <= 1.0 for p in never.na_prob.values()) and never.na_prob == always.na_prob
     with pytest.raises(LitQAError, match="na_threshold"):
-        evaluation.score_questions(model, tokenizer, questions, progress=False, na_threshold=1.5)
+        answering.score_questions(model, tokenizer, questions, progress=False, na_threshold=1.5)

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from lit_qa.checkpoint import load_model
-from lit_qa.config import Config
-from lit_qa.evaluation import score_questions, select_subset
-from lit_qa.extractive import SpanDecoder, SuffixAutomaton, token_bytes
-from lit_qa.generate import generate
-from lit_qa.model import GPT
-from lit_qa.prompts import NO_ANSWER, build_prompt
-from lit_qa.squad import load_squad
-from lit_qa.tokenizer import Tokenizer
 from helpers import SENTENCES, SHARED_SQUAD, TINY, make_tiny_tokenizer, real_smollm2
+
+from lit_qa.checkpoints.folder import load_model
+from lit_qa.data.prompts import NO_ANSWER, build_prompt
+from lit_qa.data.squad import load_squad, select_subset
+from lit_qa.evaluation.answering import score_questions
+from lit_qa.generation.extractive import SpanDecoder, SuffixAutomaton, token_bytes
+from lit_qa.generation.generate import generate
+from lit_qa.models.config import Config
+from lit_qa.models.model import GPT
+from lit_qa.models.tokenizer import Tokenizer
 
 WHITESPACE = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
 WORDS = ["the", "Normans", "river", "Paris", "in", "1999", "duchy", "ruled", "answer", "un", "able", "Question"]

@@ -32,12 +32,13 @@ from test_finetune_lora import prepared  # noqa: F401 (a module-scoped fixture: 
 from test_training import make_samples
 from test_training import run as fit_tiny
 
-import lit_qa.evaluation as evaluation
-from lit_qa.generate import generate
-from lit_qa import training
-from lit_qa.args import TrainArgs
+import lit_qa.evaluation.answering as answering
+import lit_qa.evaluation.results as results
+import lit_qa.training.signals as signals
 from lit_qa.errors import LitQAError
-from lit_qa.training import STATE_FILE, latest_checkpoint
+from lit_qa.generation.generate import generate
+from lit_qa.training.args import TrainArgs
+from lit_qa.training.resume import STATE_FILE, latest_checkpoint
 
 STEPS = 12
 
@@ -279,7 +280,7 @@ def test_signal_handlers_record_the_first_signal_pass_on_the_second_and_are_rest
     outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under nohup
     try:
         before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        with training.signals_caught() as received:
+        with signals.signals_caught() as received:
             assert all(signal.getsignal(s) is not handler for s, handler in before.items())
             signal.raise_signal(signal.SIGINT)
             assert received == [signal.SIGINT]  # recorded, not raised
@@ -293,7 +294,7 @@ def test_signal_handlers_record_the_first_signal_pass_on_the_second_and_are_rest
 def test_an_ignored_signal_stays_ignored():
     outer = signal.signal(signal.SIGINT, signal.SIG_IGN)  # what `nohup` and `cmd &` hand a process
     try:
-        with training.signals_caught():
+        with signals.signals_caught():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
@@ -318,7 +319,7 @@ def spy_on_generate(monkeypatch, crash_after: int | None = None) -> list[int]:
         prompts.append(len(batch))
         return generate(model, batch, *args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "generate", spy)
+    monkeypatch.setattr(answering, "generate", spy)
     return prompts
 
 
@@ -329,7 +330,7 @@ def evaluate_in_process(checkpoint: Path, eval_file: Path, out_dir: Path, **over
 
 
 def answer_lines(out_dir: Path) -> int:
-    path = out_dir / evaluation.PARTIAL_FILE
+    path = out_dir / results.PARTIAL_FILE
     return path.read_bytes().count(b"\n") - 1 if path.is_file() else 0
 
 
@@ -355,7 +356,7 @@ def test_evaluation_killed_midway_answers_only_the_rest_when_run_again(
     for name in ("predictions.json", "na_probs.json", "best_spans.json"):
         assert (out / name).read_text() == (tmp_path / "reference" / name).read_text(), name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["resumed_answers"] == done and not (out / evaluation.PARTIAL_FILE).exists()
+    assert metrics["resumed_answers"] == done and not (out / results.PARTIAL_FILE).exists()
 
 
 def test_a_torn_last_line_is_dropped_and_partial_answers_of_other_settings_are_ignored(
@@ -366,7 +367,7 @@ def test_a_torn_last_line_is_dropped_and_partial_answers_of_other_settings_are_i
     spy_on_generate(monkeypatch, crash_after=5)
     with pytest.raises(RuntimeError, match="simulated crash"):
         evaluate_in_process(checkpoint, train_file, out)
-    with open(out / evaluation.PARTIAL_FILE, "a") as partial:
+    with open(out / results.PARTIAL_FILE, "a") as partial:
         partial.write('{"id": "a7q3", "ans')  # a line cut short by a kill
 
     prompts = spy_on_generate(monkeypatch, crash_after=3)

@@ -12,7 +12,7 @@ from helpers import run_script
 from safetensors.torch import load_file
 from test_finetune_lora import prepared  # noqa: F401 (a module-scoped fixture: the tiny checkpoint and its data)
 
-from lit_qa.adapter import adapter_filter
+from lit_qa.models.adapter import adapter_filter
 
 
 def finetune(script, out_dir, checkpoint, data_dir, *extra):

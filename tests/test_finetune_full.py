@@ -12,7 +12,7 @@ from helpers import make_tiny_checkpoint, run_script
 from safetensors.torch import load_file
 from test_finetune_lora import squad_file
 
-from lit_qa.checkpoint import load_model
+from lit_qa.checkpoints.folder import load_model
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from lit_qa.config import Config
 from lit_qa.errors import LitQAError
-from lit_qa.generate import generate, sample
-from lit_qa.model import GPT
+from lit_qa.generation.generate import generate, sample
+from lit_qa.models.config import Config
+from lit_qa.models.model import GPT
 
 
 @pytest.fixture(params=["tiny-mha", "tiny-gqa", "tiny-tied"])

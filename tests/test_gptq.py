@@ -8,26 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SENTENCES, load_script, make_tiny_checkpoint
 from safetensors.torch import load_file, save_file
 
-from lit_qa.checkpoint import load_model
-from lit_qa.errors import LitQAError, run_cli
-from lit_qa.generate import generate
-from lit_qa.quantize.gptq import (
-    GPTQConfig,
+from lit_qa.checkpoints.folder import load_model
+from lit_qa.checkpoints.gptq import (
     export_hf_gptq,
-    gptq_quantize,
     gptq_state_dict,
     import_hf_gptq,
     load_gptq_model,
-    quantize_model,
-    relative_error,
-    round_to_nearest,
     save_gptq_checkpoint,
 )
+from lit_qa.errors import LitQAError, run_cli
+from lit_qa.generation.generate import generate
+from lit_qa.quantize.gptq import GPTQConfig, gptq_quantize, relative_error, round_to_nearest
+from lit_qa.quantize.gptq_model import quantize_model
 from lit_qa.quantize.int4 import Int4Linear, dequantize, pack, unpack
-
-from helpers import SENTENCES, load_script, make_tiny_checkpoint
 
 
 def correlated_inputs(n: int, features: int) -> torch.Tensor:

@@ -22,14 +22,16 @@ from helpers import load_script, make_tiny_checkpoint
 from safetensors.torch import save_file
 from test_squad import squad_v2
 
-import lit_qa.evaluation as evaluation
-from lit_qa.checkpoint import WEIGHTS_FILE, load_model, load_state_dict
-from lit_qa.config import CONFIG_FILE
-from lit_qa.data import QuestionEncoder, load_prepared
+import lit_qa.evaluation.answering as answering
+from lit_qa.checkpoints.folder import WEIGHTS_FILE, load_model, load_state_dict
+from lit_qa.data.dataset import load_prepared
+from lit_qa.data.prepare import QuestionEncoder
+from lit_qa.data.squad import load_squad
 from lit_qa.errors import run_cli
-from lit_qa.evaluation import answer_questions
-from lit_qa.squad import evaluate_predictions, exact_match, f1_score, load_squad, normalize_answer
-from lit_qa.tokenizer import Tokenizer
+from lit_qa.evaluation.answering import answer_questions
+from lit_qa.evaluation.squad_metric import evaluate_predictions, exact_match, f1_score, normalize_answer
+from lit_qa.models.config import CONFIG_FILE
+from lit_qa.models.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +246,7 @@ def test_unicode_questions_and_answers_prepare_and_evaluate(checkpoint, tmp_path
         return [tokenizer.encode(" " + next(a or "unanswerable" for q, a in UNICODE_QAS if q in text) + "\n", bos=False)
                 for text in texts]  # fmt: skip
 
-    monkeypatch.setattr(evaluation, "generate", answer_perfectly)
+    monkeypatch.setattr(answering, "generate", answer_perfectly)
     out = tmp_path / "out"
     metrics = load_script("evaluate/base.py").main(checkpoint, eval_file=squad, out_dir=out, device="cpu",
                                                    precision="32-true", na_threshold=None)  # fmt: skip

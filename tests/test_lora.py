@@ -14,26 +14,23 @@ import torch.nn as nn
 from helpers import run_script, sgd_step
 from safetensors.torch import save_file
 
-from lit_qa.checkpoint import load_model, load_state_dict, save_checkpoint
-from lit_qa.config import Config
+from lit_qa.checkpoints.folder import load_model, load_state_dict, save_checkpoint
+from lit_qa.checkpoints.lora import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, load_lora_checkpoint, save_lora_checkpoint
 from lit_qa.errors import LitQAError
-from lit_qa.lora import (
-    LORA_CONFIG_FILE,
-    LORA_WEIGHTS_FILE,
+from lit_qa.models.config import Config
+from lit_qa.models.lora import (
     LoRAConfig,
     LoRALinear,
     apply_lora,
     count_parameters,
-    load_lora_checkpoint,
     lora_filter,
     lora_layers,
     lora_state_dict,
     mark_only_lora_as_trainable,
     merge_lora_weights,
     reset_lora_parameters,
-    save_lora_checkpoint,
 )
-from lit_qa.model import GPT
+from lit_qa.models.model import GPT
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_TARGETS = dict(query=True, key=True, value=True, projection=True, mlp=True, head=True)
@@ -281,7 +278,7 @@ def test_incomplete_lora_folder_is_refused(tmp_path):
 @pytest.mark.parametrize("name, targets", [("tiny-gqa", {}), ("tiny-tied", ALL_TARGETS)])
 def test_merge_script_and_hf_export(tmp_path, name, targets):
     transformers = pytest.importorskip("transformers")
-    from lit_qa.convert_hf import convert_lit_to_hf
+    from lit_qa.checkpoints.convert_hf import convert_lit_to_hf
 
     model, _, _, lora_dir = make_adapter(tmp_path, name, **targets)
     result = subprocess.run(
@@ -305,8 +302,10 @@ def test_merge_script_and_hf_export(tmp_path, name, targets):
 
 
 def test_merge_script_keeps_the_prompt_settings_and_the_tuned_threshold(tmp_path):
-    from lit_qa.data import FORMAT_VERSION, PREPARED_BY
-    from lit_qa.evaluation import NA_METHOD, prompt_settings, read_na_threshold
+    from lit_qa.data.dataset import FORMAT_VERSION, PREPARED_BY
+    from lit_qa.evaluation.answers import NA_METHOD
+    from lit_qa.evaluation.calibration import read_na_threshold
+    from lit_qa.evaluation.run import prompt_settings
 
     _, _, _, lora_dir = make_adapter(tmp_path)
     prepared = dict(prepared_by=PREPARED_BY, format_version=FORMAT_VERSION, prompt_style="chat", no_answer="none")

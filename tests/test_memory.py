@@ -8,15 +8,21 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-from lit_qa.config import Config
-from lit_qa.errors import LitQAError
-from lit_qa.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
-from lit_qa.memory import (GB, TrainingSetup, activation_bytes, block_activation_bytes, estimate_memory,
-                           largest_micro_batch)  # fmt: skip
-from lit_qa.model import GPT
-from lit_qa.training import token_loss_sum
 from helpers import run_script
+
+from lit_qa.errors import LitQAError
+from lit_qa.models.config import Config
+from lit_qa.models.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
+from lit_qa.models.model import GPT
+from lit_qa.training.loss import token_loss_sum
+from lit_qa.training.memory import (
+    GB,
+    TrainingSetup,
+    activation_bytes,
+    block_activation_bytes,
+    estimate_memory,
+    largest_micro_batch,
+)
 
 # tiny-gqa: 2 layers, n_embd 32, 4 heads of 8, 2 key/value groups (k, v: 16 wide), MLP 64, vocab 100, untied.
 # Per block: q 32*32 + k 32*16 + v 32*16 + o 32*32 + gate, up, down 3 * 32*64 = 9216 linear weights.

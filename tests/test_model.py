@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from lit_qa.config import Config
 from lit_qa.errors import LitQAError
-from lit_qa.model import GPT, build_rope_cache
+from lit_qa.models.config import Config
+from lit_qa.models.model import GPT, build_rope_cache
 
 # Published parameter counts (embedding counted once when tied).
 PUBLISHED_PARAMETERS = {
@@ -56,7 +56,7 @@ def test_config_file_round_trip(tmp_path):
 
 def test_rope_rotation_preserves_norm_and_relative_positions():
     cos, sin = build_rope_cache(32, 8)
-    from lit_qa.model import apply_rope
+    from lit_qa.models.model import apply_rope
 
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
     rotated = lambda x, p: apply_rope(x, cos[p : p + 1], sin[p : p + 1])  # noqa: E731

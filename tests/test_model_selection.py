@@ -21,16 +21,19 @@ from safetensors.torch import load_file
 from test_finetune_lora import finetune, prepared  # noqa: F401 (prepared: a module-scoped fixture)
 from test_training import TOKENIZER, crash_after_saving, make_samples
 
-from lit_qa import training
-from lit_qa.args import EvalArgs, TrainArgs
-from lit_qa.config import Config
+import lit_qa.training.validation as validation
+from lit_qa.checkpoints.lora import load_lora_checkpoint
+from lit_qa.data.squad import Question
 from lit_qa.errors import LitQAError
-from lit_qa.evaluation import Answers
-from lit_qa.launch import load_val_questions
-from lit_qa.lora import LoRAConfig, apply_lora, load_lora_checkpoint, lora_state_dict, mark_only_lora_as_trainable
-from lit_qa.model import GPT
-from lit_qa.squad import Question
-from lit_qa.training import BEST_DIR, BEST_FILE, ValQuestions, fit
+from lit_qa.evaluation.answers import Answers
+from lit_qa.models.config import Config
+from lit_qa.models.lora import LoRAConfig, apply_lora, lora_state_dict, mark_only_lora_as_trainable
+from lit_qa.models.model import GPT
+from lit_qa.training.args import EvalArgs, TrainArgs
+from lit_qa.training.launch import load_val_questions
+from lit_qa.training.loop import fit
+from lit_qa.training.selection import BEST_DIR, BEST_FILE
+from lit_qa.training.validation import ValQuestions
 
 QUESTIONS = [
     Question(id=f"v{i}", title="t", context="The Seine flows through Paris.", question="Which river?",
@@ -58,8 +61,8 @@ def script_f1(monkeypatch, f1_values: Iterator[float]) -> list[int]:
         f1 = next(f1_values)
         return {"f1": f1, "exact": f1 / 2, "HasAns_f1": f1, "NoAns_exact": 100.0}
 
-    monkeypatch.setattr(training, "score_questions", score_questions)
-    monkeypatch.setattr(training, "evaluate_predictions", scorer)
+    monkeypatch.setattr(validation, "score_questions", score_questions)
+    monkeypatch.setattr(validation, "evaluate_predictions", scorer)
     return answered
 
 

@@ -18,41 +18,38 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHARED_SQUAD, load_script, make_tiny_checkpoint, make_tiny_tokenizer, real_smollm2
 from test_evaluation import make_question, sample_questions, squad_file
 from test_extractive import tiny_model
 from test_finetune_lora import finetune, prepared  # noqa: F401 (prepared: a module-scoped fixture)
 
-import lit_qa.evaluation as evaluation
-from lit_qa.adapter import AdapterConfig, apply_adapter, save_adapter_checkpoint
-from lit_qa.checkpoint import load_model, save_checkpoint
-from lit_qa.data import FORMAT_VERSION, PREPARED_BY, QuestionEncoder
+import lit_qa.evaluation.answering as answering
+from lit_qa.checkpoints.adapter import save_adapter_checkpoint
+from lit_qa.checkpoints.folder import load_model, save_checkpoint
+from lit_qa.checkpoints.lora import save_lora_checkpoint
+from lit_qa.data.dataset import FORMAT_VERSION, PREPARED_BY
+from lit_qa.data.prepare import QuestionEncoder
+from lit_qa.data.prompts import NO_ANSWER, build_prompt, chat_template_sha256
+from lit_qa.data.squad import load_squad, select_subset
 from lit_qa.errors import LitQAError
-from lit_qa.evaluation import (
-    NA_METHOD,
-    NA_METHODS,
+from lit_qa.evaluation.answering import GreedyScorer, NoAnswerScores, no_answer_ids, prompt_for, score_questions
+from lit_qa.evaluation.answers import NA_METHOD, NA_METHODS, Answers
+from lit_qa.evaluation.calibration import (
     NA_THRESHOLD_FILE,
-    Answers,
-    GreedyScorer,
-    NoAnswerScores,
     answerability_diagnostics,
     apply_na_threshold,
     best_na_threshold,
-    no_answer_ids,
-    prompt_for,
-    prompt_settings,
     resolve_na_threshold,
     roc_auc,
-    score_questions,
-    select_subset,
 )
-from lit_qa.extractive import SpanDecoder
-from lit_qa.generate import generate
-from lit_qa.lora import LoRAConfig, apply_lora, save_lora_checkpoint
-from lit_qa.model import GPT
-from lit_qa.prompts import NO_ANSWER, build_prompt
-from lit_qa.squad import evaluate_predictions, f1_score, gold_answers, load_squad, normalize_answer
-from lit_qa.tokenizer import Tokenizer
-from helpers import SHARED_SQUAD, load_script, make_tiny_checkpoint, make_tiny_tokenizer, real_smollm2
+from lit_qa.evaluation.run import prompt_settings
+from lit_qa.evaluation.squad_metric import evaluate_predictions, f1_score, gold_answers, normalize_answer
+from lit_qa.generation.extractive import SpanDecoder
+from lit_qa.generation.generate import generate
+from lit_qa.models.adapter import AdapterConfig, apply_adapter
+from lit_qa.models.lora import LoRAConfig, apply_lora
+from lit_qa.models.model import GPT
+from lit_qa.models.tokenizer import Tokenizer
 
 ATOL = 1e-5  # fp32: the cached and the full pass differ only in the order of the sums
 LONG_NO_ANSWER = "no answer in the context"  # several tokens, where "unanswerable" is one for the tiny tokenizer
@@ -168,7 +165,7 @@ def check_p_na_against_full_forward(model, tokenizer, questions, monkeypatch, no
         calls.append((prompts, outputs))
         return outputs
 
-    monkeypatch.setattr(evaluation, "generate", spy)
+    monkeypatch.setattr(answering, "generate", spy)
     scored = score_questions(model, tokenizer, questions, no_answer=no_answer, batch_size=batch_size,
                              max_new_tokens=max_new_tokens, progress=False, na_threshold=0.5,
                              extractive=True)  # fmt: skip
@@ -434,7 +431,7 @@ def test_prompt_settings_warn_on_another_chat_template_and_not_without_training_
     assert prompt_settings(trained, None, None, tokenizer=tokenizer) == ("chat", "unanswerable")
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "chat template" in err and "000000000000" in err
-    prepare["chat_template_sha256"] = evaluation.chat_template_sha256(tokenizer)
+    prepare["chat_template_sha256"] = chat_template_sha256(tokenizer)
     (trained / "prepare_config.json").write_text(json.dumps(prepare))
     assert prompt_settings(trained, None, None, tokenizer=tokenizer) == ("chat", "unanswerable")
     assert capsys.readouterr().err == ""

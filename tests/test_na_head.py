@@ -10,26 +10,42 @@ import json
 import lightning as L
 import pytest
 import torch
+from helpers import make_tiny_tokenizer, run_script
 from test_evaluation import make_question, sample_questions
 from test_extractive import tiny_model
 from test_finetune_lora import finetune, prepared  # noqa: F401 (prepared: a module-scoped fixture)
 from test_training import TOKENIZER, assert_same_weights, crash_after_saving
 
-from lit_qa import training
-from lit_qa.args import EvalArgs, TrainArgs
-from lit_qa.config import Config
-from lit_qa.data import collate, mark_unanswerable
+import lit_qa.training.loop as loop
+import lit_qa.training.loss as training_loss
+from lit_qa.checkpoints.na_head import (
+    NA_HEAD_CONFIG_FILE,
+    NA_HEAD_WEIGHTS_FILE,
+    load_na_head,
+    na_head_files,
+    split_na_head,
+)
+from lit_qa.data.dataset import collate, mark_unanswerable
 from lit_qa.errors import LitQAError
-from lit_qa.evaluation import Answers, best_na_rule, roc_auc, score_questions, tune_na_rules
-from lit_qa.generate import generate
-from lit_qa.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
-from lit_qa.model import GPT
-from lit_qa.na_head import (NA_HEAD_CONFIG_FILE, NA_HEAD_WEIGHTS_FILE, NAHeadConfig, NAHeadOutputs, attach_na_head,
-                            default_layers, last_prompt_positions, load_na_head, na_head_files, na_loss_sum,
-                            split_na_head, standardize_na_head)  # fmt: skip
-from lit_qa.squad import evaluate_predictions
-from lit_qa.tokenizer import Tokenizer
-from helpers import make_tiny_tokenizer, run_script
+from lit_qa.evaluation.answering import score_questions
+from lit_qa.evaluation.answers import Answers
+from lit_qa.evaluation.calibration import best_na_rule, roc_auc, tune_na_rules
+from lit_qa.evaluation.squad_metric import evaluate_predictions
+from lit_qa.generation.generate import generate
+from lit_qa.models.config import Config
+from lit_qa.models.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
+from lit_qa.models.model import GPT
+from lit_qa.models.na_head import (
+    NAHeadConfig,
+    NAHeadOutputs,
+    attach_na_head,
+    default_layers,
+    last_prompt_positions,
+    na_loss_sum,
+)
+from lit_qa.models.tokenizer import Tokenizer
+from lit_qa.training.args import EvalArgs, TrainArgs
+from lit_qa.training.launch import standardize_na_head
 
 MARK, NO_ANSWER_ID, EOS = 3, 2, 1  # token ids of the tiny random vocabulary (TOKENIZER's EOS is 1)
 
@@ -70,7 +86,7 @@ def train(tmp_path, model: GPT, samples: list[dict], train_args: TrainArgs, resu
         torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train_args.learning_rate)
     )
     eval_args = EvalArgs(interval=1000, max_batches=2, num_samples=0)
-    training.fit(fabric, model, optimizer, samples, samples[:4], train_args, eval_args, tmp_path, lambda folder: None,
+    loop.fit(fabric, model, optimizer, samples, samples[:4], train_args, eval_args, tmp_path, lambda folder: None,
                  TOKENIZER, resume=resume)  # fmt: skip
     return model.module
 
@@ -110,7 +126,7 @@ def test_the_head_gradient_reaches_only_the_head_and_the_trained_adapter():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.02)  # non-zero B, so lora_A gets a gradient too
     batch = collate(answerability_samples(4, seed=1), 0)
-    _, logits = training.loss_sums(model, batch)
+    _, logits = training_loss.loss_sums(model, batch)
     na_loss_sum(logits, batch["unanswerable"]).backward()  # the head's term alone
     last = max(model.na_head.layers)
     for name, parameter in model.named_parameters():
@@ -273,7 +289,7 @@ def test_finetune_evaluate_and_merge_keep_the_head(prepared, tmp_path):  # noqa:
 
 
 def test_the_optimizer_gives_the_head_its_own_learning_rate_and_every_trained_weight_a_group():
-    from lit_qa.launch import make_optimizer
+    from lit_qa.training.launch import make_optimizer
 
     fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
     model = lora_model_with_head(config=NAHeadConfig(lr_scale=10.0))

@@ -8,13 +8,13 @@ import random
 
 import pytest
 import torch
+from helpers import load_script, make_tiny_checkpoint, run_script
 from test_evaluation import make_question, squad_file
 
-from helpers import load_script, make_tiny_checkpoint, run_script
-from lit_qa.checkpoint import load_model
-from lit_qa.data import QuestionEncoder
-from lit_qa.evaluation import prompt_for
-from lit_qa.tokenizer import Tokenizer
+from lit_qa.checkpoints.folder import load_model
+from lit_qa.data.prepare import QuestionEncoder
+from lit_qa.evaluation.answering import prompt_for
+from lit_qa.models.tokenizer import Tokenizer
 
 probe = load_script("scripts/probe_answerability.py")
 

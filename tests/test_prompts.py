@@ -10,9 +10,9 @@ import pytest
 import torch
 from helpers import SENTENCES, make_tiny_tokenizer, real_smollm2
 
-from lit_qa.data import IGNORE_INDEX, QuestionEncoder
-from lit_qa.errors import LitQAError
-from lit_qa.prompts import (
+from lit_qa.data.dataset import IGNORE_INDEX
+from lit_qa.data.prepare import QuestionEncoder
+from lit_qa.data.prompts import (
     USER_TEMPLATE,
     answer_texts,
     build_prompt,
@@ -21,9 +21,9 @@ from lit_qa.prompts import (
     encode_prompt,
     render_chat,
 )
-from lit_qa.squad import Question
-from lit_qa.tokenizer import Tokenizer
-
+from lit_qa.data.squad import Question
+from lit_qa.errors import LitQAError
+from lit_qa.models.tokenizer import Tokenizer
 
 # SmolLM2-Instruct's ChatML template, verbatim: it adds a default system message when none is given.
 CHATML = (
@@ -239,9 +239,10 @@ def test_real_smollm2_chat_prompt_matches_transformers(tmp_path):
 def test_prepared_chat_data_is_rebuilt_by_evaluation(tmp_path: Path, chatml: Tokenizer):
     from helpers import load_script, run_script
 
-    from lit_qa.data import load_prepared
-    from lit_qa.evaluation import prompt_for, prompt_settings
-    from lit_qa.squad import load_squad
+    from lit_qa.data.dataset import load_prepared
+    from lit_qa.data.squad import load_squad
+    from lit_qa.evaluation.answering import prompt_for
+    from lit_qa.evaluation.run import prompt_settings
 
     context = "The Normans were in Normandy in the 10th century. " * 2
     answers = [{"text": "Normandy", "answer_start": context.index("Normandy")}]

@@ -18,10 +18,17 @@ from safetensors.torch import load_file
 from test_finetune_lora import finetune, prepared  # noqa: F401 (a fixture)
 from test_quantize_bnb import make_wide_checkpoint
 
-from lit_qa.checkpoint import load_model
+from lit_qa.checkpoints.folder import load_model
+from lit_qa.checkpoints.lora import save_lora_checkpoint
 from lit_qa.errors import LitQAError
-from lit_qa.lora import (LoRAConfig, apply_lora, lora_layers, lora_state_dict, mark_only_lora_as_trainable,
-                         merge_lora_weights, save_lora_checkpoint)  # fmt: skip
+from lit_qa.models.lora import (
+    LoRAConfig,
+    apply_lora,
+    lora_layers,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_lora_weights,
+)
 from lit_qa.quantize import quantize_model, quantize_record
 from lit_qa.quantize.bnb import is_bnb_layer
 

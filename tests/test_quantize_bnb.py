@@ -31,12 +31,12 @@ import torch
 from helpers import TINY, make_tiny_tokenizer, real_smollm2, run_script
 from test_evaluation import sample_questions, squad_file
 
-from lit_qa.checkpoint import load_model, save_checkpoint
-from lit_qa.config import Config
+from lit_qa.checkpoints.folder import load_model, save_checkpoint
 from lit_qa.errors import LitQAError
-from lit_qa.generate import generate
-from lit_qa.lora import LoRAConfig, apply_lora, merge_lora_weights
-from lit_qa.model import GPT
+from lit_qa.generation.generate import generate
+from lit_qa.models.config import Config
+from lit_qa.models.lora import LoRAConfig, apply_lora, merge_lora_weights
+from lit_qa.models.model import GPT
 from lit_qa.quantize import check_quantize_args, quantize_model, weights_size_bytes
 from lit_qa.quantize.bnb import BLOCK_LINEARS, import_bitsandbytes, is_bnb_layer
 
@@ -258,7 +258,7 @@ PARAGRAPH = (
 @pytest.mark.slow
 def test_real_smollm2_quantized(tmp_path):
     checkpoint = real_smollm2(tmp_path / "smol")
-    from lit_qa.tokenizer import Tokenizer
+    from lit_qa.models.tokenizer import Tokenizer
 
     model = load_model(checkpoint, dtype=torch.float32)[0]
     idx = Tokenizer(checkpoint).encode(PARAGRAPH)[None]
@@ -279,7 +279,8 @@ def test_real_smollm2_quantized(tmp_path):
 
 
 def test_evaluate_adapter_script_with_quantize(tmp_path):
-    from lit_qa.adapter import AdapterConfig, apply_adapter, save_adapter_checkpoint
+    from lit_qa.checkpoints.adapter import save_adapter_checkpoint
+    from lit_qa.models.adapter import AdapterConfig, apply_adapter
 
     checkpoint = make_wide_checkpoint(tmp_path)
     model, _ = load_model(checkpoint)

@@ -8,16 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from lit_qa.data.squad import Question, load_predictions, load_squad
 from lit_qa.errors import LitQAError
-from lit_qa.squad import (
-    Question,
-    evaluate_predictions,
-    exact_match,
-    f1_score,
-    load_predictions,
-    load_squad,
-    normalize_answer,
-)
+from lit_qa.evaluation.squad_metric import evaluate_predictions, exact_match, f1_score, normalize_answer
 
 CONTEXT = "The Normans were in Normandy. They came from Norse raiders in the 10th century."
 

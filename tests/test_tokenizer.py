@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lit_qa.errors import LitQAError
-from lit_qa.tokenizer import TOKENIZER_FILES, Tokenizer, check_vocab_matches
+from lit_qa.models.tokenizer import TOKENIZER_FILES, Tokenizer, check_vocab_matches
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -293,9 +293,10 @@ LLAMA2_CHAT = (
 
 
 def test_sentencepiece_chat_prompt(sentencepiece_dir: Path):
-    from lit_qa.data import IGNORE_INDEX, QuestionEncoder
-    from lit_qa.prompts import USER_TEMPLATE, encode_prompt
-    from lit_qa.squad import Question
+    from lit_qa.data.dataset import IGNORE_INDEX
+    from lit_qa.data.prepare import QuestionEncoder
+    from lit_qa.data.prompts import USER_TEMPLATE, encode_prompt
+    from lit_qa.data.squad import Question
 
     config = {"add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>", "chat_template": LLAMA2_CHAT}
     (sentencepiece_dir / "tokenizer_config.json").write_text(json.dumps(config))

@@ -10,13 +10,21 @@ import pytest
 import torch
 from lightning.fabric.plugins import MixedPrecision
 
-from lit_qa import training
-from lit_qa.args import EvalArgs, TrainArgs
-from lit_qa.config import Config
+import lit_qa.training.batches as batches
+import lit_qa.training.loop as loop
+import lit_qa.training.loss as training_loss
+import lit_qa.training.optimizer as optimizer_step
+import lit_qa.training.resume as checkpointing
+import lit_qa.training.validation as validation
 from lit_qa.errors import LitQAError
-from lit_qa.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
-from lit_qa.model import GPT
-from lit_qa.training import epoch_global_batches, fit, latest_checkpoint, lr_factor, split_global_batch
+from lit_qa.models.config import Config
+from lit_qa.models.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
+from lit_qa.models.model import GPT
+from lit_qa.training.args import EvalArgs, TrainArgs
+from lit_qa.training.batches import epoch_global_batches, split_global_batch
+from lit_qa.training.loop import fit
+from lit_qa.training.optimizer import lr_factor
+from lit_qa.training.resume import latest_checkpoint
 
 TOKENIZER = SimpleNamespace(eos_id=1, eos_ids={1}, decode=lambda ids: " ".join(map(str, ids.tolist())))
 
@@ -67,9 +75,9 @@ def test_a_tiny_model_overfits_a_tiny_set(tmp_path):
                      lr_schedule="constant", save_interval=1000)  # fmt: skip
     fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
     torch.manual_seed(0)
-    before = training.validate(fabric, GPT(Config.from_name("tiny-gqa")), samples, 4, max_batches=2)
+    before = validation.validate(fabric, GPT(Config.from_name("tiny-gqa")), samples, 4, max_batches=2)
     model = run(tmp_path, args, samples=samples)
-    after = training.validate(fabric, model, samples, 4, max_batches=2)
+    after = validation.validate(fabric, model, samples, 4, max_batches=2)
     assert before > 4.0 and after < 0.2
 
 
@@ -107,19 +115,19 @@ class Interrupt(Exception):
 def crash_after_saving(monkeypatch: pytest.MonkeyPatch, step_dir_name: str) -> Iterator[None]:
     """Make `fit` raise `Interrupt` right after it saves ``step_dir_name`` (as a kill just after that save
     would), expect it, and restore the real save function on exit."""
-    original_save = training.save_training_checkpoint
+    original_save = loop.save_training_checkpoint
 
     def save_then_crash(fabric, step_dir, *rest):
         original_save(fabric, step_dir, *rest)
         if step_dir.name == step_dir_name:
             raise Interrupt
 
-    monkeypatch.setattr(training, "save_training_checkpoint", save_then_crash)
+    monkeypatch.setattr(loop, "save_training_checkpoint", save_then_crash)
     try:
         with pytest.raises(Interrupt):
             yield
     finally:
-        monkeypatch.setattr(training, "save_training_checkpoint", original_save)
+        monkeypatch.setattr(loop, "save_training_checkpoint", original_save)
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -148,13 +156,13 @@ def test_a_run_stopped_and_resumed_ends_with_the_uninterrupted_weights(tmp_path,
 def test_validation_does_not_change_the_trained_weights(tmp_path, monkeypatch):
     """Validation only observes the run: validating with sample generations after every step ends with the
     weights of a run that never validates, with dropout on, even when decoding draws from the global RNG."""
-    real_generate = training.generate
+    real_generate = validation.generate
 
     def sampling_generate(*args, **kwargs):
         torch.rand(100)  # what a sampling decoder does to the global RNG
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(training, "generate", sampling_generate)
+    monkeypatch.setattr(validation, "generate", sampling_generate)
     args = TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=4, learning_rate=1e-2, warmup_steps=0,
                      save_interval=1000)  # fmt: skip
     quiet = EvalArgs(interval=1000, max_batches=1, num_samples=0)
@@ -165,7 +173,7 @@ def test_validation_does_not_change_the_trained_weights(tmp_path, monkeypatch):
 
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     args = TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=6, warmup_steps=0, save_interval=2)
-    original = training.token_loss_sum
+    original = training_loss.token_loss_sum
     calls = {"n": 0}
 
     def poisoned(model, batch, *args):
@@ -173,16 +181,17 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp
         loss = original(model, batch, *args)
         return loss * float("nan") if calls["n"] > 6 else loss  # steps 1-3 are fine (2 micro-batches each)
 
-    monkeypatch.setattr(training, "token_loss_sum", poisoned)
-    with pytest.raises(training.NonFiniteLossError, match=r"step 4.*step-000002"):
+    monkeypatch.setattr(training_loss, "token_loss_sum", poisoned)
+    with pytest.raises(optimizer_step.NonFiniteLossError, match=r"step 4.*step-000002"):
         run(tmp_path, args)
     assert latest_checkpoint(tmp_path).name == "step-000002"
-    assert (tmp_path / "step-000002" / training.STATE_FILE).is_file()
+    assert (tmp_path / "step-000002" / checkpointing.STATE_FILE).is_file()
 
 
 def test_skip_policy_ignores_the_bad_step(tmp_path, monkeypatch):
     args = TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=3, warmup_steps=0, nan_policy="skip")
-    monkeypatch.setattr(training, "token_loss_sum", lambda model, batch, *args: model(batch["input_ids"]).sum() * float("nan"))
+    monkeypatch.setattr(training_loss, "token_loss_sum",
+                        lambda model, batch, *args: model(batch["input_ids"]).sum() * float("nan"))
     model = run(tmp_path, args)
     torch.manual_seed(0)
     initial = GPT(Config.from_name("tiny-gqa"))
@@ -194,8 +203,8 @@ def test_half_written_checkpoint_is_never_the_latest(tmp_path):
     (tmp_path / "step-000008.tmp").mkdir()
     assert latest_checkpoint(tmp_path).name == "step-000004"
     with pytest.raises(LitQAError, match="no checkpoint"):
-        training.find_resume_checkpoint(tmp_path / "empty", True)
-    assert training.find_resume_checkpoint(tmp_path / "empty", "auto") is None
+        checkpointing.find_resume_checkpoint(tmp_path / "empty", True)
+    assert checkpointing.find_resume_checkpoint(tmp_path / "empty", "auto") is None
 
 
 def test_epoch_order_is_deterministic_covers_every_sample_and_groups_lengths():
@@ -215,7 +224,7 @@ def test_ranks_split_each_step_and_agree_on_its_token_count():
     lengths = list(range(10, 42))
     counts = [3] * 32
     args = TrainArgs(global_batch_size=8, micro_batch_size=2)
-    ranks = [training.rank_batches_of_epoch(lengths, counts, args, 0, seed=0, world_size=2, rank=r) for r in (0, 1)]
+    ranks = [batches.rank_batches_of_epoch(lengths, counts, args, 0, seed=0, world_size=2, rank=r) for r in (0, 1)]
     for (micro_0, tokens_0), (micro_1, tokens_1), full in zip(*ranks, epoch_global_batches(lengths, 8, 0, 0)):
         assert tokens_0 == tokens_1 == 24
         assert sorted(i for m in micro_0 + micro_1 for i in m) == sorted(full)
@@ -251,7 +260,7 @@ def test_sample_generations_skip_prompts_too_long_to_continue(tmp_path, capsys):
     fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
     model = GPT(Config.from_name("tiny-gqa"))
     model.max_seq_length = max(len(s["input_ids"]) for s in samples)  # the longest prompt leaves no room
-    training.print_sample_generations(fabric, model, samples, TOKENIZER, EvalArgs(num_samples=8, max_new_tokens=4))
+    validation.print_sample_generations(fabric, model, samples, TOKENIZER, EvalArgs(num_samples=8, max_new_tokens=4))
     printed = capsys.readouterr().out
     fitting = [s for s in samples if int((s["labels"] == -100).sum()) + 4 <= model.max_seq_length]
     assert 0 < printed.count("generated") == len(fitting) < len(samples)
@@ -259,7 +268,7 @@ def test_sample_generations_skip_prompts_too_long_to_continue(tmp_path, capsys):
 
 def loss_and_grads(model: GPT, batch: dict, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad()
-    loss = training.token_loss_sum(model, batch, **kwargs)
+    loss = training_loss.token_loss_sum(model, batch, **kwargs)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -272,7 +281,7 @@ def tiny_lora_model_and_batch() -> tuple[GPT, dict]:
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.02)
-    from lit_qa.data import collate
+    from lit_qa.data.dataset import collate
 
     return model, collate(make_samples(4), pad_id=0, max_length=64, pad_multiple=8)
 
@@ -290,7 +299,7 @@ def test_head_at_loss_positions_only_gives_the_loss_and_gradients_of_the_full_he
 def test_compiled_blocks_give_the_loss_and_gradients_of_eager_blocks():
     model, batch = tiny_lora_model_and_batch()
     loss_eager, grads_eager = loss_and_grads(model, batch)
-    training.compile_blocks(model)
+    loop.compile_blocks(model)
     loss_compiled, grads_compiled = loss_and_grads(model, batch)
     assert all(block._compiled_call_impl is not None for block in model.transformer.h)
     torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-5)
@@ -301,7 +310,7 @@ def test_compiled_blocks_give_the_loss_and_gradients_of_eager_blocks():
 def count_saved_tensors(model: GPT, batch: dict) -> int:
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        training.token_loss_sum(model, batch)
+        training_loss.token_loss_sum(model, batch)
     return len(saved)
 
 
@@ -309,7 +318,7 @@ def test_activation_checkpointing_gives_the_loss_and_gradients_of_stored_activat
     model, batch = tiny_lora_model_and_batch()
     loss_stored, grads_stored = loss_and_grads(model, batch)
     stored, keys = count_saved_tensors(model, batch), list(model.state_dict())
-    training.checkpoint_blocks(model)
+    loop.checkpoint_blocks(model)
     loss_recomputed, grads_recomputed = loss_and_grads(model, batch)
     assert count_saved_tensors(model, batch) < stored / 3  # the blocks keep almost nothing for backward
     torch.testing.assert_close(loss_recomputed, loss_stored)
@@ -344,7 +353,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale_instead_of_stopping(t
 @pytest.mark.parametrize("nan_policy", ["stop", "skip"])
 def test_fp16_nan_loss_still_obeys_the_nan_policy(tmp_path, monkeypatch, nan_policy):
     """A NaN loss is no overflow; with "skip" the scaler's step is closed, so the next step can unscale again."""
-    original = training.token_loss_sum
+    original = training_loss.token_loss_sum
     calls = {"n": 0}
 
     def poisoned(model, batch, *args):
@@ -352,12 +361,12 @@ def test_fp16_nan_loss_still_obeys_the_nan_policy(tmp_path, monkeypatch, nan_pol
         loss = original(model, batch, *args)
         return loss * float("nan") if calls["n"] in (3, 4) else loss  # step 2 of 4 (2 micro-batches each)
 
-    monkeypatch.setattr(training, "token_loss_sum", poisoned)
+    monkeypatch.setattr(training_loss, "token_loss_sum", poisoned)
     args = TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=4, warmup_steps=0, save_interval=1000,
                      nan_policy=nan_policy)  # fmt: skip
     fabric = fp16_fabric(init_scale=2.0**8)  # small enough never to overflow
     if nan_policy == "stop":
-        with pytest.raises(training.NonFiniteLossError, match="loss nan .* at step 2"):
+        with pytest.raises(optimizer_step.NonFiniteLossError, match="loss nan .* at step 2"):
             run(tmp_path, args, fabric=fabric)
     else:
         run(tmp_path, args, fabric=fabric)
@@ -374,7 +383,7 @@ def test_fp16_loss_scale_is_saved_and_restored_on_resume(tmp_path, monkeypatch):
 
     with crash_after_saving(monkeypatch, "step-000004"):
         run(tmp_path / "stopped", args, lora=True, fabric=fp16_fabric(init_scale=2.0**24))
-    saved = torch.load(tmp_path / "stopped" / "step-000004" / training.STATE_FILE, weights_only=True)
+    saved = torch.load(tmp_path / "stopped" / "step-000004" / checkpointing.STATE_FILE, weights_only=True)
     assert saved["precision"]["scale"] < 2.0**24
     fabric = fp16_fabric(init_scale=2.0**24)
     resumed = run(tmp_path / "stopped", args, lora=True, resume=True, fabric=fabric)

@@ -1,5 +1,7 @@
 # Copyright lit-qa authors. Licensed under the Apache License 2.0.
-"""Quantized models: the ``--quantize`` modes, checking the flags, loading, and measuring weight sizes.
+"""Quantized models: the ``--quantize`` modes, checking the flags, quantizing, and measuring weight sizes.
+
+Loading a quantized model for inference is `lit_qa.checkpoints.inference.load_for_inference`.
 
 Modes:
 
@@ -27,10 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lit_qa.checkpoint import load_model
-from lit_qa.config import Config
 from lit_qa.errors import LitQAError
-from lit_qa.model import GPT
+from lit_qa.models.model import GPT
 from lit_qa.quantize.bnb import BNB_MODES, bnb_statistics, import_bitsandbytes, quantize_bnb
 
 QUANTIZE_CHOICES = ("bnb.int8", "bnb.nf4", "bnb.fp4", "gptq.int4")
@@ -102,29 +102,6 @@ def quantize_model(
         raise LitQAError(f"quantize_model handles {', '.join(BNB_MODES)}; got {mode!r}")
     quantize_bnb(model, mode, for_training=for_training, device=device)
     return model.to(device) if device is not None else model
-
-
-def load_for_inference(
-    checkpoint_dir: Path,
-    device: str,
-    dtype: torch.dtype | None,
-    quantize: str | None = None,
-    gptq_checkpoint: Path | None = None,
-) -> tuple[GPT, Config]:
-    """Load a model for generation or evaluation: full precision, quantized by bitsandbytes after loading, or
-    a GPTQ checkpoint (``--quantize gptq.int4`` reads ``gptq_checkpoint``, not ``checkpoint_dir``).
-
-    For bitsandbytes the full-precision weights are loaded on the CPU and each layer is quantized onto
-    ``device``, so the unquantized model never sits on the GPU.
-    """
-    if quantize == "gptq.int4":
-        from lit_qa.quantize.gptq import load_gptq_model  # the GPTQ code is needed for this mode only
-
-        return load_gptq_model(gptq_checkpoint, device, dtype)
-    if quantize is None:
-        return load_model(checkpoint_dir, device=device, dtype=dtype)
-    model, config = load_model(checkpoint_dir, device="cpu", dtype=dtype)
-    return quantize_model(model, quantize, device=device), config
 
 
 def weights_size_bytes(model: nn.Module) -> int:

@@ -18,7 +18,7 @@ models, and the most sensitive layer). The quantized weight stays at the same st
 Fabric's ``BitsandbytesPrecision`` refuses CPUs, so the layers are swapped here instead, quantizing the loaded
 weights directly (`quantize_bnb`). On the CPU, 4-bit needs ``in_features`` to be a multiple of 64 (every
 LLaMA-family model's is; bitsandbytes 0.50's CPU kernels get other widths wrong). For QLoRA, quantize first,
-then `lit_qa.lora.apply_lora`: the LoRA layer calls the quantized layer as its frozen base.
+then `lit_qa.models.lora.apply_lora`: the LoRA layer calls the quantized layer as its frozen base.
 
 Merging a LoRA into a quantized weight is not exact (quantize(W + BA) != quantize(W) + BA), so the evaluation
 scripts merge in full precision first and quantize the merged model; that is exactly what the base model gets.
@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from lit_qa.errors import LitQAError
-from lit_qa.lora import LoRALinear
+from lit_qa.models.lora import LoRALinear
 
 BNB_MODES = ("bnb.int8", "bnb.nf4", "bnb.fp4")
 BLOCK_LINEARS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
@@ -78,8 +78,8 @@ def quantize_bnb(
     """Replace every block linear of ``model`` by its bitsandbytes counterpart, quantized from its weights.
 
     Args:
-        model: A `lit_qa.model.GPT` with full-precision weights. Merged `lit_qa.lora.LoRALinear` layers are
-            quantized like plain linears (their update is in the weight already).
+        model: A `lit_qa.models.model.GPT` with full-precision weights. Merged `lit_qa.models.lora.LoRALinear` layers
+            are quantized like plain linears (their update is in the weight already).
         mode: "bnb.int8", "bnb.nf4" or "bnb.fp4".
         for_training: Keep every 4-bit layer in bitsandbytes' differentiable layout (QLoRA). On CPUs with
             AVX512-bf16, an eval-mode forward without gradients otherwise repacks the weight into an

@@ -200,7 +200,7 @@ class Int4Linear(nn.Module):
         """Convert the packed weight once for activations of ``dtype``.
 
         `forward` calls it when the activation dtype or the device changed; calling it beforehand (as
-        `lit_qa.quantize.gptq.load_gptq_model` does) keeps that work out of the first forward.
+        `lit_qa.checkpoints.gptq.load_gptq_model` does) keeps that work out of the first forward.
         """
         self._prepared_for = (self.qweight.device, dtype)
         self._kernel = self._dense = None

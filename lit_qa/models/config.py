@@ -1,0 +1,222 @@
+# Copyright lit-qa authors. Licensed under the Apache License 2.0.
+"""Model configuration: one dataclass for every LLaMA-family model, and a small named registry.
+
+Grouped-query attention, as drawn in litgpt's config (Apache 2.0):
+
+    n_query_groups == n_head        1 < n_query_groups < n_head      n_query_groups == 1
+    (multi-head)                    (grouped-query)                   (multi-query)
+    v v v v                          v     v                          v
+    k k k k                          k     k                          k
+    | | | |                          |     |                          |
+    q q q q                         q q   q q                       q q q q
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lit_qa.errors import LitQAError
+
+CONFIG_FILE = "lit_config.json"
+
+
+@dataclass
+class Config:
+    """Hyperparameters of a LLaMA-family decoder.
+
+    Attributes:
+        name: Registry name, recorded so a checkpoint says what it is.
+        block_size: Longest sequence the model is used with (sizes the RoPE and KV caches).
+        vocab_size: Number of tokens the tokenizer knows.
+        padded_vocab_size: Rows of the embedding and output head (>= vocab_size). Defaults to vocab_size.
+        n_layer: Number of transformer blocks.
+        n_head: Number of query heads.
+        n_embd: Hidden size.
+        n_query_groups: Number of key/value heads (GQA). Defaults to n_head (plain multi-head attention).
+        intermediate_size: Hidden size of the SwiGLU MLP.
+        rope_base: RoPE theta.
+        rope_scaling: Llama-3.1 style frequency scaling: dict with ``factor``, ``low_freq_factor``,
+            ``high_freq_factor`` and ``original_max_seq_len``; None for plain RoPE.
+        norm_eps: RMSNorm epsilon.
+        tie_embeddings: Whether the output head shares the token embedding matrix.
+    """
+
+    name: str = ""
+    block_size: int = 4096
+    vocab_size: int = 32000
+    padded_vocab_size: int | None = None
+    n_layer: int = 32
+    n_head: int = 32
+    n_embd: int = 4096
+    n_query_groups: int | None = None
+    intermediate_size: int = 11008
+    rope_base: float = 10000.0
+    rope_scaling: dict[str, float] | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.padded_vocab_size is None:
+            self.padded_vocab_size = self.vocab_size
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        problems = []
+        if self.n_embd % self.n_head:
+            problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_query_groups:
+            problems.append(f"n_head={self.n_head} is not divisible by n_query_groups={self.n_query_groups}")
+        if self.padded_vocab_size < self.vocab_size:
+            problems.append(f"padded_vocab_size={self.padded_vocab_size} < vocab_size={self.vocab_size}")
+        if (self.n_embd // max(self.n_head, 1)) % 2:
+            problems.append("head size must be even for rotary embeddings")
+        for field in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "intermediate_size"):
+            if getattr(self, field) <= 0:
+                problems.append(f"{field} must be positive, got {getattr(self, field)}")
+        if problems:
+            raise LitQAError(f"invalid model config {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> Config:
+        """Build a registered config, e.g. ``Config.from_name("Llama-2-7b")``; keyword arguments override fields."""
+        if name not in configs:
+            raise LitQAError(f"unknown model name {name!r}; known names: {', '.join(sorted(configs))}")
+        return cls(**{**configs[name], **overrides})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Config:
+        """Read a config written by `save`, failing with the file name on bad content."""
+        path = Path(path)
+        if not path.is_file():
+            raise LitQAError(f"{path}: config file not found")
+        try:
+            values = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LitQAError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise LitQAError(f"{path}: expected a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise LitQAError(f"{path}: unknown config fields {unknown}")
+        try:
+            return cls(**values)
+        except LitQAError as e:
+            raise LitQAError(f"{path}: {e}") from None
+        except TypeError as e:
+            raise LitQAError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path) -> Config:
+        """Read ``lit_config.json`` from a converted checkpoint folder."""
+        return cls.from_file(Path(checkpoint_dir) / CONFIG_FILE)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def _llama1(n_layer: int, n_head: int, n_embd: int, intermediate_size: int) -> dict[str, Any]:
+    return dict(
+        block_size=2048, vocab_size=32000, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+        intermediate_size=intermediate_size, norm_eps=1e-6,
+    )  # fmt: skip
+
+
+_LLAMA31_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
+
+# Only LLaMA-architecture models. Values are from each model's params.json / config.json.
+configs: dict[str, dict[str, Any]] = {
+    "LLaMA-7B": _llama1(32, 32, 4096, 11008),
+    "LLaMA-13B": _llama1(40, 40, 5120, 13824),
+    "LLaMA-30B": _llama1(60, 52, 6656, 17920),
+    "LLaMA-65B": _llama1(80, 64, 8192, 22016),
+    "Llama-2-7b": dict(block_size=4096, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008),
+    "Llama-2-13b": dict(block_size=4096, n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824),
+    "Llama-2-70b": dict(
+        block_size=4096, n_layer=80, n_head=64, n_query_groups=8, n_embd=8192, intermediate_size=28672
+    ),
+    "Llama-3.1-8B": dict(
+        block_size=131072, vocab_size=128256, n_layer=32, n_head=32, n_query_groups=8, n_embd=4096,
+        intermediate_size=14336, rope_base=500000.0, rope_scaling=_LLAMA31_ROPE,
+    ),  # fmt: skip
+    "Llama-3.1-70B": dict(
+        block_size=131072, vocab_size=128256, n_layer=80, n_head=64, n_query_groups=8, n_embd=8192,
+        intermediate_size=28672, rope_base=500000.0, rope_scaling=_LLAMA31_ROPE,
+    ),  # fmt: skip
+    "SmolLM2-135M": dict(
+        block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_query_groups=3, n_embd=576,
+        intermediate_size=1536, rope_base=100000.0, tie_embeddings=True,
+    ),  # fmt: skip
+    "SmolLM2-360M": dict(
+        block_size=8192, vocab_size=49152, n_layer=32, n_head=15, n_query_groups=5, n_embd=960,
+        intermediate_size=2560, rope_base=100000.0, tie_embeddings=True,
+    ),  # fmt: skip
+    "SmolLM2-1.7B": dict(
+        block_size=8192, vocab_size=49152, n_layer=24, n_head=32, n_embd=2048,
+        intermediate_size=8192, rope_base=130000.0, tie_embeddings=True,
+    ),  # fmt: skip
+    # Tiny random configs for tests: multi-head, grouped-query and tied-embedding variants.
+    "tiny-mha": dict(block_size=128, vocab_size=100, n_layer=2, n_head=4, n_embd=32, intermediate_size=64),
+    "tiny-gqa": dict(
+        block_size=128, vocab_size=100, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=64
+    ),
+    "tiny-tied": dict(
+        block_size=128, vocab_size=100, n_layer=2, n_head=4, n_query_groups=1, n_embd=32, intermediate_size=64,
+        tie_embeddings=True, rope_base=100000.0,
+    ),  # fmt: skip
+}
+
+
+# Fine-tuned variants share their base model's architecture.
+for _base in ("Llama-2-7b", "Llama-2-13b", "Llama-2-70b"):
+    configs[f"{_base}-chat"] = dict(configs[_base])
+
+
+for _base in ("Llama-3.1-8B", "Llama-3.1-70B", "SmolLM2-135M", "SmolLM2-360M", "SmolLM2-1.7B"):
+    configs[f"{_base}-Instruct"] = dict(configs[_base])
+
+
+for _name, _values in configs.items():
+    _values["name"] = _name
+
+
+MethodConfig = TypeVar("MethodConfig")
+
+
+def read_method_config(cls: type[MethodConfig], path: str | Path, kind: str) -> MethodConfig:
+    """Build the dataclass ``cls`` (e.g. `LoRAConfig`) from a JSON file, failing with the file name on bad content.
+
+    Args:
+        cls: The config dataclass; its own validation runs on construction.
+        path: The JSON file.
+        kind: The method's name for messages, e.g. "LoRA".
+
+    Raises:
+        LitQAError: If the file is missing, not a JSON object, has unknown fields or invalid values.
+    """
+    path = Path(path)
+    values = read_json_object(path, f"{kind} config")
+    if unknown := sorted(set(values) - {f.name for f in fields(cls)}):
+        raise LitQAError(f"{path}: unknown {kind} config fields {unknown}")
+    try:
+        return cls(**values)
+    except (LitQAError, TypeError) as e:
+        raise LitQAError(f"{path}: {e}") from None
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LitQAError(f"{path}: {what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LitQAError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise LitQAError(f"{path}: expected a JSON object")
+    return values
