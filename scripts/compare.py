@@ -153,7 +153,7 @@ def worker(job: dict) -> dict:
               "HasAns F1": metrics.get("HasAns_f1"), "NoAns accuracy": metrics.get("NoAns_exact"),
               "weights GB": weights_size_bytes(model) / 1e9, "peak memory GB": peak,
               "tokens/s": tokens_per_sec, "questions": metrics["total"],
-              "best-threshold F1": metrics.get("best_threshold_f1")}  # fmt: skip
+              "best-threshold F1": metrics.get("best_f1")}  # fmt: skip
     if fmt == "gptq.int4":
         settings = json.loads((Path(job["gptq_checkpoint"]) / "quantize_config.json").read_text())
         result["settings"] = f"g{settings['group_size']}" + (" act-order" if settings.get("desc_act") else "")
