@@ -2,13 +2,14 @@
 """SQuAD evaluation speed: lit-qa's batched evaluator vs a per-question Hugging Face `transformers` `generate` loop.
 
     python -m benchmarks.evaluate
+    python -m benchmarks.evaluate --dtype bfloat16 --quantize int8 --peer_dtype float32   # the fast mode
 
-Both answer the same fixed subset of questions (`select_subset`) in fp32 on the CPU by default, by plain
-greedy decoding (no abstain-probability gating), from the same prompt token ids, with the same stop tokens
-and the same decoding of the answer, so their predictions should be identical: the table shows the official metrics of
-both next to the speed. The Hugging Face model is our checkpoint exported with
-`lit_qa.checkpoints.convert_hf.convert_lit_to_hf`, so the weights are identical. Timings are one wall-clock run each
-after a warm-up on two questions; on a shared 2-core machine they swing, so compare the ratio printed in one run.
+Both answer the same fixed subset of questions (`select_subset`) in fp32 on the CPU by default, by plain greedy
+decoding (no abstain-probability gating), from the same prompt token ids, with the same stop tokens and the same
+decoding of the answer, so their predictions should be identical: the table shows the official metrics of both next to
+the speed. The Hugging Face model is our checkpoint exported with `lit_qa.checkpoints.convert_hf.convert_lit_to_hf`,
+so the weights are identical. Timings are one wall-clock run each after a warm-up on two questions; on a shared 2-core
+machine they swing, so compare the ratio printed in one run.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lit_qa.evaluation.answering import answer_questions, prompt_for, to_officia
 from lit_qa.evaluation.squad_metric import evaluate_predictions
 from lit_qa.models.model import GPT
 from lit_qa.models.tokenizer import Tokenizer
+from lit_qa.quantize import quantize_model
 
 
 def hf_answer_questions(hf_model: Any, tokenizer: Tokenizer, questions: list[Question], max_prompt_length: int,
@@ -91,6 +93,8 @@ def main(
     max_new_tokens: int = 32,
     dtype: str = "float32",
     device: str = "cpu",
+    quantize: str | None = None,
+    peer_dtype: str | None = None,
     out: Path = Path("out/benchmarks/evaluate.json"),
 ) -> None:
     """Print questions/s and SQuAD metrics of lit-qa and transformers on the same questions, and write them as JSON.
@@ -104,6 +108,8 @@ def main(
         max_new_tokens: Longest answer in tokens.
         dtype: Weights and activations dtype on both sides ("float32" or "bfloat16").
         device: "cpu" or "cuda".
+        quantize: Decode lit-qa's side in a fast mode ("int8", "int4": `lit_qa.quantize.weight_only`); None: as is.
+        peer_dtype: The peer's dtype if not ``dtype`` (e.g. a bf16 int8 lit-qa against transformers in float32).
         out: Where to write the JSON results.
     """
     import transformers
@@ -111,11 +117,14 @@ def main(
     questions = select_subset(load_squad(eval_file), limit, seed)
     torch_dtype = getattr(torch, dtype)
     model, config = load_model(checkpoint_dir, device=device, dtype=torch_dtype)
+    if quantize is not None:
+        quantize_model(model, quantize)
     model.eval()
     tokenizer = Tokenizer(checkpoint_dir)
     with tempfile.TemporaryDirectory() as hf_dir:
         convert_lit_to_hf(checkpoint_dir, Path(hf_dir) / "hf", overwrite=True)
-        hf_model = transformers.LlamaForCausalLM.from_pretrained(Path(hf_dir) / "hf", dtype=torch_dtype)
+        hf_model = transformers.LlamaForCausalLM.from_pretrained(Path(hf_dir) / "hf",
+                                                                 dtype=getattr(torch, peer_dtype or dtype))
     hf_model.to(device).eval()
 
     results = compare(model, hf_model, tokenizer, questions, batch_size, max_new_tokens)
@@ -135,14 +144,16 @@ def main(
         })  # fmt: skip
     differ = [q.id for q in questions if ours["predictions"][q.id] != theirs["predictions"][q.id]]
     machine = describe_machine()
-    print(f"{config.name}, {dtype} on {device}, {len(questions)} questions from {eval_file}, lit-qa batch "
+    sides = f"{dtype}" + (f" {quantize}" if quantize else "") + f" (transformers {peer_dtype or dtype})"
+    print(f"{config.name}, {sides} on {device}, {len(questions)} questions from {eval_file}, lit-qa batch "
           f"{batch_size}, {max_new_tokens} new tokens at most, {machine}")  # fmt: skip
     print_table(rows)
     print(f"identical predictions: {len(questions) - len(differ)} of {len(questions)}")
     for qid in differ[:5]:
         print(f"  {qid}: lit-qa {ours['predictions'][qid]!r} vs transformers {theirs['predictions'][qid]!r}")
     differ_answers = {qid: [ours["predictions"][qid], theirs["predictions"][qid]] for qid in differ}
-    write_json(out, {"machine": machine, "config": config.name, "dtype": dtype, "device": device,
+    write_json(out, {"machine": machine, "config": config.name, "dtype": dtype, "device": device, "quantize": quantize,
+                     "peer_dtype": peer_dtype or dtype,
                      "eval_file": str(eval_file), "num_questions": len(questions),
                      "question_ids_sha256": question_ids_sha256(questions),
                      "batch_size": batch_size, "max_new_tokens": max_new_tokens, "rows": rows,

@@ -31,7 +31,7 @@ from lit_qa.evaluation.calibration import resolve_na_threshold
 from lit_qa.evaluation.results import check_out_dir, format_summary
 from lit_qa.evaluation.run import check_chat_template, prompt_settings, run_evaluation
 from lit_qa.models.tokenizer import Tokenizer, check_vocab_matches
-from lit_qa.precision import autocast, resolve_device, resolve_precision, weights_dtype
+from lit_qa.precision import autocast, inference_precision, resolve_device, weights_dtype
 from lit_qa.quantize import check_quantize_args, weights_size_bytes
 
 
@@ -86,8 +86,9 @@ def main(
         allow_different_base: Evaluate even if the base weights are not those the adapter was trained on.
         extractive: Span-constrained decoding: every answer is a substring of the context or the no-answer string
             (``--extractive false``: free greedy decoding).
-        quantize: Quantize the base: "bnb.int8", "bnb.nf4", "bnb.fp4" (bitsandbytes, after loading) or "gptq.int4"
-            (the base loaded from ``gptq_checkpoint``); the adapter stays unquantized. None: full precision.
+        quantize: Quantize the base: "bnb.int8", "bnb.nf4", "bnb.fp4" (bitsandbytes, after loading), "int8" / "int4"
+            (weight-only, for fast decoding) or "gptq.int4" (the base loaded from ``gptq_checkpoint``); the adapter
+            stays unquantized. None: full precision.
         gptq_checkpoint: A folder scripts/quantize_gptq.py wrote from the base; only with ``--quantize gptq.int4``.
         overwrite: Replace the results of a finished evaluation in ``out_dir``; without it such a folder is refused.
             (A folder holding only predictions.partial.jsonl, an interrupted run, is resumed either way.)
@@ -102,7 +103,7 @@ def main(
     resolve_na_threshold(na_threshold, adapter_dir, calibration is not None, extractive, verbose=False)
     base = Path(read_adapter_base_record(adapter_dir)["path"]) if checkpoint_dir is None else checkpoint_dir
     device = resolve_device(device)
-    precision = resolve_precision(precision, device)
+    precision = inference_precision(precision, device)
 
     t0 = time.perf_counter()
     model, config, adapter_config = load_adapter_checkpoint(

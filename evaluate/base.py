@@ -38,7 +38,7 @@ from lit_qa.evaluation.calibration import resolve_na_threshold
 from lit_qa.evaluation.results import check_out_dir, format_summary
 from lit_qa.evaluation.run import check_chat_template, prompt_settings, run_evaluation
 from lit_qa.models.tokenizer import Tokenizer, check_vocab_matches
-from lit_qa.precision import autocast, resolve_device, resolve_precision, weights_dtype
+from lit_qa.precision import autocast, inference_precision, resolve_device, weights_dtype
 from lit_qa.quantize import check_quantize_args, weights_size_bytes
 
 
@@ -89,8 +89,9 @@ def main(
             (written by finetune/full.py), else "plain". For a merged LoRA, pass the style it was trained with.
         no_answer: The no-answer reply named in the prompt and mapped to ""; defaults like ``prompt_style``, else
             "unanswerable".
-        quantize: Quantize the model: "bnb.int8", "bnb.nf4", "bnb.fp4" (bitsandbytes, applied after loading) or
-            "gptq.int4" (loaded from ``gptq_checkpoint``); None keeps full precision.
+        quantize: Quantize the model: "bnb.int8", "bnb.nf4", "bnb.fp4" (bitsandbytes, applied after loading), "int8" /
+            "int4" (weight-only, for fast decoding: lit_qa/quantize/weight_only.py) or "gptq.int4" (loaded from
+            ``gptq_checkpoint``); None keeps full precision.
         gptq_checkpoint: A folder written by scripts/quantize_gptq.py; only with ``--quantize gptq.int4``.
         extractive: Span-constrained decoding: every answer is a substring of the context or the no-answer string
             (``--extractive false``: free greedy decoding).
@@ -106,7 +107,7 @@ def main(
     resolve_na_threshold(na_threshold, checkpoint_dir, calibration is not None, extractive, verbose=False)
     check_quantize_args(quantize, gptq_checkpoint)
     device = resolve_device(device)
-    precision = resolve_precision(precision, device)
+    precision = inference_precision(precision, device)
 
     t0 = time.perf_counter()
     model, config = load_for_inference(checkpoint_dir, device, weights_dtype(precision), quantize, gptq_checkpoint)

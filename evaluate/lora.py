@@ -34,7 +34,7 @@ from lit_qa.evaluation.results import check_out_dir, format_summary
 from lit_qa.evaluation.run import check_chat_template, prompt_settings, run_evaluation
 from lit_qa.models.lora import merge_lora_weights
 from lit_qa.models.tokenizer import Tokenizer, check_vocab_matches
-from lit_qa.precision import autocast, resolve_device, resolve_precision, weights_dtype
+from lit_qa.precision import autocast, inference_precision, resolve_device, weights_dtype
 from lit_qa.quantize import check_quantize_args, quantize_model, warn_if_trained_quantized, weights_size_bytes
 
 
@@ -85,9 +85,10 @@ def main(
         prompt_style: The prompt template; defaults to the one the adapter was trained with.
         no_answer: The no-answer reply; defaults to the one the adapter was trained with.
         allow_different_base: Evaluate even if the base weights are not those the adapter was trained on.
-        quantize: "bnb.int8", "bnb.nf4" or "bnb.fp4": merge the adapter in full precision, then quantize the merged
-            model. None keeps full precision. For gptq.int4, merge (scripts/merge_lora.py), quantize the merged
-            folder (scripts/quantize_gptq.py) and evaluate it with evaluate/base.py.
+        quantize: "bnb.int8", "bnb.nf4", "bnb.fp4", "int8" or "int4" (weight-only, for fast decoding): merge the
+            adapter in full precision, then quantize the merged model. None keeps full precision. For gptq.int4, merge
+            (scripts/merge_lora.py), quantize the merged folder (scripts/quantize_gptq.py) and evaluate it with
+            evaluate/base.py.
         extractive: Span-constrained decoding: every answer is a substring of the context or the no-answer string
             (``--extractive false``: free greedy decoding).
         overwrite: Replace the results of a finished evaluation in ``out_dir``; without it such a folder is refused.
@@ -108,7 +109,7 @@ def main(
     resolve_na_threshold(na_threshold, lora_dir, calibration is not None, extractive, verbose=False)
     base = Path(read_base_record(lora_dir)["path"]) if checkpoint_dir is None else checkpoint_dir
     device = resolve_device(device)
-    precision = resolve_precision(precision, device)
+    precision = inference_precision(precision, device)
 
     t0 = time.perf_counter()
     model, config, lora_config = load_lora_checkpoint(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 
 import torch
@@ -50,6 +51,21 @@ def resolve_precision(precision: str = "auto", accelerator: str = "auto") -> str
     if on_gpu:
         return "bf16-true" if torch.cuda.is_bf16_supported() else "16-true"
     return "bf16-true" if cpu_has_native_bf16() else "32-true"
+
+
+def inference_precision(precision: str = "auto", device: str = "auto") -> str:
+    """`resolve_precision` for generation and evaluation: bf16 asked for on a CPU without native bf16 falls back to
+    32-true with one line saying so (emulated bf16 decodes many times slower than fp32 there).
+
+    Training keeps what it is given (`resolve_precision`): there a user may want bf16's numerics whatever the speed.
+    """
+    resolved = resolve_precision(precision, device)
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if on_cpu and resolved.startswith("bf16") and not cpu_has_native_bf16():
+        print(f"note: --precision {precision}: this CPU has no native bf16 (no AMX or AVX512-BF16), where bf16 "
+              "runs many times slower than fp32; decoding in 32-true instead", file=sys.stderr)  # fmt: skip
+        return "32-true"
+    return resolved
 
 
 def weights_dtype(precision: str) -> torch.dtype:

@@ -129,13 +129,13 @@ def worker(job: dict) -> dict:
     from lit_qa.evaluation.run import prompt_settings, run_evaluation
     from lit_qa.generation.generate import generate
     from lit_qa.models.tokenizer import Tokenizer
-    from lit_qa.precision import resolve_device, resolve_precision, weights_dtype
+    from lit_qa.precision import inference_precision, resolve_device, weights_dtype
     from lit_qa.quantize import weights_size_bytes
     from lit_qa.training.loop import peak_memory_gb
 
     fmt = job["format"]
     device = resolve_device("auto")
-    precision = resolve_precision(job["precision"], device)
+    precision = inference_precision(job["precision"], device)
     dtype = weights_dtype(precision)
     quantize = None if fmt == "full" else fmt
     model, _ = load_for_inference(Path(job["model_dir"]), device, dtype, quantize, Path(job["gptq_checkpoint"]))

@@ -333,7 +333,7 @@ def test_saving_without_an_adapter_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("version", [1, 2])
-@pytest.mark.parametrize("quantize", ["bnb.int8", "bnb.nf4", "gptq.int4"])
+@pytest.mark.parametrize("quantize", ["bnb.int8", "bnb.nf4", "int8", "int4", "gptq.int4"])
 def test_quantized_base_keeps_the_adapter_in_full_precision(tmp_path, version, quantize):
     from lit_qa.checkpoints.gptq import gptq_state_dict, save_gptq_checkpoint
     from lit_qa.quantize.bnb import is_bnb_layer
@@ -363,7 +363,10 @@ def test_quantized_base_keeps_the_adapter_in_full_precision(tmp_path, version, q
     model, _, _ = load_adapter_checkpoint(adapter_dir, quantize=quantize, gptq_checkpoint=gptq_dir)
     q_proj = model.transformer.h[0].attn.q_proj
     q_proj = q_proj.base_layer if version == 2 else q_proj
-    assert isinstance(q_proj, Int4Linear) if quantize == "gptq.int4" else is_bnb_layer(q_proj)
+    from lit_qa.quantize.weight_only import Int8Linear
+
+    kind = {"gptq.int4": Int4Linear, "int4": Int4Linear, "int8": Int8Linear}.get(quantize)
+    assert isinstance(q_proj, kind) if kind else is_bnb_layer(q_proj)
     # The adapter itself is loaded exactly, in full precision.
     saved = adapter_state_dict(base_model)
     for name, tensor in adapter_state_dict(model).items():
@@ -371,7 +374,7 @@ def test_quantized_base_keeps_the_adapter_in_full_precision(tmp_path, version, q
     quantized = logits(model, idx)
     error = ((quantized - expected).norm() / expected.norm()).item()
     # Quantization error bounds of the plain model (tests/test_quantize_bnb.py, tests/test_gptq.py) ...
-    assert error < {"bnb.int8": 0.02, "bnb.nf4": 0.15, "gptq.int4": 0.1}[quantize]
+    assert error < {"bnb.int8": 0.02, "bnb.nf4": 0.15, "int8": 0.02, "int4": 0.15, "gptq.int4": 0.1}[quantize]
     # ... and the adapter still matters: without its trained gates/scales the output is much further away.
     with torch.no_grad():
         for module in model.modules():

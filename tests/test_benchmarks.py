@@ -102,3 +102,21 @@ def prepared_tiny(tmp_path):
                         "--val_fraction", "0.25")  # fmt: skip
     assert result.returncode == 0, result.stderr
     return checkpoint, data_dir
+
+
+def test_bandwidth_benchmark_measures_every_mode_and_the_bytes_each_reads(tmp_path):
+    from test_quantize_bnb import make_wide_checkpoint
+
+    from benchmarks.bandwidth import main
+
+    out = tmp_path / "bandwidth.json"
+    main(make_wide_checkpoint(tmp_path), prompt_length=8, new_tokens=24, batch_sizes=(1, 2), repeats=2,
+         bandwidth_gb=0.05, out=out)  # fmt: skip
+    result = json.loads(out.read_text())
+    rows = {row["mode"]: row for row in result["rows"]}
+    assert list(rows) == ["transformers fp32", "fp32", "bf16", "int8", "int4"] and result["bandwidth_gb_s"] > 0
+    sizes = [rows[mode]["weights MB"] for mode in ("fp32", "bf16", "int8", "int4")]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] == rows["transformers fp32"]["weights MB"]
+    for mode in ("fp32", "bf16", "int8", "int4"):
+        assert rows[mode]["tokens/s b1"] > 0 and rows[mode]["tokens/s b2"] > 0 and rows[mode]["weight GB/s b1"] > 0
+        assert rows[mode]["vs transformers b2"].endswith("x")

@@ -35,3 +35,14 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, monkeypatch):
     assert not precision.cpu_has_native_bf16(tmp_path / "missing")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert precision.cpu_has_native_bf16(tmp_path / "missing")
+
+
+def test_bf16_decoding_falls_back_on_a_cpu_without_native_bf16(monkeypatch, capsys):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.inference_precision("bf16-true", "cpu") == "32-true"
+    assert capsys.readouterr().err.count("\n") == 1  # one line says so
+    assert precision.inference_precision("auto", "cpu") == "32-true" and capsys.readouterr().err == ""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.inference_precision("bf16-true", "cpu") == "bf16-true"
+    assert precision.inference_precision("auto", "cpu") == "bf16-true" and capsys.readouterr().err == ""
+    assert precision.resolve_precision("bf16-true", "cpu") == "bf16-true"  # training keeps what it is given

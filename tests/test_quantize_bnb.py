@@ -193,7 +193,7 @@ def test_bad_modes_and_flags_are_one_line_errors(tmp_path, wide_model):
     cases = [
         (lambda: quantize_model(wide_model, "bnb.int3"), "bnb.int3"),
         (lambda: quantize_model(wide_model, "gptq.int4"), "gptq.int4"),
-        (lambda: check_quantize_args("int8"), "--quantize must be one of"),
+        (lambda: check_quantize_args("int3"), "--quantize must be one of"),  # int8 is a mode now
         (lambda: check_quantize_args("gptq.int4"), "needs --gptq_checkpoint"),
         (lambda: check_quantize_args("gptq.int4", tmp_path / "missing"), "not found"),
         (lambda: check_quantize_args("bnb.nf4", tmp_path), "only used with --quantize gptq.int4"),

@@ -5,6 +5,7 @@ from a GPTQ folder.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -34,5 +35,8 @@ def load_for_inference(
         return load_gptq_model(gptq_checkpoint, device, dtype)
     if quantize is None:
         return load_model(checkpoint_dir, device=device, dtype=dtype)
+    if quantize == "int4" and dtype != torch.bfloat16:
+        print(f"note: --quantize int4 computes with the int4 kernel only with bf16 activations; in {dtype} its weights "
+              "are dequantized once and kept dense (no speed-up, no memory saved)", file=sys.stderr)  # fmt: skip
     model, config = load_model(checkpoint_dir, device="cpu", dtype=dtype)
     return quantize_model(model, quantize, device=device), config

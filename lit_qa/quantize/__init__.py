@@ -8,6 +8,9 @@ Modes:
 - ``bnb.int8``, ``bnb.nf4``, ``bnb.fp4``: bitsandbytes layers swapped in after loading (`lit_qa.quantize.bnb`).
   They run on CPU and CUDA, and serve as the frozen base of QLoRA (``finetune/lora.py --quantize bnb.nf4``).
   On CPU they save memory, not time.
+- ``int8``, ``int4``: weight-only int8 (per channel) and round-to-nearest int4 (groups of 64) in plain torch kernels
+  (`lit_qa.quantize.weight_only`), applied after loading: fewer bytes per decoding step, for generation and
+  evaluation on CPU and CUDA. int4 computes with its kernel only for bf16 activations.
 - ``gptq.int4``: a model quantized offline by ``scripts/quantize_gptq.py`` (`lit_qa.quantize.gptq`), loaded
   from ``--gptq_checkpoint`` instead of ``--checkpoint_dir``. Inference only.
 
@@ -33,9 +36,10 @@ from lit_qa.errors import LitQAError
 from lit_qa.models.model import GPT
 from lit_qa.quantize.bnb import BNB_MODES, bnb_statistics, import_bitsandbytes, quantize_bnb
 
-QUANTIZE_CHOICES = ("bnb.int8", "bnb.nf4", "bnb.fp4", "gptq.int4")
+QUANTIZE_CHOICES = ("bnb.int8", "bnb.nf4", "bnb.fp4", "int8", "int4", "gptq.int4")
 # Written next to an adapter trained on a quantized base (QLoRA): {"mode": "bnb.nf4"}.
 QUANTIZE_RECORD_FILE = "quantize.json"
+WEIGHT_ONLY_MODES = ("int8", "int4")  # lit_qa.quantize.weight_only, imported only when one is used
 
 
 def check_quantize_args(mode: str | None, gptq_checkpoint: str | Path | None = None) -> None:
@@ -84,11 +88,13 @@ def check_qlora_args(mode: str | None, fabric: object) -> None:
 def quantize_model(
     model: GPT, mode: str, for_training: bool = False, device: torch.device | str | None = None
 ) -> GPT:
-    """Quantize ``model``'s block linears in place with a bitsandbytes mode (`lit_qa.quantize.bnb.quantize_bnb`).
+    """Quantize ``model``'s block linears in place with a bitsandbytes mode (`lit_qa.quantize.bnb.quantize_bnb`) or
+    a weight-only one (`lit_qa.quantize.weight_only.quantize_weight_only`, inference only).
 
     Args:
         model: A full-precision model (merge a LoRA into it first).
-        mode: "bnb.int8", "bnb.nf4" or "bnb.fp4". gptq.int4 models are loaded, not converted: `load_for_inference`.
+        mode: "bnb.int8", "bnb.nf4", "bnb.fp4", "int8" or "int4". gptq.int4 models are loaded, not converted:
+            `lit_qa.checkpoints.inference.load_for_inference`.
         for_training: The model will be trained (QLoRA): keep the layers differentiable after eval-mode passes.
         device: Quantize each layer onto this device and move the rest of the model there too; None keeps it.
 
@@ -96,10 +102,15 @@ def quantize_model(
         ``model``, for chaining.
 
     Raises:
-        LitQAError: On a mode that is not a bitsandbytes one, or a model that is already quantized.
+        LitQAError: On an unknown mode (or int8/int4 for training), or a model that is already quantized.
     """
+    if mode in WEIGHT_ONLY_MODES and not for_training:
+        from lit_qa.quantize.weight_only import quantize_weight_only
+
+        return quantize_weight_only(model.to(device) if device is not None else model, mode)
     if mode not in BNB_MODES:
-        raise LitQAError(f"quantize_model handles {', '.join(BNB_MODES)}; got {mode!r}")
+        raise LitQAError(f"quantize_model handles {', '.join(BNB_MODES + WEIGHT_ONLY_MODES)} (int8/int4 for "
+                         f"inference only); got {mode!r}")  # fmt: skip
     quantize_bnb(model, mode, for_training=for_training, device=device)
     return model.to(device) if device is not None else model
 

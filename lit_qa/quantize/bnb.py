@@ -124,7 +124,8 @@ def linear_weights(layer: nn.Module, name: str) -> tuple[torch.Tensor, torch.Ten
     if isinstance(layer, LoRALinear) and not layer.merged:
         raise LitQAError(f"{name} has an unmerged LoRA: merge it first (merge_lora_weights), or quantize the base "
                          "before apply_lora for QLoRA")  # fmt: skip
-    if is_bnb_layer(layer) or not layer.weight.is_floating_point():
+    weight = getattr(layer, "weight", None)  # weight-only int8 / int4 layers have packed buffers instead
+    if is_bnb_layer(layer) or not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise LitQAError(f"{name} is already quantized ({type(layer).__name__}); quantize a full-precision model")
     return layer.weight, layer.bias
 
