@@ -27,6 +27,7 @@ scripts merge in full precision first and quantize the merged model; that is exa
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -99,24 +100,30 @@ def quantize_bnb(
     if mode not in BNB_MODES:
         raise LitQAError(f"unknown bitsandbytes mode {mode!r}; choose one of {', '.join(BNB_MODES)}")
     bnb = import_bitsandbytes()
+    for parent, child_name, layer, name in block_linears(model):
+        weight, bias = linear_weights(layer, name)
+        weight = weight.detach().to(device) if device is not None else weight.detach()
+        if mode != "bnb.int8" and weight.device.type == "cpu" and layer.in_features % BLOCKSIZE:
+            # Measured with bitsandbytes 0.50.2: its CPU dequantization kernel gets such rows wrong (a
+            # 2-3x larger error than the quantization itself), silently, in every forward and backward.
+            raise LitQAError(f"{name} has rows of {layer.in_features} weights: bitsandbytes' CPU 4-bit kernels "
+                             f"need a multiple of {BLOCKSIZE}; use bnb.int8 or a GPU")  # fmt: skip
+        if mode == "bnb.int8":
+            new = _linear8bit(bnb, layer, weight, bias)
+        else:
+            new = _linear4bit(bnb, layer, weight, bias, mode.removeprefix("bnb."), for_training)
+        setattr(parent, child_name, new.train(layer.training))
+    return model
+
+
+def block_linears(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module, str]]:
+    """Every block's attention and MLP linear layers (`BLOCK_LINEARS`) as (parent module, attribute name, layer,
+    name within the block), for swapping them in place."""
     for block in model.transformer.h:
         for name in BLOCK_LINEARS:
             parent_name, _, child_name = name.rpartition(".")
             parent = block.get_submodule(parent_name)
-            layer = getattr(parent, child_name)
-            weight, bias = linear_weights(layer, name)
-            weight = weight.detach().to(device) if device is not None else weight.detach()
-            if mode != "bnb.int8" and weight.device.type == "cpu" and layer.in_features % BLOCKSIZE:
-                # Measured with bitsandbytes 0.50.2: its CPU dequantization kernel gets such rows wrong (a
-                # 2-3x larger error than the quantization itself), silently, in every forward and backward.
-                raise LitQAError(f"{name} has rows of {layer.in_features} weights: bitsandbytes' CPU 4-bit kernels "
-                                 f"need a multiple of {BLOCKSIZE}; use bnb.int8 or a GPU")  # fmt: skip
-            if mode == "bnb.int8":
-                new = _linear8bit(bnb, layer, weight, bias)
-            else:
-                new = _linear4bit(bnb, layer, weight, bias, mode.removeprefix("bnb."), for_training)
-            setattr(parent, child_name, new.train(layer.training))
-    return model
+            yield parent, child_name, getattr(parent, child_name), name
 
 
 def linear_weights(layer: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -104,6 +104,16 @@ def dequantize(
     return ((q.float() - zeros) * scales).to(dtype)
 
 
+def move_buffers(module: nn.Module, fn) -> None:  # noqa: ANN001 - what nn.Module._apply is given
+    """Move ``module``'s buffers where ``fn`` sends tensors, each in its own dtype: packed layers keep their integer
+    codes and scales as stored through ``.to(dtype)``. The device is found by applying ``fn`` to an empty integer
+    tensor (dtype casts skip integers)."""
+    device = fn(torch.empty(0, dtype=torch.int32, device=module.qweight.device)).device
+    for name, buffer in module._buffers.items():
+        if buffer is not None:
+            module._buffers[name] = buffer.to(device)
+
+
 def _check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits} is not supported; choose one of {SUPPORTED_BITS}")
@@ -224,12 +234,7 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
-        # Find where `fn` sends tensors by applying it to an empty integer tensor (dtype casts skip integers),
-        # then move every buffer there in its own dtype.
-        device = fn(torch.empty(0, dtype=torch.int32, device=self.qweight.device)).device
-        for name, buffer in self._buffers.items():
-            if buffer is not None:
-                self._buffers[name] = buffer.to(device)
+        move_buffers(self, fn)
         self._prepared_for = None  # runtime weights were built for the old device
         self._kernel = self._dense = None
         return self

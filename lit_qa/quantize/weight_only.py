@@ -23,9 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_qa.errors import LitQAError
-from lit_qa.quantize.bnb import BLOCK_LINEARS, linear_weights
+from lit_qa.quantize.bnb import block_linears, linear_weights
 from lit_qa.quantize.gptq import GPTQConfig, round_to_nearest
-from lit_qa.quantize.int4 import Int4Linear
+from lit_qa.quantize.int4 import Int4Linear, move_buffers
 
 WEIGHT_ONLY_MODES = ("int8", "int4")
 # From this many input rows on (a long prefill), dequantizing for the call and a dense matmul beat the int8 kernel:
@@ -77,11 +77,7 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
-        # Move to where `fn` sends tensors, keeping every buffer's dtype (dtype casts skip integer tensors).
-        device = fn(torch.empty(0, dtype=torch.int32, device=self.qweight.device)).device
-        for name, buffer in self._buffers.items():
-            if buffer is not None:
-                self._buffers[name] = buffer.to(device)
+        move_buffers(self, fn)
         return self
 
 
@@ -107,15 +103,11 @@ def quantize_weight_only(model: nn.Module, mode: str) -> nn.Module:
     """
     if mode not in WEIGHT_ONLY_MODES:
         raise LitQAError(f"weight-only quantization is one of {', '.join(WEIGHT_ONLY_MODES)}; got {mode!r}")
-    for block in model.transformer.h:
-        for name in BLOCK_LINEARS:
-            parent_name, _, child_name = name.rpartition(".")
-            parent = block.get_submodule(parent_name)
-            layer = getattr(parent, child_name)
-            weight, bias = linear_weights(layer, name)
-            if mode == "int4" and layer.in_features % INT4_GROUP_SIZE:
-                raise LitQAError(f"{name}: {layer.in_features} inputs are not a multiple of the int4 group size "
-                                 f"{INT4_GROUP_SIZE}")  # fmt: skip
-            new = Int8Linear.from_weight(weight, bias) if mode == "int8" else int4_linear(weight, bias)
-            setattr(parent, child_name, new)
+    for parent, child_name, layer, name in block_linears(model):
+        weight, bias = linear_weights(layer, name)
+        if mode == "int4" and layer.in_features % INT4_GROUP_SIZE:
+            raise LitQAError(f"{name}: {layer.in_features} inputs are not a multiple of the int4 group size "
+                             f"{INT4_GROUP_SIZE}")  # fmt: skip
+        new = Int8Linear.from_weight(weight, bias) if mode == "int8" else int4_linear(weight, bias)
+        setattr(parent, child_name, new)
     return model
