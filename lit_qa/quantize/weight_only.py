@@ -29,7 +29,7 @@ from lit_qa.quantize.int4 import Int4Linear, move_buffers
 
 WEIGHT_ONLY_MODES = ("int8", "int4")
 # From this many input rows on (a long prefill), dequantizing for the call and a dense matmul beat the int8 kernel:
-# 8.3 vs 24.4 ms for 2,640 rows of a 576 -> 1536 layer in bf16, even at 512 rows (2-core AMD EPYC).
+# 8.3 vs 24.4 ms for 2,640 rows of a 576 -> 1536 layer in bf16, even (4.8 ms each) at 512 rows (2-core AMD EPYC).
 KERNEL_MAX_ROWS = 512
 INT4_GROUP_SIZE = 64  # divides every LLaMA width (576 for SmolLM2, 4096, 5120, 8192) and the int4 kernel's groups
 
