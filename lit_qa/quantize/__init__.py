@@ -107,7 +107,10 @@ def quantize_model(
     if mode in WEIGHT_ONLY_MODES and not for_training:
         from lit_qa.quantize.weight_only import quantize_weight_only
 
-        return quantize_weight_only(model.to(device) if device is not None else model, mode)
+        # Quantized where the weights are (the CPU for load_for_inference), then moved: as for bitsandbytes, the
+        # full-precision model never sits on the GPU.
+        model = quantize_weight_only(model, mode)
+        return model.to(device) if device is not None else model
     if mode not in BNB_MODES:
         raise LitQAError(f"quantize_model handles {', '.join(BNB_MODES + WEIGHT_ONLY_MODES)} (int8/int4 for "
                          f"inference only); got {mode!r}")  # fmt: skip
