@@ -26,7 +26,7 @@ from lit_qa.checkpoints.convert_hf import convert_lit_to_hf
 from lit_qa.checkpoints.folder import load_model
 from lit_qa.data.prepare import QuestionEncoder
 from lit_qa.data.prompts import NO_ANSWER
-from lit_qa.data.squad import Question, load_squad, question_ids_sha256, select_subset
+from lit_qa.data.squad import Question, load_squad, question_ids_sha256, select_paragraphs, select_subset
 from lit_qa.errors import run_cli
 from lit_qa.evaluation.answering import answer_questions, prompt_for, to_official
 from lit_qa.evaluation.squad_metric import evaluate_predictions
@@ -89,6 +89,7 @@ def main(
     eval_file: Path = Path("../shared/data/squad2/demo-eval-v2.0.json"),
     limit: int | None = 200,
     seed: int = 1234,
+    whole_paragraphs: bool = False,
     batch_size: int = 8,
     max_new_tokens: int = 32,
     dtype: str = "float32",
@@ -104,6 +105,9 @@ def main(
         eval_file: A SQuAD 2.0 file in the official format.
         limit: Answer a fixed stratified subset of this many questions (`select_subset`); None answers all.
         seed: Seed of the subset.
+        whole_paragraphs: Draw whole paragraphs (`select_paragraphs`: all questions about each drawn context, as a
+            full evaluation asks them) instead of single questions; lit-qa then prefills each paragraph once per
+            batch (`lit_qa.generation.prefixes`).
         batch_size: Questions lit-qa decodes together (transformers answers one at a time).
         max_new_tokens: Longest answer in tokens.
         dtype: Weights and activations dtype on both sides ("float32" or "bfloat16").
@@ -114,7 +118,8 @@ def main(
     """
     import transformers
 
-    questions = select_subset(load_squad(eval_file), limit, seed)
+    questions = (select_paragraphs if whole_paragraphs else select_subset)(load_squad(eval_file), limit, seed)
+    paragraphs = len({q.context for q in questions})
     torch_dtype = getattr(torch, dtype)
     model, config = load_model(checkpoint_dir, device=device, dtype=torch_dtype)
     if quantize is not None:
@@ -145,8 +150,8 @@ def main(
     differ = [q.id for q in questions if ours["predictions"][q.id] != theirs["predictions"][q.id]]
     machine = describe_machine()
     sides = f"{dtype}" + (f" {quantize}" if quantize else "") + f" (transformers {peer_dtype or dtype})"
-    print(f"{config.name}, {sides} on {device}, {len(questions)} questions from {eval_file}, lit-qa batch "
-          f"{batch_size}, {max_new_tokens} new tokens at most, {machine}")  # fmt: skip
+    print(f"{config.name}, {sides} on {device}, {len(questions)} questions ({paragraphs} paragraphs) from {eval_file}, "
+          f"lit-qa batch {batch_size}, {max_new_tokens} new tokens at most, {machine}")  # fmt: skip
     print_table(rows)
     print(f"identical predictions: {len(questions) - len(differ)} of {len(questions)}")
     for qid in differ[:5]:
@@ -154,7 +159,8 @@ def main(
     differ_answers = {qid: [ours["predictions"][qid], theirs["predictions"][qid]] for qid in differ}
     write_json(out, {"machine": machine, "config": config.name, "dtype": dtype, "device": device, "quantize": quantize,
                      "peer_dtype": peer_dtype or dtype,
-                     "eval_file": str(eval_file), "num_questions": len(questions),
+                     "eval_file": str(eval_file), "num_questions": len(questions), "num_paragraphs": paragraphs,
+                     "whole_paragraphs": whole_paragraphs,
                      "question_ids_sha256": question_ids_sha256(questions),
                      "batch_size": batch_size, "max_new_tokens": max_new_tokens, "rows": rows,
                      "identical": len(questions) - len(differ), "differ": differ_answers})  # fmt: skip

@@ -32,7 +32,7 @@ from lit_qa.models.adapter import (
 )
 from lit_qa.models.config import Config
 from lit_qa.models.lora import count_parameters
-from lit_qa.models.model import GPT, CausalSelfAttention
+from lit_qa.models.model import GPT, CausalSelfAttention, left_padding_positions
 
 NAMES = ["tiny-gqa", "tiny-mha", "tiny-tied"]
 LINEARS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -124,13 +124,13 @@ def check_zero_gate_generation(model: GPT, prompts: list[torch.Tensor], version:
     expected = generate(model, prompts, max_new_tokens=8)
     # The prefill of the padded batch through the KV cache: every row's logits, padding rows included.
     idx = torch.stack([torch.cat((torch.zeros(11 - len(p), dtype=torch.long), p)) for p in prompts])
-    pad_lengths = torch.tensor([11 - len(p) for p in prompts])
+    slot_positions = left_padding_positions(torch.tensor([11 - len(p) for p in prompts]), 16)
 
     def prefill(model: GPT) -> torch.Tensor:
         model.set_kv_cache(len(prompts), 16)
         try:
             with torch.no_grad():
-                return model(idx, torch.arange(11), pad_lengths)
+                return model(idx, torch.arange(11), slot_positions)
         finally:
             model.clear_kv_cache()
 

@@ -18,7 +18,7 @@ from lit_qa.checkpoints.folder import load_model, save_checkpoint
 from lit_qa.checkpoints.lora import load_lora_checkpoint, save_lora_checkpoint
 from lit_qa.data.dataset import FORMAT_VERSION, IGNORE_INDEX, PREPARED_BY
 from lit_qa.data.prepare import QuestionEncoder
-from lit_qa.data.squad import Question, load_squad, question_ids_sha256, select_subset
+from lit_qa.data.squad import Question, load_squad, question_ids_sha256, select_paragraphs, select_subset
 from lit_qa.errors import LitQAError, run_cli
 from lit_qa.evaluation.answering import answer_questions, to_official
 from lit_qa.evaluation.results import check_out_dir
@@ -110,6 +110,23 @@ def test_select_subset_keeps_ratio_order_and_is_deterministic():
     assert select_subset(questions, None) == questions == select_subset(questions, 100) == select_subset(questions, 500)
     with pytest.raises(LitQAError, match="--limit must be positive"):
         select_subset(questions, 0)
+
+
+def test_select_paragraphs_draws_whole_paragraphs_in_file_order():
+    # 12 paragraphs of 1..12 questions each, one after the other in the file.
+    questions = [make_question(f"p{p}q{i}", f"Paragraph {p}.", None) for p in range(12) for i in range(p + 1)]
+    subset = select_paragraphs(questions, 30, seed=5)
+    assert len(subset) == 30 and select_paragraphs(questions, 30, seed=5) == subset
+    assert select_paragraphs(questions, 30, seed=6) != subset
+    positions = [questions.index(q) for q in subset]
+    assert positions == sorted(positions)
+    drawn = {q.context for q in subset}
+    asked = {c: sum(q.context == c for q in subset) for c in drawn}
+    whole = [c for c in drawn if asked[c] == int(c.split()[1].rstrip(".")) + 1]
+    assert len(whole) >= len(drawn) - 1  # every paragraph complete but the last one drawn
+    assert select_paragraphs(questions, None) == questions
+    with pytest.raises(LitQAError, match="--limit must be positive"):
+        select_paragraphs(questions, -1)
 
 
 def test_no_answer_baseline_and_fingerprint():

@@ -5,7 +5,7 @@ import torch
 from lit_qa.errors import LitQAError
 from lit_qa.generation.generate import generate, sample
 from lit_qa.models.config import Config
-from lit_qa.models.model import GPT
+from lit_qa.models.model import GPT, left_padding_positions
 
 
 @pytest.fixture(params=["tiny-mha", "tiny-gqa", "tiny-tied"])
@@ -46,7 +46,7 @@ def test_batched_prefill_logits_match_alone(model):
     short, long = torch.randint(1, 100, (4,)), torch.randint(1, 100, (10,))
     idx = torch.stack([torch.cat([torch.zeros(6, dtype=torch.long), short]), long])
     model.set_kv_cache(batch_size=2, max_length=10)
-    batched = model(idx, torch.arange(10), pad_lengths=torch.tensor([6, 0]))
+    batched = model(idx, torch.arange(10), left_padding_positions(torch.tensor([6, 0]), 10))
     torch.testing.assert_close(batched[0, 6:], model(short[None])[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(batched[1], model(long[None])[0], atol=1e-5, rtol=1e-5)
 

@@ -84,14 +84,14 @@ def test_sequence_longer_than_max_seq_length_is_refused():
 
 
 def test_boolean_cache_mask_attends_exactly_like_its_additive_form():
-    from lit_qa.models.model import build_cache_mask, grouped_query_attention
+    from lit_qa.models.model import build_cache_mask, grouped_query_attention, left_padding_positions
 
     torch.manual_seed(0)
     for dtype, (T, L) in [(torch.float32, (7, 16)), (torch.bfloat16, (1, 16)), (torch.bfloat16, (9, 12))]:
         q, k = torch.randn(3, 6, T, 8, dtype=dtype), torch.randn(3, 2, L, 8, dtype=dtype)
         v = torch.randn_like(k)
         input_pos = torch.arange(T) if T > 1 else torch.tensor([L - 2])
-        mask = build_cache_mask(input_pos, torch.tensor([0, 2, 3]), L)
+        mask = build_cache_mask(input_pos, left_padding_positions(torch.tensor([0, 2, 3]), L), L)
         additive = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
         assert torch.equal(grouped_query_attention(q, k, v, mask), grouped_query_attention(q, k, v, additive))
         # and it really masks: the last row's padding slots change nothing when filled with other values

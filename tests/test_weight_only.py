@@ -79,6 +79,19 @@ def test_greedy_output_equals_the_dequantized_reference(mode):
         torch.testing.assert_close(model(idx), reference(idx), rtol=1e-4, atol=1e-4)
 
 
+def test_bf16_greedy_decoding_equals_the_bf16_full_pass_reference():
+    """The bf16 decode mode (KV cache, left-padded batch) picks, at every step, the argmax of a plain bf16 forward
+    pass over the prompt and the tokens so far, each prompt alone and without a cache."""
+    model = tiny_model().bfloat16()
+    for prompt, new in zip(prompts(), generate(model, prompts(), 12), strict=True):
+        sequence = prompt.clone()
+        for token in new:
+            with torch.no_grad():
+                expected = model(sequence[None])[0, -1].argmax()
+            assert int(token) == int(expected)
+            sequence = torch.cat([sequence, expected[None]])
+
+
 def test_int4_kernel_in_bf16_agrees_with_the_dense_bf16_reference():
     model = quantize_weight_only(tiny_model().bfloat16(), "int4")
     reference = dequantized_copy(model).bfloat16()

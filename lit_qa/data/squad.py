@@ -3,7 +3,8 @@
 
 `load_squad` reads the official JSON format (v2.0, or v1.1 where every question is answerable) and checks it,
 so that a bad file fails on load with the file and question id in the message, not halfway through training.
-`select_subset` draws the fixed, stratified subsets that evaluations and validations use.
+`select_subset` draws the fixed, stratified subsets that evaluations and validations use; `select_paragraphs`
+fixed subsets of whole paragraphs.
 """
 
 from __future__ import annotations
@@ -212,6 +213,29 @@ def select_subset(questions: list[Question], limit: int | None, seed: int = 1234
     n_answerable = int(limit * len(answerable) / len(questions) + 0.5)
     rng = random.Random(seed)  # private, so the draw neither depends on nor disturbs the global RNG
     picked = rng.sample(answerable, n_answerable) + rng.sample(unanswerable, limit - n_answerable)
+    return [questions[i] for i in sorted(picked)]
+
+
+def select_paragraphs(questions: list[Question], limit: int | None, seed: int = 1234) -> list[Question]:
+    """A fixed random subset of whole paragraphs: every question about each drawn context, as a full evaluation
+    asks them (and as `lit_qa.generation.prefixes` shares them), the last paragraph cut to make ``limit``.
+
+    Args, Returns and Raises: as `select_subset` (the answerable share is the drawn paragraphs', not kept).
+    """
+    if limit is None or limit >= len(questions):
+        return list(questions)
+    if limit <= 0:
+        raise LitQAError(f"--limit must be positive, got {limit}")
+    by_context: dict[str, list[int]] = {}
+    for i, q in enumerate(questions):
+        by_context.setdefault(q.context, []).append(i)
+    paragraphs = list(by_context.values())
+    random.Random(seed).shuffle(paragraphs)
+    picked: list[int] = []
+    for paragraph in paragraphs:
+        picked += paragraph[: limit - len(picked)]
+        if len(picked) == limit:
+            break
     return [questions[i] for i in sorted(picked)]
 
 

@@ -145,9 +145,13 @@ def score_questions(
     if windowed := sum(was_windowed for _, was_windowed in prompts.values()):
         print(f"{windowed} of {len(todo)} contexts were windowed to fit {max_prompt_length} tokens",
               file=sys.stderr)  # fmt: skip
-    # Longest first: a batch pads to its longest prompt, so similar lengths waste little, and an
-    # out-of-memory error shows up in the first batch rather than at the end.
-    order = sorted(todo, key=lambda q: -len(prompts[q.id][0]))
+    # Questions about one paragraph together, so that a batch prefills the paragraph once for all of them
+    # (`lit_qa.generation.prefixes`); longest paragraphs first: a batch pads to its longest prompt, so similar
+    # lengths waste little, and an out-of-memory error shows up in the first batch rather than at the end.
+    longest = {}
+    for q in todo:
+        longest[q.context] = max(longest.get(q.context, 0), len(prompts[q.id][0]))
+    order = sorted(todo, key=lambda q: (-longest[q.context], q.context, -len(prompts[q.id][0])))
     spans = SpanDecoder(tokenizer, no_answer) if extractive and todo else None
     with tqdm(total=len(order), desc="answering", unit="q", disable=not progress, mininterval=1.0) as bar:
         for start in range(0, len(order), batch_size):

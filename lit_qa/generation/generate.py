@@ -1,9 +1,9 @@
 # Copyright lit-qa authors. Licensed under the Apache License 2.0.
 """KV-cached decoding: greedy or sampled (temperature, top-k, top-p), one prompt or a batch of any lengths.
 
-A batch is left-padded so every row's last prompt token sits in the same cache slot; the model masks
-the padding and starts each row's RoPE positions at its first real token, so a row decodes exactly
-as it would alone.
+A batch is padded so every row's last prompt token sits in the same cache slot; the model masks the padding
+and gives each row's tokens their positions in that row, so a row decodes exactly as it would alone. Prompts
+that share a long prefix (questions about one paragraph) have it prefilled once (`lit_qa.generation.prefixes`).
 
 A fixed continuation (``probe``, e.g. the no-answer string) can be scored on the way, for one forward pass and
 no second prefill: right after the prefill it is fed into the cache slots that follow every prompt::
@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from lit_qa.errors import LitQAError
+from lit_qa.generation.prefixes import PromptLayout, plan_layout
 from lit_qa.models.model import GPT
 
 
@@ -85,6 +86,7 @@ def generate(
     probe: torch.Tensor | None = None,
     on_probe: Callable[[torch.Tensor], None] | None = None,
     on_na_logits: Callable[[torch.Tensor], None] | None = None,
+    share_prefixes: bool = True,
 ) -> list[torch.Tensor]:
     """Continue each prompt by up to ``max_new_tokens`` tokens, stopping a row at its first stop token.
 
@@ -111,6 +113,9 @@ def generate(
             position P what follows the whole probe (e.g. EOS).
         on_na_logits: Called once with the no-answer head's (B,) logits at each prompt's last token, read from the
             prefill itself (the model needs a head, `lit_qa.models.na_head`).
+        share_prefixes: Prefill a long prefix that several prompts share (e.g. a paragraph asked about by several
+            questions) once for all of them (`lit_qa.generation.prefixes`), when that saves FLOPs. The same
+            computation either way; False prefills every prompt whole.
 
     Returns:
         For each prompt, the newly generated tokens (1-D, on the model's device).
@@ -121,17 +126,18 @@ def generate(
     if (probe is None) != (on_probe is None) or (probe is not None and probe.numel() == 0):
         raise LitQAError("a probe needs at least one token and an on_probe callback, and on_probe needs a probe")
     room = max(max_new_tokens, 0 if probe is None else probe.numel())  # cache slots after the prompt
-    idx, pad_lengths = left_padded(model, prompts, pad_id, pad_multiple, room)
-    batch_size, prompt_length = idx.shape
-    stop = torch.tensor(sorted(stop_ids or ()), dtype=torch.long, device=idx.device)
-    model.set_kv_cache(batch_size, prompt_length + room)
+    device = model.transformer.wte.weight.device
+    layout = plan_layout(prompts, pad_id, pad_multiple, room, model.max_seq_length, device, share_prefixes)
+    batch_size, prompt_length = len(prompts), layout.prompt_length
+    stop = torch.tensor(sorted(stop_ids or ()), dtype=torch.long, device=device)
+    model.set_kv_cache(layout.prefixes.size(0), prompt_length + room)
     try:
-        logits = prefill(model, idx, pad_lengths, probe, on_probe, on_na_logits)
+        logits = prefill(model, layout, probe, on_probe, on_na_logits)
         if first_step_processor is not None:
             logits = first_step_processor(logits)
         if logits_processor is not None:
             logits = logits_processor(logits, None)
-        finished = torch.zeros(batch_size, dtype=torch.bool, device=idx.device)
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
         tokens = []
         for step in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -141,60 +147,45 @@ def generate(
             # One host sync per step; it lets a batch stop as soon as every row is done.
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
-            input_pos = torch.tensor([prompt_length + step], device=idx.device)
-            logits = model(token[:, None], input_pos, pad_lengths)[:, -1]
+            input_pos = torch.tensor([prompt_length + step], device=device)
+            logits = model(token[:, None], input_pos, layout.slot_positions)[:, -1]
             if logits_processor is not None:
                 logits = logits_processor(logits, token)
     finally:
         model.clear_kv_cache()
-    out = torch.stack(tokens, dim=1) if tokens else idx.new_empty((batch_size, 0))  # (B, new)
+    out = torch.stack(tokens, dim=1) if tokens else torch.empty((batch_size, 0), dtype=torch.long, device=device)
     return [_until_stop(row, stop) for row in out]
-
-
-def left_padded(
-    model: GPT, prompts: list[torch.Tensor], pad_id: int, pad_multiple: int, room: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The prompts as one (B, T) batch on the model's device, left-padded with ``pad_id`` so that every prompt ends
-    at the last position, T rounded up to a multiple of ``pad_multiple`` where ``room`` more positions still fit.
-
-    Returns:
-        The batch and each row's number of padding positions (None when no row is padded).
-    """
-    device = model.transformer.wte.weight.device
-    lengths = torch.tensor([p.numel() for p in prompts], device=device)
-    longest = int(lengths.max())
-    rounded = -(-longest // pad_multiple) * pad_multiple
-    prompt_length = max(longest, min(rounded, model.max_seq_length - room))  # rounding never overflows
-    idx = torch.full((len(prompts), prompt_length), pad_id, dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        idx[row, prompt_length - prompt.numel() :] = prompt.to(device)
-    pad_lengths = prompt_length - lengths
-    return idx, pad_lengths if bool(pad_lengths.any()) else None
 
 
 def prefill(
     model: GPT,
-    idx: torch.Tensor,
-    pad_lengths: torch.Tensor | None,
+    layout: PromptLayout,
     probe: torch.Tensor | None = None,
     on_probe: Callable[[torch.Tensor], None] | None = None,
     on_na_logits: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Run the left-padded prompts ``idx`` through the model, filling its KV cache, and return the (B, vocab) logits
-    of the first new token; ``on_na_logits`` and ``on_probe`` get what `generate` describes."""
-    batch_size, prompt_length = idx.shape
-    input_pos = torch.arange(prompt_length, device=idx.device)
+    """Run the prompts as laid out in ``layout`` through the model, filling its KV cache (shared prefixes first, then
+    each row's rest), and return the (B, vocab) logits of the first new token; ``on_na_logits`` and ``on_probe``
+    get what `generate` describes."""
+    idx, start = layout.prefixes, 0
+    if layout.suffixes is not None:
+        model.hidden_states(idx, torch.arange(idx.size(1), device=idx.device), layout.group_positions)
+        model.select_kv_cache_rows(layout.row_groups)
+        idx, start = layout.suffixes, idx.size(1)
+    batch_size, end = idx.size(0), start + idx.size(1)
+    input_pos = torch.arange(start, end, device=idx.device)
     if on_na_logits is None:
-        logits = model(idx, input_pos, pad_lengths, last_only=True)[:, -1]  # (B, vocab)
-    else:  # left-padded: every prompt ends at the last position
-        last = torch.full((batch_size,), prompt_length - 1, dtype=torch.long, device=idx.device)
-        logits, na_logits = model(idx, input_pos, pad_lengths, last_only=True, na_positions=last)
+        logits = model(idx, input_pos, layout.slot_positions, last_only=True)[:, -1]  # (B, vocab)
+    else:  # right-aligned: every prompt ends at the last position
+        last = torch.full((batch_size,), idx.size(1) - 1, dtype=torch.long, device=idx.device)
+        logits, na_logits = model(idx, input_pos, layout.slot_positions, last_only=True, na_positions=last)
         logits = logits[:, -1]  # (B, vocab)
         on_na_logits(na_logits)
     if probe is not None:
-        probe_pos = torch.arange(prompt_length, prompt_length + probe.numel(), device=idx.device)
+        probe_pos = torch.arange(end, end + probe.numel(), device=idx.device)
         probe_idx = probe.to(idx.device).expand(batch_size, -1)  # (B, P)
-        on_probe(torch.cat([logits[:, None], model(probe_idx, probe_pos, pad_lengths)], dim=1))  # (B, P+1, vocab)
+        probe_logits = model(probe_idx, probe_pos, layout.slot_positions)  # (B, P, vocab)
+        on_probe(torch.cat([logits[:, None], probe_logits], dim=1))  # (B, P+1, vocab)
     return logits
 
 

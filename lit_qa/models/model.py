@@ -6,8 +6,9 @@ Parameter names follow Hugging Face's `LlamaForCausalLM` one-to-one below the bl
 are plain module names. Queries and keys use Hugging Face's "rotate half" RoPE layout.
 
 Training calls ``model(idx)``. Incremental decoding first calls ``model.set_kv_cache(batch_size,
-max_length)`` and then passes ``input_pos`` (the cache slots being written) and, for left-padded
-batches, ``pad_lengths`` (how many pad tokens each row starts with).
+max_length)`` and then passes ``input_pos`` (the cache slots being written) and, for batches with padding,
+``slot_positions``: each cache slot's RoPE position in its row, -1 for a padding slot (`left_padding_positions`
+for plain left padding; `lit_qa.generation.prefixes` lays out prompts that share a prefix).
 """
 
 from __future__ import annotations
@@ -86,6 +87,12 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(shape, device=weight.device, dtype=weight.dtype)
 
+    def select_kv_cache_rows(self, rows: torch.Tensor) -> None:
+        """Make row i of every block's KV cache a copy of its row ``rows[i]`` (e.g. one prefilled prefix per
+        question, `lit_qa.generation.prefixes`); the cache then has ``len(rows)`` rows."""
+        for block in self.transformer.h:
+            block.attn.kv_cache.select_rows(rows)
+
     def clear_kv_cache(self) -> None:
         for block in self.transformer.h:
             block.attn.kv_cache = None
@@ -94,7 +101,7 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         input_pos: torch.Tensor | None = None,
-        pad_lengths: torch.Tensor | None = None,
+        slot_positions: torch.Tensor | None = None,
         last_only: bool = False,
         output_mask: torch.Tensor | None = None,
         na_positions: torch.Tensor | None = None,
@@ -104,9 +111,9 @@ class GPT(nn.Module):
         Args:
             idx: Token ids, shape (B, T).
             input_pos: KV-cache slots of the T tokens, shape (T,); None for a plain causal pass (training).
-            pad_lengths: Number of left-padding tokens per row, shape (B,), when decoding a left-padded
-                batch with the KV cache. Padding is masked out and RoPE positions start at each row's
-                first real token, so every row computes exactly what it would alone.
+            slot_positions: (B, cache_length) RoPE position of every KV-cache slot in its row, -1 where the
+                slot holds padding, when decoding a padded batch with the cache. Padding is masked out and each
+                real token gets its position in its own row, so every row computes exactly what it would alone.
             last_only: Return logits of the last position only (prefill needs nothing else, and the
                 vocabulary projection is a large share of a small model's FLOPs).
             output_mask: Boolean (B, T): return logits only where it is True, as (N, vocab) in row-major
@@ -122,7 +129,7 @@ class GPT(nn.Module):
         """
         if na_positions is not None and self.na_head is None:
             raise LitQAError("na_positions was given but the model has no no-answer head (lit_qa.models.na_head)")
-        x, kept = self._forward_blocks(idx, input_pos, pad_lengths, na_positions)
+        x, kept = self._forward_blocks(idx, input_pos, slot_positions, na_positions)
         if last_only:
             x = x[:, -1:]
         elif output_mask is not None:
@@ -133,16 +140,16 @@ class GPT(nn.Module):
         return logits, self.na_head(kept)
 
     def hidden_states(
-        self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, pad_lengths: torch.Tensor | None = None
+        self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, slot_positions: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The final normalised hidden states (B, T, n_embd), before the output head."""
-        return self._forward_blocks(idx, input_pos, pad_lengths)[0]
+        return self._forward_blocks(idx, input_pos, slot_positions)[0]
 
     def _forward_blocks(
         self,
         idx: torch.Tensor,
         input_pos: torch.Tensor | None = None,
-        pad_lengths: torch.Tensor | None = None,
+        slot_positions: torch.Tensor | None = None,
         na_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The final normalised hidden states (B, T, n_embd), and with ``na_positions`` the outputs of the no-answer
@@ -154,12 +161,13 @@ class GPT(nn.Module):
             cos, sin = self.cos[:T], self.sin[:T]  # (T, hs)
             mask = None  # causal, handled inside scaled_dot_product_attention
         else:
-            positions = input_pos if pad_lengths is None else (input_pos - pad_lengths[:, None]).clamp(min=0)
+            # A padding query (position -1) gets position 0: masked everywhere but its own slot, it is never read.
+            positions = input_pos if slot_positions is None else slot_positions[:, input_pos].clamp(min=0)
             cos, sin = self.cos[positions], self.sin[positions]  # (T, hs) or (B, T, hs)
             if cos.dim() == 3:
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hs), broadcast over heads
             cache_length = self.transformer.h[0].attn.kv_cache.k.size(2)
-            mask = build_cache_mask(input_pos, pad_lengths, cache_length)
+            mask = build_cache_mask(input_pos, slot_positions, cache_length)
         x = self.transformer.wte(idx)  # (B, T, n_embd)
         keep = set(self.na_head.layers) if na_positions is not None else set()
         rows = torch.arange(B, device=idx.device)
@@ -297,6 +305,11 @@ class KVCache(nn.Module):
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k, self.v
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Replace the cache by its rows ``rows`` (B',), in that order (a row may be repeated)."""
+        self.k = self.k.index_select(0, rows)
+        self.v = self.v.index_select(0, rows)
+
 
 def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked attention of (B, nh, T, hs) queries over (B, ng, L, hs) keys/values without copying them.
@@ -317,19 +330,26 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     return y.view(B, nh, T, hs)
 
 
-def build_cache_mask(input_pos: torch.Tensor, pad_lengths: torch.Tensor | None, cache_length: int) -> torch.Tensor:
+def build_cache_mask(input_pos: torch.Tensor, slot_positions: torch.Tensor | None, cache_length: int) -> torch.Tensor:
     """Boolean attention mask (B or 1, 1, T, cache_length) for queries at slots ``input_pos``.
 
-    A query may see cache slots at or before its own, except left padding. A padding query keeps
-    its own slot so that its softmax row is never empty (an all-masked row would produce NaN).
+    A query may see cache slots at or before its own, except padding (``slot_positions`` -1). A padding query
+    keeps its own slot so that its softmax row is never empty (an all-masked row would produce NaN).
     """
     slots = torch.arange(cache_length, device=input_pos.device)
     mask = slots[None, None, :] <= input_pos[None, :, None]  # (1, T, L)
-    if pad_lengths is not None:
-        not_padding = slots[None, None, :] >= pad_lengths[:, None, None]  # (B, 1, L)
+    if slot_positions is not None:
+        real = (slot_positions >= 0)[:, None, :]  # (B, 1, L)
         own_slot = slots[None, None, :] == input_pos[None, :, None]  # (1, T, L)
-        mask = (mask & not_padding) | own_slot  # (B, T, L)
+        mask = (mask & real) | own_slot  # (B, T, L)
     return mask.unsqueeze(1)  # (B, 1, T, L)
+
+
+def left_padding_positions(pad_lengths: torch.Tensor, cache_length: int) -> torch.Tensor:
+    """`GPT.forward`'s ``slot_positions`` (B, cache_length) for rows starting with ``pad_lengths`` (B,) pad tokens."""
+    slots = torch.arange(cache_length, device=pad_lengths.device)
+    positions = slots[None, :] - pad_lengths[:, None]  # (B, L)
+    return positions.masked_fill(positions < 0, -1)
 
 
 def build_rope_cache(
