@@ -29,6 +29,19 @@ The kind of source is read from its contents, not its name:
   folder from scripts/quantize_gptq.py is exported in the AutoGPTQ layout)::
 
       python scripts/convert_checkpoint.py --to hf --source out/finetune/full/final --out_dir out/hf
+
+* a lit-qa LoRA folder exported as a Hugging Face PEFT adapter (``adapter_config.json`` +
+  ``adapter_model.safetensors``, for ``peft.PeftModel.from_pretrained`` on the base exported with ``--to hf``),
+  and a PEFT LoRA folder imported back as a lit-qa LoRA folder on a lit-qa base (`lit_qa.checkpoints.peft`)::
+
+      python scripts/convert_checkpoint.py --to peft --source out/finetune/lora/final --out_dir out/peft
+      python scripts/convert_checkpoint.py --source out/peft --base_checkpoint_dir checkpoints/SmolLM2-135M-Instruct \
+          --out_dir out/lora-from-peft
+
+* a lit-qa checkpoint folder (a base, or a fine-tune merged by scripts/merge_lora.py) exported as a GGUF file for
+  llama.cpp and Ollama (`lit_qa.checkpoints.export_gguf`; howto/export.md)::
+
+      python scripts/convert_checkpoint.py --to gguf --source out/merged --out_dir out/gguf --gguf_type Q8_0
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ from typing import Literal
 
 import torch
 
+from lit_qa.data.dataset import CONFIG_FILE as PREPARE_CONFIG_FILE
 from lit_qa.errors import LitQAError, run_cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,36 +87,87 @@ def main(
     out_dir: Path,
     name: str | None = None,
     dtype: Literal["float32", "bfloat16", "float16"] | None = None,
-    to: Literal["lit", "hf"] = "lit",
+    to: Literal["lit", "hf", "peft", "gguf"] = "lit",
     overwrite: bool = False,
+    base_checkpoint_dir: Path | None = None,
+    gguf_type: Literal["F32", "F16", "BF16", "Q8_0"] | None = None,
 ) -> Path:
     """Convert a checkpoint.
 
     Arguments:
-        source: A Hugging Face model folder, a Meta-format folder or a .gguf file; with ``--to hf``, a lit-qa
-            checkpoint folder.
+        source: A Hugging Face model folder, a Meta-format folder, a .gguf file or a PEFT LoRA folder; with
+            ``--to hf``, a lit-qa checkpoint folder; with ``--to peft``, a lit-qa LoRA folder.
         out_dir: The folder to write. It must not exist or be empty, unless ``--overwrite`` is given.
         name: Model name recorded in lit_config.json. Defaults to the source's folder or file name.
         dtype: Cast the weights. Defaults to the source's dtype (float32 for GGUF, which is dequantized).
-        to: ``lit`` converts into a lit-qa folder; ``hf`` exports a lit-qa folder to Hugging Face format.
+        to: ``lit`` converts into a lit-qa folder; ``hf`` exports a lit-qa folder to Hugging Face format;
+            ``peft`` exports a lit-qa LoRA folder as a PEFT adapter; ``gguf`` exports a lit-qa checkpoint folder
+            (a base, or a fine-tune merged by scripts/merge_lora.py) as a GGUF file for llama.cpp / Ollama.
         overwrite: Replace a non-empty out_dir (the old one is removed only once the new one is complete).
+        base_checkpoint_dir: For a PEFT source: the lit-qa checkpoint folder of its base model.
+        gguf_type: With ``--to gguf``: the weight matrices' type (default F16; norms stay F32).
+
+    Returns:
+        The folder written (with ``--to gguf``: the file).
     """
-    torch_dtype = DTYPES[dtype] if dtype is not None else None
-    if to == "hf":
-        from lit_qa.checkpoints.convert_hf import convert_lit_to_hf
+    from lit_qa.checkpoints.peft import is_peft_folder
 
-        if dtype is not None or name is not None:
-            raise LitQAError("--dtype and --name apply to conversion into lit-qa, not to --to hf")
-        if is_gptq_folder(source):
-            from lit_qa.checkpoints.gptq import export_hf_gptq
-
-            written = export_hf_gptq(source, out_dir, overwrite=overwrite)
-        else:
-            written = convert_lit_to_hf(source, out_dir, overwrite=overwrite)
+    peft_source = to == "lit" and source.is_dir() and is_peft_folder(source)
+    if base_checkpoint_dir is not None and not peft_source:
+        raise LitQAError("--base_checkpoint_dir applies only to converting a PEFT adapter folder into lit-qa")
+    if to != "lit" and (dtype is not None or name is not None):
+        raise LitQAError(f"--dtype and --name apply to conversion into lit-qa, not to --to {to}")
+    if gguf_type is not None and to != "gguf":
+        raise LitQAError("--gguf_type applies only to --to gguf")
+    if peft_source:
+        written = _import_peft(source, out_dir, base_checkpoint_dir, overwrite)
+    elif to == "lit":
+        written = _convert_to_lit(source, out_dir, name, DTYPES[dtype] if dtype else None, overwrite)
     else:
-        written = _convert_to_lit(source, out_dir, name, torch_dtype, overwrite)
-    _print_contents(written)
+        written = {"hf": _export_hf, "peft": _export_peft, "gguf": _export_gguf}[to](source, out_dir, overwrite,
+                                                                                  gguf_type)  # fmt: skip
+    _print_contents(written if written.is_dir() else written.parent)
     return written
+
+
+def _import_peft(source: Path, out_dir: Path, base_checkpoint_dir: Path | None, overwrite: bool) -> Path:
+    from lit_qa.checkpoints.peft import import_peft
+
+    if base_checkpoint_dir is None:
+        raise LitQAError(f"{source} is a PEFT adapter: pass --base_checkpoint_dir, the lit-qa folder of its base")
+    return import_peft(source, out_dir, base_checkpoint_dir, overwrite=overwrite)
+
+
+def _export_hf(source: Path, out_dir: Path, overwrite: bool, gguf_type: str | None) -> Path:
+    if is_gptq_folder(source):
+        from lit_qa.checkpoints.gptq import export_hf_gptq
+
+        return export_hf_gptq(source, out_dir, overwrite=overwrite)
+    from lit_qa.checkpoints.convert_hf import convert_lit_to_hf
+
+    return convert_lit_to_hf(source, out_dir, overwrite=overwrite)
+
+
+def _export_peft(source: Path, out_dir: Path, overwrite: bool, gguf_type: str | None) -> Path:
+    from lit_qa.checkpoints.peft import export_peft
+
+    return export_peft(source, out_dir, overwrite=overwrite)
+
+
+def _export_gguf(source: Path, out_dir: Path, overwrite: bool, gguf_type: str | None) -> Path:
+    """The GGUF file, with the SQuAD prompt the folder was fine-tuned with (its ``prepare_config.json``) if any."""
+    from lit_qa.checkpoints.export_gguf import export_gguf
+    from lit_qa.data.prompts import PLAIN_TEMPLATE, USER_TEMPLATE
+    from lit_qa.evaluation.run import prompt_settings
+
+    prompt = None
+    if (source / PREPARE_CONFIG_FILE).is_file():
+        style, no_answer = prompt_settings(source, None, None, warn_if_unknown=False)
+        template = (PLAIN_TEMPLATE if style == "plain" else USER_TEMPLATE).replace("{no_answer}", no_answer)
+        prompt = {"prompt_style": style, "no_answer": no_answer, "prompt_template": template}
+    path = export_gguf(source, out_dir, gguf_type or "F16", overwrite=overwrite, prompt=prompt)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return path
 
 
 def _convert_to_lit(source: Path, out_dir: Path, name: str | None, dtype: torch.dtype | None, overwrite: bool) -> Path:
