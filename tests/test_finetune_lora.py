@@ -79,6 +79,7 @@ def test_prepare_finetune_evaluate_from_the_command_line(prepared):
                   for key, t in load_file(run / "final" / name).items() if key not in ("mean", "std"))  # fmt: skip
     assert f"{trained:,} trainable" in result.stdout
     assert list((run / "logs" / "csv").glob("*/metrics.csv")) and list((run / "logs" / "tensorboard").glob("*/events*"))
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn from those logs
 
     # A second run into the same folder is refused rather than mixing checkpoints.
     again = finetune(root, checkpoint, data_dir)

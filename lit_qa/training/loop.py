@@ -39,6 +39,7 @@ from lit_qa.models.na_head import na_loss_sum
 from lit_qa.models.tokenizer import Tokenizer
 from lit_qa.training.args import EvalArgs, TrainArgs
 from lit_qa.training.batches import count_loss_tokens, rank_batches_of_epoch
+from lit_qa.training.curves import write_curves
 from lit_qa.training.loss import loss_sums
 from lit_qa.training.optimizer import loss_scaler, lr_factor, optimizer_step
 from lit_qa.training.resume import find_resume_checkpoint, load_training_state, save_training_checkpoint, step_dir
@@ -120,14 +121,20 @@ def fit(
             if stop in (None, "time") and (step % eval_args.interval == 0 or step == plan.total_steps or stop):
                 run_validation(fabric, model, val_data, val_questions, tokenizer, train_args, eval_args, progress)
                 keep_if_best(fabric, out_dir, save_fn, progress, eval_args.tracked_metric(), criterion, val_questions)
+                write_curves(fabric, out_dir, _best_step(progress))
             if step % train_args.save_interval == 0 or step == plan.total_steps or stop:
                 save_training_checkpoint(fabric, step_dir(out_dir, step), model, optimizer, scheduler, progress,
                                          trainable, save_fn)  # fmt: skip
             if stop:
                 break
     bar.close()
+    write_curves(fabric, out_dir, _best_step(progress))
     finish_run(fabric, stop, progress, plan.total_steps, out_dir)
     return progress
+
+
+def _best_step(progress: dict[str, Any]) -> int | None:
+    return progress["best"]["step"] if progress["best"] else None
 
 
 @dataclass
