@@ -12,6 +12,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["lit_qa", "lit_qa.*"]),
+    # `lit-qa finetune lora ...` runs finetune/lora.py of the checkout (lit_qa/cli.py): install with pip install -e .
+    entry_points={"console_scripts": ["lit-qa=lit_qa.cli:main"]},
     # Loose on purpose: the set-up scripts and requirements.txt pin the versions used here.
     install_requires=[
         "torch>=2.4",
