@@ -53,9 +53,15 @@ def summary(script: Path) -> str:
 
 def usage(table: dict[str, dict[str, Path]], only: str | None = None) -> str:
     """The help text: each command and subcommand with its script and what it does."""
-    lines = ["usage: lit-qa <command> [<subcommand>] [script arguments ...]", "",
-             "Runs the standalone script of the command with the arguments as given; "
-             "`lit-qa <command> [<subcommand>] --help` shows the script's flags.", ""]  # fmt: skip
+    lines = [
+        "usage: lit-qa <command> [<subcommand>] [script arguments ...]",
+        "",
+        (
+            "Runs the standalone script of the command with the arguments as given; "
+            "`lit-qa <command> [<subcommand>] --help` shows the script's flags."
+        ),
+        "",
+    ]
     for name, subs in table.items():
         if only is not None and name != only:
             continue

@@ -5,7 +5,7 @@ prompt whole."""
 import pytest
 import torch
 
-import lit_qa.generation.prefixes as prefixes
+from lit_qa.generation import prefixes
 from lit_qa.generation.generate import generate
 from lit_qa.generation.prefixes import plan_layout
 from lit_qa.models.config import Config

@@ -153,14 +153,18 @@ def _pre_tokenizer_name(pre: dict[str, Any] | None, path: Path) -> str:
         if len(steps) == len(expected) and all(all(step.get(k) == v for k, v in want.items())
                                                for step, want in zip(steps, expected)):  # fmt: skip
             return name
-    raise LitQAError(f"{path}: its pre-tokenizer matches none llama.cpp is known to read ({', '.join(_PRE_TOKENIZERS)})")
+    raise LitQAError(
+        f"{path}: its pre-tokenizer matches none llama.cpp is known to read ({', '.join(_PRE_TOKENIZERS)})"
+    )
 
 
 def _read_optional_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _write_tensors(writer: gguf.GGUFWriter, checkpoint_dir: Path, config: Config, qtype: gguf.GGMLQuantizationType) -> None:
+def _write_tensors(
+    writer: gguf.GGUFWriter, checkpoint_dir: Path, config: Config, qtype: gguf.GGMLQuantizationType
+) -> None:
     """Register every tensor's name, shape and type, write the header, then stream the data in the same order."""
     names = gguf_tensor_names(config)
     with safe_open(checkpoint_dir / WEIGHTS_FILE, framework="pt") as weights:
