@@ -170,10 +170,10 @@ def _write_tensors(
     with safe_open(checkpoint_dir / WEIGHTS_FILE, framework="pt") as weights:
         if missing := sorted(set(names) - set(weights.keys())):
             raise LitQAError(f"{checkpoint_dir / WEIGHTS_FILE}: missing tensors {', '.join(missing[:5])}")
-        plan = [(lit, name, _tensor_type(weights.get_slice(lit).get_shape(), qtype)) for lit, name in names.items()]
+        shapes = {lit: tuple(weights.get_slice(lit).get_shape()) for lit in names}
+        plan = [(lit, name, _tensor_type(list(shapes[lit]), qtype)) for lit, name in names.items()]
         for lit, name, kind in plan:
-            shape = tuple(weights.get_slice(lit).get_shape())
-            _add_info(writer, name, shape, kind)
+            _add_info(writer, name, shapes[lit], kind)
         if config.rope_scaling:
             _add_info(writer, _ROPE_FREQS, (config.head_size // 2,), gguf.GGMLQuantizationType.F32)
         writer.write_header_to_file()

@@ -30,20 +30,15 @@ from lit_qa.checkpoints.folder import write_folder_atomically
 from lit_qa.checkpoints.lora import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, check_lora_dir, save_lora_checkpoint
 from lit_qa.errors import LitQAError
 from lit_qa.models.config import read_json_object
-from lit_qa.models.lora import LoRAConfig
+from lit_qa.models.lora import BLOCK_TARGETS, LoRAConfig
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-# Which Hugging Face modules each `LoRAConfig` flag adapts (PEFT's ``target_modules``).
-HF_TARGETS = {
-    "query": ("q_proj",),
-    "key": ("k_proj",),
-    "value": ("v_proj",),
-    "projection": ("o_proj",),
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
-    "head": ("lm_head",),
-}
+# Which Hugging Face modules each `LoRAConfig` flag adapts (PEFT's ``target_modules``): lit-qa's block layer names
+# end in Hugging Face's module names.
+HF_TARGETS = {flag: tuple(layer.rpartition(".")[2] for layer in layers) for flag, layers in BLOCK_TARGETS.items()}
+HF_TARGETS["head"] = ("lm_head",)
 
 
 def is_peft_folder(folder: Path) -> bool:
