@@ -11,6 +11,11 @@ that merged model is what every format quantizes: exact for LoRA, and what one w
 calibrated on ``--calibration`` (the prepared training prompts, or a text file) unless ``--gptq_checkpoint``
 gives a model already quantized from the same weights. Each format runs in its own process, so its peak
 memory is its own.
+
+Every format answers as ``evaluate/base.py`` does: span-constrained (extractive) decoding, the no-answer head when
+the adapter has one (kept by the merge), and the calibrated no-answer rule. With ``--calibration_file`` the rule
+and threshold are tuned for each format on those held-out questions (quantization shifts the no-answer scores);
+without it every format uses the threshold training saved beside the adapter (``na_threshold.json``), else 0.5.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from typing import Literal
 
 import torch
 
+from lit_qa.data.squad import load_squad
 from lit_qa.errors import LitQAError, run_cli
+from lit_qa.evaluation.calibration import resolve_na_threshold
 from lit_qa.quantize.comparison import add_differences, write_outputs
 
 FORMATS = ("full", "bnb.int8", "bnb.nf4", "gptq.int4")
@@ -44,8 +51,9 @@ def main(
     group_size: int = 128,
     act_order: bool = False,
     n_samples: int = 128,
-    na_threshold: float | Literal["auto"] | None = None,
+    na_threshold: float | Literal["auto", "off"] | None = "auto",
     calibration_file: Path | None = None,
+    extractive: bool = True,
     precision: str = "auto",
     batch_size: int = 8,
     max_new_tokens: int = 32,
@@ -66,9 +74,11 @@ def main(
         group_size: GPTQ group size.
         act_order: GPTQ in order of decreasing activation energy (slower to quantize, usually more accurate).
         n_samples: GPTQ calibration samples.
-        na_threshold: Abstain rule of the evaluator (see evaluate/base.py): a float, "auto" (tuned per format
-            on ``calibration_file``) or null for plain greedy decoding.
-        calibration_file: Held-out SQuAD questions for ``--na_threshold auto``.
+        na_threshold: The evaluator's no-answer threshold (see evaluate/base.py): "auto" (tuned for each format on
+            ``calibration_file``, else the one saved with the adapter, else 0.5), a number in [0, 1], or "off"
+            (plain greedy decoding).
+        calibration_file: Held-out SQuAD questions (e.g. the prepared val-v2.0.json) to tune ``auto`` on.
+        extractive: Span-constrained decoding, as the evaluators do by default (false: free greedy decoding).
         precision: Precision of the full model and of the quantized models' activations.
         batch_size: Questions decoded together.
         max_new_tokens: Longest answer.
@@ -81,6 +91,9 @@ def main(
         raise LitQAError(f"--formats: unknown {unknown}; choose from full, {', '.join(QUANTIZE_CHOICES)}")
     if "gptq.int4" in formats and gptq_checkpoint is None and calibration is None:
         raise LitQAError("gptq.int4 needs --calibration (prepared data folder or .txt) or --gptq_checkpoint")
+    if calibration_file is not None:
+        load_squad(calibration_file)  # a bad file fails before anything is merged or quantized
+    resolve_na_threshold(na_threshold, None, calibration_file is not None, extractive, verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir, prompt_dir = checkpoint_dir, lora_dir or checkpoint_dir
     if lora_dir is not None:
@@ -105,7 +118,8 @@ def main(
             job = dict(format=fmt, model_dir=str(model_dir), prompt_dir=str(prompt_dir), eval_file=str(eval_file),
                        out_dir=str(out_dir / fmt), limit=limit, seed=seed, gptq_checkpoint=str(gptq_checkpoint),
                        na_threshold=na_threshold, calibration_file=str(calibration_file) if calibration_file else None,
-                       precision=precision, batch_size=batch_size, max_new_tokens=max_new_tokens)  # fmt: skip
+                       precision=precision, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                       extractive=extractive)  # fmt: skip
             run(["scripts/compare.py", "--worker", json.dumps(job)])
         rows.append(json.loads(result_file.read_text()))
     table = add_differences(rows)
@@ -125,11 +139,12 @@ def run(args: list) -> None:
 def worker(job: dict) -> dict:
     """Load one format, evaluate it, measure decoding speed, weights size and peak memory; save and return."""
     from lit_qa.checkpoints.inference import load_for_inference
-    from lit_qa.data.squad import load_squad, select_subset
+    from lit_qa.checkpoints.na_head import load_na_head
+    from lit_qa.data.squad import select_subset
     from lit_qa.evaluation.run import prompt_settings, run_evaluation
     from lit_qa.generation.generate import generate
     from lit_qa.models.tokenizer import Tokenizer
-    from lit_qa.precision import inference_precision, resolve_device, weights_dtype
+    from lit_qa.precision import autocast, inference_precision, resolve_device, weights_dtype
     from lit_qa.quantize import weights_size_bytes
     from lit_qa.training.loop import peak_memory_gb
 
@@ -138,22 +153,31 @@ def worker(job: dict) -> dict:
     precision = inference_precision(job["precision"], device)
     dtype = weights_dtype(precision)
     quantize = None if fmt == "full" else fmt
-    model, _ = load_for_inference(Path(job["model_dir"]), device, dtype, quantize, Path(job["gptq_checkpoint"]))
+    model_dir = Path(job["model_dir"])
+    model, _ = load_for_inference(model_dir, device, dtype, quantize, Path(job["gptq_checkpoint"]))
     model.eval()
+    load_na_head(model, model_dir)  # the merge keeps the adapter's head; GPTQ quantizes the blocks only
     tokenizer = Tokenizer(job["model_dir"])
     prompt_style, no_answer = prompt_settings(Path(job["prompt_dir"]), None, None, warn_if_unknown=False)
     questions = select_subset(load_squad(job["eval_file"]), job["limit"], job["seed"])
     calibration = load_squad(job["calibration_file"]) if job["calibration_file"] else None
-    metrics = run_evaluation(model, tokenizer, questions, Path(job["out_dir"]), prompt_style, no_answer,
-                             job["batch_size"], job["max_new_tokens"], {"format": fmt, "precision": precision},
-                             na_threshold=job["na_threshold"], calibration_questions=calibration)  # fmt: skip
+    # Tuning per format when calibration questions are given: the saved threshold suits full precision only.
+    threshold_dir = None if calibration else model_dir
+    with autocast(precision, device):
+        metrics = run_evaluation(model, tokenizer, questions, Path(job["out_dir"]), prompt_style, no_answer,
+                                 job["batch_size"], job["max_new_tokens"], {"format": fmt, "precision": precision},
+                                 na_threshold=job["na_threshold"], calibration_questions=calibration,
+                                 extractive=job["extractive"], threshold_dir=threshold_dir)  # fmt: skip
     tokens_per_sec = decode_speed(model, generate, device)
     peak = peak_memory_gb(torch.device(device))
     result = {"format": fmt, "precision": precision, "EM": metrics["exact"], "F1": metrics["f1"],
               "HasAns F1": metrics.get("HasAns_f1"), "NoAns accuracy": metrics.get("NoAns_exact"),
               "weights GB": weights_size_bytes(model) / 1e9, "peak memory GB": peak,
               "tokens/s": tokens_per_sec, "questions": metrics["total"],
-              "best-threshold F1": metrics.get("best_f1")}  # fmt: skip
+              "span F1": metrics.get("span_HasAns_f1"),
+              "best-threshold F1": metrics.get("best_f1"), "no-answer AUC": metrics.get("na_prob_auc"),
+              "no-answer rule": metrics.get("na_source"), "threshold": metrics.get("na_threshold"),
+              "eval seconds": metrics.get("seconds")}  # fmt: skip
     if fmt == "gptq.int4":
         settings = json.loads((Path(job["gptq_checkpoint"]) / "quantize_config.json").read_text())
         result["settings"] = f"g{settings['group_size']}" + (" act-order" if settings.get("desc_act") else "")

