@@ -27,7 +27,7 @@ from typing import Literal
 
 from lit_qa.checkpoints.lora import check_lora_dir, load_lora_checkpoint, read_base_record
 from lit_qa.checkpoints.na_head import load_na_head
-from lit_qa.data.squad import load_squad, select_subset
+from lit_qa.data.squad import load_squad, subset_selector
 from lit_qa.errors import LitQAError, run_cli
 from lit_qa.evaluation.calibration import resolve_na_threshold
 from lit_qa.evaluation.results import check_out_dir, format_summary
@@ -45,6 +45,7 @@ def main(
     out_dir: Path = Path("out/evaluate/lora"),
     limit: int | None = None,
     seed: int = 1234,
+    subset: str = "questions",
     batch_size: int = 8,
     max_new_tokens: int = 32,
     na_threshold: float | Literal["auto", "off"] | None = "auto",
@@ -65,8 +66,11 @@ def main(
         checkpoint_dir: The base checkpoint folder; None uses the path recorded in the adapter's base_checkpoint.json.
         eval_file: A SQuAD 2.0 (or 1.1) file in the official format.
         out_dir: Where predictions.json and metrics.json go.
-        limit: Evaluate a stratified random subset of this many questions; None evaluates all.
+        limit: Evaluate a fixed random subset of this many questions (drawn as ``subset`` says); None evaluates all.
         seed: Seed of the subset.
+        subset: What ``limit`` draws: "questions" (that many questions, keeping the share of unanswerable ones) or
+            "paragraphs" (whole paragraphs, every question about each drawn context, the last one cut to make
+            ``limit``; each paragraph is then prefilled once for all its questions, so a large subset is quicker).
         batch_size: Questions decoded together (longest prompts first).
         max_new_tokens: Longest answer in tokens.
         na_threshold: When to answer "no answer". Each question's best span (the no-answer string forbidden) and
@@ -95,6 +99,7 @@ def main(
             (A folder holding only predictions.partial.jsonl, an interrupted run, is resumed either way.)
     """
     check_out_dir(out_dir, overwrite)  # before anything is loaded: a refusal should cost nothing
+    select = subset_selector(subset)  # a bad --subset too
     check_lora_dir(lora_dir)
     if quantize == "gptq.int4":
         raise LitQAError("evaluate/lora.py does not take --quantize gptq.int4 (GPTQ calibrates on the merged weights): "
@@ -103,7 +108,7 @@ def main(
     check_quantize_args(quantize)
     warn_if_trained_quantized(lora_dir, quantize)
     prompt_style, no_answer = prompt_settings(lora_dir, prompt_style, no_answer)
-    questions = select_subset(load_squad(eval_file), limit, seed)  # a bad file fails before the model loads
+    questions = select(load_squad(eval_file), limit, seed)  # a bad file fails before the model loads
     calibration = load_squad(calibration_file) if calibration_file else None
     # A bad --na_threshold or saved threshold file fails here, before the model loads.
     resolve_na_threshold(na_threshold, lora_dir, calibration is not None, extractive, verbose=False)
@@ -127,7 +132,7 @@ def main(
           f"{quantize or 'not quantized'}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
 
     info = dict(checkpoint_dir=str(base), lora_dir=str(lora_dir), eval_file=str(eval_file), precision=precision,
-                device=device, limit=limit, seed=seed, quantize=quantize,
+                device=device, limit=limit, seed=seed, subset=subset, quantize=quantize,
                 weights_bytes=weights_size_bytes(model))  # fmt: skip
     with autocast(precision, device):
         metrics = run_evaluation(

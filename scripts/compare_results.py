@@ -6,8 +6,16 @@
 Each run is ``label=path``, where the path is a ``metrics.json`` written by ``evaluate/*.py`` or the folder
 holding it. ``na_prob AUC`` is how well the run's no-answer probability separates unanswerable from answerable
 questions (0.5 = chance; a dash for plain greedy decoding, which has none). The table ends with the "always
-no-answer" floor on the same questions. Runs scored on different
-question sets (another ``--limit``, ``--seed`` or eval file) are refused, since their numbers do not compare.
+no-answer" floor on the same questions. Runs scored on different question sets (another ``--limit``,
+``--seed``, ``--subset`` or eval file) are refused, since their numbers do not compare.
+
+``F1 vs no-answer (95% CI)`` is the run's F1 minus the always-no-answer F1, ``+7.27 [+4.10, +10.52]``: the
+difference and its paired bootstrap 95% interval over the questions (`lit_qa.evaluation.bootstrap`, 10,000
+resamples, seed 0, so the same runs always print the same interval). An interval across 0 means that the run
+is not clearly better than never answering on these questions. It is computed from the per-question scores
+the evaluation wrote beside ``metrics.json`` (``question_scores.json``: each question's official F1 of
+``predictions.json`` and of answering "no answer"); a run evaluated before that file existed shows a dash, with a
+note under the table.
 """
 
 from __future__ import annotations
@@ -17,9 +25,11 @@ from typing import Any
 
 from lit_qa.data.squad import read_json_file
 from lit_qa.errors import LitQAError, run_cli
-from lit_qa.evaluation.results import METRICS_FILE
+from lit_qa.evaluation.bootstrap import paired_bootstrap
+from lit_qa.evaluation.results import METRICS_FILE, QUESTION_SCORES_FILE
 
-COLUMNS = ("run", "questions", "EM", "F1", "HasAns F1", "NoAns accuracy", "na_prob AUC", "questions/s")
+COLUMNS = ("run", "questions", "EM", "F1", "HasAns F1", "NoAns accuracy", "na_prob AUC", "F1 vs no-answer (95% CI)",
+           "questions/s")  # fmt: skip
 REQUIRED = ("exact", "f1", "num_questions", "question_ids_sha256", "no_answer_baseline")
 
 
@@ -34,9 +44,16 @@ def main(runs: list[str], out: Path | None = None) -> str:
         raise LitQAError("give at least one run as label=path/to/metrics.json")
     loaded = [load_run(item) for item in runs]
     check_same_questions(loaded)
-    rows = [row(label, metrics, metrics.get("questions_per_second")) for label, metrics, _ in loaded]
-    rows.append(row("always no-answer", loaded[0][1]["no_answer_baseline"], None))
+    rows, notes = [], []
+    for label, metrics, path in loaded:
+        versus_no_answer, note = f1_vs_no_answer(metrics, path)
+        rows.append(row(label, metrics, versus_no_answer, metrics.get("questions_per_second")))
+        if note:
+            notes.append(f"- {label}: {note}")
+    rows.append(row("always no-answer", loaded[0][1]["no_answer_baseline"], None, None))
     table = markdown_table(rows)
+    if notes:  # under the table, so a saved table explains its own dashes
+        table += "\n\nNo interval for:\n" + "\n".join(notes)
     print(table)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -68,12 +85,40 @@ def check_same_questions(loaded: list[tuple[str, dict[str, Any], Path]]) -> None
             raise LitQAError(
                 f"{path} ({label}, {metrics['num_questions']} questions) was computed on other questions than "
                 f"{first_path} ({first['num_questions']} questions); evaluate both with the same eval file, "
-                "--limit and --seed"
+                "--limit, --seed and --subset"
             )
 
 
-def row(label: str, metrics: dict[str, Any], questions_per_second: float | None) -> list[str]:
-    """One table row; a group with no questions (e.g. no unanswerable ones) shows a dash."""
+def f1_vs_no_answer(metrics: dict[str, Any], metrics_path: Path) -> tuple[str | None, str | None]:
+    """The run's F1 minus always-no-answer's with its paired bootstrap 95% interval, as ``+7.27 [+4.10, +10.52]``,
+    from the ``question_scores.json`` beside ``metrics_path``.
+
+    Returns:
+        The cell and no note, or no cell and a note saying why (no such file: evaluated before it was written; or
+        a file that does not hold this run's scores).
+    """
+    path = metrics_path.parent / QUESTION_SCORES_FILE
+    if not path.is_file():
+        return None, f"{path} is missing (evaluated before per-question scores were written); evaluate again"
+    scores = read_json_file(path)
+    try:
+        f1 = [100.0 * s["f1"] for s in scores.values()]
+        no_answer_f1 = [100.0 * s["no_answer_f1"] for s in scores.values()]
+    except (AttributeError, KeyError, TypeError):
+        return None, f"{path} is not a per-question scores file of evaluate/*.py"
+    # The means must be metrics.json's: a file left from another run in the folder would pair other answers.
+    if len(f1) != metrics["num_questions"] or any(
+        abs(sum(values) / len(values) - total) > 1e-6
+        for values, total in ((f1, metrics["f1"]), (no_answer_f1, metrics["no_answer_baseline"]["f1"]))
+    ):  # fmt: skip
+        return None, f"{path} does not hold the scores of {metrics_path}"
+    mean, low, high = paired_bootstrap(f1, no_answer_f1)
+    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]", None
+
+
+def row(label: str, metrics: dict[str, Any], versus_no_answer: str | None,
+        questions_per_second: float | None) -> list[str]:  # fmt: skip
+    """One table row; a group with no questions (e.g. no unanswerable ones), or no interval, shows a dash."""
     return [
         label,
         str(metrics.get("num_questions", metrics.get("total", ""))),
@@ -82,6 +127,7 @@ def row(label: str, metrics: dict[str, Any], questions_per_second: float | None)
         f"{metrics['HasAns_f1']:.2f}" if "HasAns_f1" in metrics else "-",
         f"{metrics['NoAns_exact']:.2f}" if "NoAns_exact" in metrics else "-",
         f"{metrics['na_prob_auc']:.3f}" if metrics.get("na_prob_auc") is not None else "-",
+        versus_no_answer or "-",
         f"{questions_per_second:.2f}" if questions_per_second is not None else "-",
     ]
 

@@ -18,11 +18,19 @@ from lit_qa.checkpoints.folder import load_model, save_checkpoint
 from lit_qa.checkpoints.lora import load_lora_checkpoint, save_lora_checkpoint
 from lit_qa.data.dataset import FORMAT_VERSION, IGNORE_INDEX, PREPARED_BY
 from lit_qa.data.prepare import QuestionEncoder
-from lit_qa.data.squad import Question, load_squad, question_ids_sha256, select_paragraphs, select_subset
+from lit_qa.data.squad import (
+    Question,
+    load_squad,
+    question_ids_sha256,
+    select_paragraphs,
+    select_subset,
+    subset_selector,
+)
 from lit_qa.errors import LitQAError, run_cli
 from lit_qa.evaluation.answering import answer_questions, to_official
 from lit_qa.evaluation.results import check_out_dir
-from lit_qa.evaluation.squad_metric import evaluate_predictions, no_answer_baseline
+from lit_qa.evaluation.bootstrap import paired_bootstrap
+from lit_qa.evaluation.squad_metric import evaluate_predictions, no_answer_baseline, question_scores
 from lit_qa.models.lora import LoRAConfig, apply_lora, lora_filter, lora_layers, merge_lora_weights
 from lit_qa.models.model import GPT
 from lit_qa.models.tokenizer import Tokenizer
@@ -75,6 +83,21 @@ def squad_file(path: Path, questions: list[Question]) -> Path:
         for q in questions
     ]  # fmt: skip
     path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "T", "paragraphs": paragraphs}]}))
+    return path
+
+
+def paragraphs_file(path: Path, paragraphs: int = 5) -> Path:
+    """Write an official-format file of ``paragraphs`` paragraphs with three questions each (two answerable)."""
+    data = []
+    for p in range(paragraphs):
+        context = f"In the {p + 10}th century the Normans were in Normandy."
+        asked = [("when", "When were the Normans in Normandy?", f"the {p + 10}th century"),
+                 ("where", "Where were the Normans?", "Normandy"), ("river", "Which river flows through Paris?", None)]
+        qas = [{"id": f"p{p}-{name}", "question": text, "is_impossible": answer is None,
+                "answers": [] if answer is None else [{"text": answer, "answer_start": context.index(answer)}]}
+               for name, text, answer in asked]  # fmt: skip
+        data.append({"title": f"T{p}", "paragraphs": [{"context": context, "qas": qas}]})
+    path.write_text(json.dumps({"version": "v2.0", "data": data}))
     return path
 
 
@@ -219,9 +242,16 @@ def test_evaluate_base_script_end_to_end(checkpoint_dir, tmp_path):
     assert metrics["num_questions"] == 4 and metrics["question_ids_sha256"] == question_ids_sha256(subset)
     assert metrics["questions_per_second"] > 0 and metrics["seconds"] > 0
     assert metrics["precision"] == "32-true" and metrics["limit"] == 4 and metrics["seed"] == 3
+    assert metrics["subset"] == "questions"  # the default draw
     assert metrics["checkpoint_dir"] == str(checkpoint_dir) and metrics["prompt_style"] == "plain"
-    outputs = ["best_spans.json", "metrics.json", "na_probs.json", "predictions.json"]
+    outputs = ["best_spans.json", "metrics.json", "na_probs.json", "predictions.json", "question_scores.json"]
     assert sorted(p.name for p in out.iterdir()) == outputs  # no temp files
+    # Each question's official scores, whose means are the metrics: what compare_results pairs runs on.
+    scores = json.loads((out / "question_scores.json").read_text())
+    exact, f1 = question_scores(subset, predictions)
+    _, no_answer_f1 = question_scores(subset, {q.id: "" for q in subset})
+    assert scores == {i: {"exact": exact[i], "f1": f1[i], "no_answer_f1": no_answer_f1[i]} for i in predictions}
+    assert 100 * sum(s["f1"] for s in scores.values()) / 4 == pytest.approx(metrics["f1"])
     na_probs = json.loads((out / "na_probs.json").read_text())  # the official script's --na-prob-file
     assert sorted(na_probs) == sorted(predictions) and all(0 <= p <= 1 for p in na_probs.values())
     assert all((predictions[i] == "") == (na_probs[i] >= 0.5) for i in predictions)
@@ -265,6 +295,48 @@ def test_evaluate_with_a_threshold_tuned_on_calibration_questions(checkpoint_dir
     assert untuned.returncode == 0 and "warning: --na_threshold auto" in untuned.stderr
     assert "--calibration_file" in untuned.stderr
     assert json.loads((tmp_path / "other" / "metrics.json").read_text())["na_threshold"] == 0.5
+
+
+def test_evaluate_paragraph_subset_asks_every_question_of_whole_paragraphs(checkpoint_dir, tmp_path):
+    eval_file = paragraphs_file(tmp_path / "eval.json")  # 5 paragraphs of 3 questions
+    questions = load_squad(eval_file)
+    result = run_script("evaluate/base.py", "--checkpoint_dir", str(checkpoint_dir), "--eval_file", str(eval_file),
+                        "--out_dir", str(tmp_path / "a"), "--limit", "6", "--seed", "2", "--subset", "paragraphs",
+                        "--max_new_tokens", "4", "--na_threshold", "0.5", "--device", "cpu",
+                        "--precision", "32-true")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    predictions = json.loads((tmp_path / "a" / "predictions.json").read_text())
+    drawn = {q.context for q in questions if q.id in predictions}
+    assert len(drawn) == 2  # 6 questions: two whole paragraphs of 3
+    assert list(predictions) == [q.id for q in questions if q.context in drawn]  # all their questions, in file order
+    assert list(predictions) == [q.id for q in select_paragraphs(questions, 6, seed=2)]
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert (metrics["subset"], metrics["limit"], metrics["seed"], metrics["num_questions"]) == ("paragraphs", 6, 2, 6)
+    # The same flags draw the same paragraphs again.
+    again = load_script("evaluate/base.py").main(checkpoint_dir, eval_file=eval_file, out_dir=tmp_path / "b", limit=6,
+                                                 seed=2, subset="paragraphs", max_new_tokens=4, na_threshold=0.5,
+                                                 device="cpu", precision="32-true")  # fmt: skip
+    assert json.loads((tmp_path / "b" / "predictions.json").read_text()) == predictions
+    assert again["question_ids_sha256"] == metrics["question_ids_sha256"] and again["subset"] == "paragraphs"
+
+
+def test_unknown_subset_is_refused_in_one_line_before_anything_loads(tmp_path):
+    # Neither the model nor the eval file exists: the flag is checked first.
+    result = run_script("evaluate/base.py", "--checkpoint_dir", str(tmp_path / "no-model"), "--eval_file",
+                        str(tmp_path / "no-eval.json"), "--out_dir", str(tmp_path / "out"), "--limit", "4",
+                        "--subset", "sentences")  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == "error: --subset must be one of questions, paragraphs, got 'sentences'\n"
+    assert not (tmp_path / "out").exists()
+    for script, model_arg in (("evaluate/base.py", "checkpoint_dir"), ("evaluate/lora.py", "lora_dir"),
+                              ("evaluate/adapter.py", "adapter_dir")):  # fmt: skip
+        with pytest.raises(LitQAError, match="^--subset must be one of questions, paragraphs, got 'Paragraphs'$"):
+            load_script(script).main(**{model_arg: tmp_path / "no-model"}, eval_file=tmp_path / "no-eval.json",
+                                     out_dir=tmp_path / "out", subset="Paragraphs")  # fmt: skip
+    assert subset_selector("questions") is select_subset and subset_selector("paragraphs") is select_paragraphs
+    usage = run_script("evaluate/base.py", "--help")
+    assert usage.returncode == 0 and "--subset SUBSET" in usage.stdout
+    assert '"paragraphs" (whole paragraphs' in usage.stdout
 
 
 @pytest.mark.parametrize("missing", ["eval_file", "checkpoint_dir"])
@@ -339,6 +411,17 @@ def test_extractive_is_part_of_the_resume_fingerprint(model):
     assert settings[0] == results.partial_settings(model, questions, "plain", "unanswerable", 8, 0.5, {"seed": 1})
 
 
+def test_subset_kind_is_part_of_the_resume_fingerprint(model):
+    questions = sample_questions()
+    settings = {kind: results.partial_settings(model, questions, "plain", "unanswerable", 8, 0.5,
+                                               {"seed": 1, "subset": kind})
+                for kind in ("questions", "paragraphs")}  # fmt: skip
+    assert settings["questions"] != settings["paragraphs"] and settings["paragraphs"]["subset"] == "paragraphs"
+    # The default keeps the fingerprint of partial files written before the flag existed.
+    assert settings["questions"] == results.partial_settings(model, questions, "plain", "unanswerable", 8, 0.5,
+                                                             {"seed": 1})  # fmt: skip
+
+
 # ---- evaluate/lora.py ----
 
 
@@ -401,36 +484,55 @@ def test_lora_prompt_settings_default_to_training_and_warn_on_override(tmp_path,
 # ---- scripts/compare_results.py ----
 
 
-def write_metrics(folder: Path, questions: list[Question], predictions: dict[str, str], speed: float) -> Path:
+def write_metrics(folder: Path, questions: list[Question], predictions: dict[str, str], speed: float,
+                  per_question: bool = False) -> Path:  # fmt: skip
+    """The files of a finished evaluation; without ``per_question`` as evaluations wrote them before
+    question_scores.json existed."""
     folder.mkdir(parents=True)
     metrics = {**evaluate_predictions(questions, predictions), "no_answer_baseline": no_answer_baseline(questions),
                "num_questions": len(questions), "question_ids_sha256": question_ids_sha256(questions),
                "questions_per_second": speed}  # fmt: skip
     (folder / "metrics.json").write_text(json.dumps(metrics))
+    if per_question:
+        (folder / "question_scores.json").write_text(json.dumps(results.question_scores_record(questions, predictions)))
     return folder
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip("|").split("|")]
 
 
 def test_compare_results_table_and_mismatch(tmp_path, capsys):
     compare = load_script("scripts/compare_results.py")
     questions = sample_questions()
     gold = {q.id: q.answers[0] if q.answers else "" for q in questions}
-    perfect = write_metrics(tmp_path / "perfect", questions, gold, 12.5)
+    perfect = write_metrics(tmp_path / "perfect", questions, gold, 12.5, per_question=True)
     chatty = write_metrics(tmp_path / "chatty", questions, {q.id: "Paris" for q in questions}, 3.0)
 
     out = tmp_path / "table.md"
     table = run_cli(compare.main, ["--runs", f"[good={perfect}, chatty={chatty / 'metrics.json'}]", "--out", str(out)])
     assert capsys.readouterr().out.strip() == table == out.read_text().strip()
     lines = table.splitlines()
-    assert [c.strip() for c in lines[0].strip("|").split("|")] == list(compare.COLUMNS)
-    assert len(lines) == 5  # header, rule, two runs, always no-answer
-    assert [c.strip() for c in lines[2].strip("|").split("|")] == ["good", "6", "100.00", "100.00", "100.00", "100.00",
-                                                                   "-", "12.50"]  # fmt: skip
-    assert [c.strip() for c in lines[4].strip("|").split("|")] == ["always no-answer", "6", "50.00", "50.00", "0.00",
-                                                                   "100.00", "-", "-"]  # fmt: skip
+    assert cells(lines[0]) == list(compare.COLUMNS)
+    # Header, rule, three rows, then why the older run (no question_scores.json) has no interval.
+    assert lines[5:] == ["", "No interval for:", f"- chatty: {chatty / 'question_scores.json'} is missing (evaluated "
+                         "before per-question scores were written); evaluate again"]  # fmt: skip
+    # Perfect answers beat never answering by the answerable half: 100 - 50, resampled over the 6 questions.
+    per_question = [100.0 if q.answers else 0.0 for q in questions]
+    mean, low, high = paired_bootstrap(per_question, [0.0] * 6)
+    assert mean == 50.0 and low < mean < high
+    assert cells(lines[2]) == ["good", "6", "100.00", "100.00", "100.00", "100.00", "-",
+                               f"+50.00 [{low:+.2f}, {high:+.2f}]", "12.50"]  # fmt: skip
+    assert cells(lines[3])[7] == "-"  # an older run: no per-question scores, so no interval (and the note)
+    assert cells(lines[4]) == ["always no-answer", "6", "50.00", "50.00", "0.00", "100.00", "-", "-", "-"]
     # A run with a no-answer probability shows its AUC.
     metrics = json.loads((chatty / "metrics.json").read_text())
     (chatty / "metrics.json").write_text(json.dumps({**metrics, "na_prob_auc": 0.8125}))
-    assert [c.strip() for c in compare.main([f"chatty={chatty}"]).splitlines()[2].strip("|").split("|")][6] == "0.812"
+    assert cells(compare.main([f"chatty={chatty}"]).splitlines()[2])[6] == "0.812"
+    # Per-question scores of another run left in the folder are not paired with this one's metrics.
+    (chatty / "question_scores.json").write_text((perfect / "question_scores.json").read_text())
+    stale = compare.main([f"chatty={chatty}"])
+    assert cells(stale.splitlines()[2])[7] == "-" and "does not hold the scores of" in stale
 
     other = write_metrics(tmp_path / "other", questions[:5], gold, 1.0)
     with pytest.raises(LitQAError, match="computed on other questions"):
@@ -443,6 +545,26 @@ def test_compare_results_table_and_mismatch(tmp_path, capsys):
         compare.main([f"good={perfect}", f"renamed={renamed_dir}"])
     with pytest.raises(LitQAError, match="does not exist"):
         compare.main([f"gone={tmp_path / 'gone' / 'metrics.json'}"])
+
+
+def test_compare_results_interval_vs_no_answer_for_evaluated_runs(checkpoint_dir, tmp_path):
+    eval_file = squad_file(tmp_path / "eval.json", sample_questions())
+    evaluate = load_script("evaluate/base.py").main
+    runs = {label: evaluate(checkpoint_dir, eval_file=eval_file, out_dir=tmp_path / label, max_new_tokens=4,
+                            device="cpu", precision="32-true", na_threshold=threshold)
+            for label, threshold in (("spans", 1.0), ("abstain", 0.0))}  # never / always abstaining  # fmt: skip
+    compare = load_script("scripts/compare_results.py")
+    table = compare.main([f"{label}={tmp_path / label}" for label in runs])
+    column = compare.COLUMNS.index("F1 vs no-answer (95% CI)")
+    rows = {cells(line)[0]: cells(line)[column] for line in table.splitlines()[2:]}
+    assert "No interval" not in table and rows["always no-answer"] == "-"
+    for label, metrics in runs.items():
+        number = r"([+-]\d+\.\d\d)"
+        mean, low, high = map(float, re.fullmatch(rf"{number} \[{number}, {number}\]", rows[label]).groups())
+        assert low <= mean <= high
+        assert mean == pytest.approx(metrics["f1"] - metrics["no_answer_baseline"]["f1"], abs=0.006)
+    assert rows["abstain"] == "+0.00 [+0.00, +0.00]"  # answering "no answer" everywhere is the floor itself
+    assert float(rows["spans"].split()[0]) < 0  # never abstaining loses every unanswerable question
 
 
 # ---- the real model ----

@@ -344,7 +344,7 @@ def test_na_probs_file_is_in_the_official_format_and_metrics_name_the_oracle(che
         out = tmp_path / f"off-{off}"
         metrics = evaluate_base(checkpoint, eval_file, out, na_threshold=off)
         assert metrics["na_threshold"] is None and "best_f1" not in metrics
-        assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions.json"]
+        assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions.json", "question_scores.json"]
 
 
 def saved_threshold(folder: Path, threshold: float, method: str = NA_METHOD) -> Path:

@@ -4,7 +4,7 @@
 `load_squad` reads the official JSON format (v2.0, or v1.1 where every question is answerable) and checks it,
 so that a bad file fails on load with the file and question id in the message, not halfway through training.
 `select_subset` draws the fixed, stratified subsets that evaluations and validations use; `select_paragraphs`
-fixed subsets of whole paragraphs.
+fixed subsets of whole paragraphs; `subset_selector` picks one of the two by the evaluate scripts' ``--subset``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,6 +237,23 @@ def select_paragraphs(questions: list[Question], limit: int | None, seed: int = 
         if len(picked) == limit:
             break
     return [questions[i] for i in sorted(picked)]
+
+
+SUBSETS: dict[str, Callable[[list[Question], int | None, int], list[Question]]] = {
+    "questions": select_subset,
+    "paragraphs": select_paragraphs,
+}
+
+
+def subset_selector(kind: str) -> Callable[[list[Question], int | None, int], list[Question]]:
+    """The draw ``--subset kind`` names: `select_subset` ("questions") or `select_paragraphs` ("paragraphs").
+
+    Raises:
+        LitQAError: If ``kind`` is neither.
+    """
+    if kind not in SUBSETS:
+        raise LitQAError(f"--subset must be one of {', '.join(SUBSETS)}, got {kind!r}")
+    return SUBSETS[kind]
 
 
 def question_ids_sha256(questions: list[Question]) -> str:

@@ -1,10 +1,12 @@
 # Copyright lit-qa authors. Licensed under the Apache License 2.0.
 """The files an evaluation writes, and resuming an interrupted one.
 
-``predictions.json`` (id -> answer, ``""`` = no answer), ``metrics.json``, and with a threshold ``na_probs.json``
-and ``best_spans.json``. While answering, each batch is appended to ``predictions.partial.jsonl``: a header line
-with the settings (`partial_settings`), then one line per question; `read_partial` resumes from it only when
-the settings are the same, so the answers of two different runs are never mixed.
+``predictions.json`` (id -> answer, ``""`` = no answer), ``metrics.json``, ``question_scores.json`` (each
+question's official EM and F1, and always no-answer's F1: `question_scores_record`, for paired comparisons), and
+with a threshold ``na_probs.json`` and ``best_spans.json``. While answering, each batch is appended to
+``predictions.partial.jsonl``: a header line with the settings (`partial_settings`), then one line per question;
+`read_partial` resumes from it only when the settings are the same, so the answers of two different runs are
+never mixed.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from lit_qa.data.dataset import write_atomic
 from lit_qa.data.squad import Question, question_ids_sha256
 from lit_qa.errors import LitQAError
 from lit_qa.evaluation.answers import NA_METHODS, Answers
+from lit_qa.evaluation.squad_metric import question_scores
 
 PREDICTIONS_FILE = "predictions.json"
 METRICS_FILE = "metrics.json"
 NA_PROBS_FILE = "na_probs.json"
 BEST_SPANS_FILE = "best_spans.json"  # with a threshold: every question's best span, abstained or not
+QUESTION_SCORES_FILE = "question_scores.json"  # id -> exact, f1, no_answer_f1 (`question_scores_record`)
 PARTIAL_FILE = "predictions.partial.jsonl"  # header line, then one line per answered question
 
 
@@ -46,6 +50,17 @@ def check_out_dir(out_dir: Path, overwrite: bool = False) -> None:
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temporary file + rename), so a crash never leaves half a file."""
     write_atomic(Path(path), (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def question_scores_record(questions: list[Question], predictions: dict[str, str]) -> dict[str, dict[str, float]]:
+    """What ``question_scores.json`` holds: for each question (in order) the official exact match (0 or 1) and F1
+    (0 to 1) of ``predictions``, and the F1 of answering "no answer" (``no_answer_f1``), so that a run can be
+    compared with the always-no-answer floor question by question (scripts/compare_results.py) without the
+    evaluation file. Their means are ``metrics.json``'s ``exact``, ``f1`` and ``no_answer_baseline.f1`` / 100."""
+    exact, f1 = question_scores(questions, predictions)
+    # Scored, not assumed (1 if unanswerable): a gold answer that normalizes to nothing ("the") counts as "".
+    _, no_answer_f1 = question_scores(questions, {q.id: "" for q in questions})
+    return {q.id: {"exact": exact[q.id], "f1": f1[q.id], "no_answer_f1": no_answer_f1[q.id]} for q in questions}
 
 
 def partial_settings(
@@ -69,6 +84,8 @@ def partial_settings(
         settings["na_method"] = NA_METHODS[na_source]
     if extractive:  # only then: free-decoding partial files written before the flag existed still resume
         settings["extractive"] = True
+    if settings.get("subset") == "questions":  # the default: partial files from before --subset still resume
+        del settings["subset"]
     return json.loads(json.dumps(settings, default=str))  # as it reads back from the file
 
 

@@ -38,8 +38,10 @@ from lit_qa.evaluation.results import (
     NA_PROBS_FILE,
     PARTIAL_FILE,
     PREDICTIONS_FILE,
+    QUESTION_SCORES_FILE,
     partial_line,
     partial_settings,
+    question_scores_record,
     read_partial,
     write_json,
 )
@@ -63,7 +65,8 @@ def run_evaluation(
     extractive: bool = False,
     threshold_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Answer, score and write ``predictions.json``, ``metrics.json`` and (with a threshold) ``na_probs.json``.
+    """Answer, score and write ``predictions.json``, ``metrics.json``, ``question_scores.json`` and (with a
+    threshold) ``na_probs.json``.
 
     Each batch's answers are appended to ``predictions.partial.jsonl`` as they come (the file is removed at
     the end). Run again with the same questions, model and settings after a crash or a kill, and only the
@@ -79,7 +82,7 @@ def run_evaluation(
         calibration_questions: Held-out questions (never the evaluation set) to tune the threshold on, for "auto".
         extractive: Span-constrained decoding (see ``score_questions``); the evaluate scripts turn it on by default.
         out_dir: Folder for the files (created if needed).
-        info: Run settings to record in ``metrics.json`` (paths, precision, limit, seed, ...).
+        info: Run settings to record in ``metrics.json`` (paths, precision, limit, seed, subset, ...).
         threshold_dir: The fine-tuned weights' folder, where training saves ``na_threshold.json``.
 
     Returns:
@@ -200,10 +203,12 @@ def write_results(
     with_threshold: bool,
     tuned: dict[str, tuple[float, float]],
 ) -> None:
-    """Write ``predictions.json`` and ``metrics.json`` (with a threshold first adding the oracle scores, the
-    answerability diagnostics and the rule comparison to ``metrics``, and writing ``na_probs.json`` and
-    ``best_spans.json``), then remove the partial file."""
+    """Write ``predictions.json``, ``question_scores.json`` and ``metrics.json`` (with a threshold first adding the
+    oracle scores, the answerability diagnostics and the rule comparison to ``metrics``, and writing
+    ``na_probs.json`` and ``best_spans.json``), then remove the partial file."""
     write_json(out_dir / PREDICTIONS_FILE, scored.final)
+    # From every answer, resumed ones included, so it always matches predictions.json.
+    write_json(out_dir / QUESTION_SCORES_FILE, question_scores_record(questions, scored.final))
     if with_threshold:
         metrics.update(oracle_thresholds(questions, scored))
         metrics.update(answerability_diagnostics(questions, scored))

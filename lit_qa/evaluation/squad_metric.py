@@ -12,7 +12,9 @@ line for line, so scores here equal the official script's:
 * ``exact`` and ``f1`` are percentages over all questions, and ``HasAns_*`` / ``NoAns_*`` the same over the
   answerable and unanswerable ones. As in the official script, a group with no questions has no keys.
 
-`no_answer_baseline` scores answering "no answer" everywhere: the floor every evaluation reports.
+`question_scores` gives each question's exact match and F1, from which the totals are averaged (and
+`lit_qa.evaluation.bootstrap` draws its intervals). `no_answer_baseline` scores answering "no answer" everywhere:
+the floor every evaluation reports.
 """
 
 from __future__ import annotations
@@ -104,6 +106,31 @@ def evaluate_predictions(dataset_questions: Iterable[Question], predictions: dic
             a warning and then crashes or scores on a subset; use `load_predictions` to check a file first.)
     """
     questions = list(dataset_questions)
+    exact, f1 = question_scores(questions, predictions)
+    result = _summary(exact, f1, [q.id for q in questions])
+    # The official script splits by whether the file lists answers at all, not by is_impossible.
+    groups = {"HasAns": [q.id for q in questions if q.answers], "NoAns": [q.id for q in questions if not q.answers]}
+    for prefix, ids in groups.items():
+        if ids:
+            result.update({f"{prefix}_{k}": v for k, v in _summary(exact, f1, ids).items()})
+    return result
+
+
+def question_scores(
+    dataset_questions: Iterable[Question], predictions: dict[str, str]
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Each question's official scores: the best exact match and the best F1 over its gold answers.
+
+    Args:
+        dataset_questions, predictions: As `evaluate_predictions`.
+
+    Returns:
+        Question id to exact match (0 or 1), and question id to F1 in [0, 1], in question order.
+
+    Raises:
+        LitQAError: As `evaluate_predictions`.
+    """
+    questions = list(dataset_questions)
     if not questions:
         raise LitQAError("cannot evaluate: there are no questions")
     missing = [q.id for q in questions if q.id not in predictions]
@@ -116,14 +143,7 @@ def evaluate_predictions(dataset_questions: Iterable[Question], predictions: dic
         prediction = predictions[q.id]
         exact[q.id] = max(exact_match(prediction, g) for g in golds)
         f1[q.id] = max(f1_score(prediction, g) for g in golds)
-
-    result = _summary(exact, f1, [q.id for q in questions])
-    # The official script splits by whether the file lists answers at all, not by is_impossible.
-    groups = {"HasAns": [q.id for q in questions if q.answers], "NoAns": [q.id for q in questions if not q.answers]}
-    for prefix, ids in groups.items():
-        if ids:
-            result.update({f"{prefix}_{k}": v for k, v in _summary(exact, f1, ids).items()})
-    return result
+    return exact, f1
 
 
 def _summary(exact: dict[str, int], f1: dict[str, float], ids: list[str]) -> dict[str, Any]:
