@@ -17,6 +17,9 @@ figure:
   datasheet, and the peak memory against ``scripts/estimate_memory.py``'s estimate of the same setting (ratio);
 * ``full fsdp2``: one full fine-tuning step under FSDP2 on one GPU, if the estimator says it fits (else skipped,
   with its numbers);
+* ``packed lora``: LoRA steps on the big config with one paragraph's questions packed into one sequence
+  (`lit_qa.data.packing`; FlexAttention block masks on CUDA) against the same questions unpacked: questions/s of
+  each, and the two losses must agree;
 * ``decode bf16`` / ``int8`` / ``int4``: greedy tokens/s at batch 1 and 8 on the big config (int4 is GPTQ's packed
   format and CUDA kernel, filled by round-to-nearest: a random model has no calibration data), with the weight
   bandwidth as a fraction of the datasheet's;
@@ -45,12 +48,15 @@ import torch
 from benchmarks.bandwidth import decode_step_seconds
 from benchmarks.train import flops_per_token
 from benchmarks.utils import describe_machine, print_table, write_json
+from lit_qa.data.dataset import collate
+from lit_qa.data.packing import collate_packed
 from lit_qa.data.squad import load_squad, select_subset
 from lit_qa.errors import LitQAError, run_cli
 from lit_qa.models.config import Config
 from lit_qa.models.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
 from lit_qa.models.model import GPT
 from lit_qa.quantize import quantize_model, weights_size_bytes
+from lit_qa.training.loss import token_loss_sum
 from lit_qa.training.memory import TrainingSetup, estimate_memory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -403,6 +409,51 @@ def full_fsdp2(context: Context) -> Check:
     return summarize_training([training_row(context, setup, tokens_per_s, peak)])
 
 
+def packed_lora(context: Context) -> Check:
+    """LoRA steps on the big config over one paragraph's questions, packed and unpacked: the losses before training
+    agree (bf16), and questions/s of each."""
+    sizes, device = context.sizes, context.device
+    questions, prefix, own = (3, 12, 4) if context.dry_run else (8, 400, 40)  # SQuAD-like: a long shared paragraph
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.randint(0, sizes.big_config.vocab_size, (prefix,), generator=generator)
+    samples = []
+    for _ in range(questions):
+        ids = torch.cat([shared, torch.randint(0, sizes.big_config.vocab_size, (own,), generator=generator)])
+        labels = ids.clone()
+        labels[: prefix + own - own // 4] = -100  # the answer: the last quarter of the question's own tokens
+        samples.append({"input_ids": ids, "labels": labels, "paragraph": 0})
+    batches = {"packed": collate_packed(samples, 0, prefix + own), "unpacked": collate(samples, 0, prefix + own)}
+    batches = {name: {k: v.to(device) for k, v in batch.items()} for name, batch in batches.items()}
+    model = big_model(context)
+    apply_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.0, query=True, value=True))
+    mark_only_lora_as_trainable(model)
+    with torch.no_grad():
+        losses = {name: float(token_loss_sum(model.eval(), batch)) for name, batch in batches.items()}
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    numbers: dict[str, Any] = {"losses": losses}
+    for name, batch in batches.items():
+        def step() -> None:
+            token_loss_sum(model, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()  # compiles FlexAttention on CUDA
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(sizes.train_steps):
+            step()
+        synchronize(device)
+        numbers[f"{name} questions/s"] = questions * sizes.train_steps / (time.perf_counter() - start)
+    del model
+    agree = abs(losses["packed"] - losses["unpacked"]) <= 2e-2 * abs(losses["unpacked"]) + 1e-3
+    speedup = numbers["packed questions/s"] / numbers["unpacked questions/s"]
+    return Check("", "pass" if agree else "fail", f"{speedup:.2f}x questions/s packed",
+                 f"{questions} questions on a {prefix}-token paragraph: {numbers['packed questions/s']:.1f} vs "
+                 f"{numbers['unpacked questions/s']:.1f} questions/s; loss {losses['packed']:.4f} packed vs "
+                 f"{losses['unpacked']:.4f}", numbers=numbers)  # fmt: skip
+
+
 def free_port() -> int:
     import socket
 
@@ -458,6 +509,7 @@ CHECKS: list[tuple[str, Callable[[Context], Check]]] = [
     ("lora", adapter_training("lora")),
     ("qlora nf4", adapter_training("qlora")),
     ("full fsdp2", full_fsdp2),
+    ("packed lora", packed_lora),
     ("decode bf16", decode("bf16")),
     ("decode int8", decode("int8")),
     ("decode int4", decode("int4")),

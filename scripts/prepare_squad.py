@@ -15,7 +15,7 @@ Usage::
         --eval_file ../shared/data/squad2/demo-eval-v2.0.json --out_dir data/squad2-demo
     python scripts/prepare_squad.py ... --answers all --prompt_style chat   # every gold answer, chat template
 
-Writes to ``out_dir``: ``train.pt`` and ``val.pt`` (lists of ``{"id", "input_ids", "labels"}``, read them
+Writes to ``out_dir``: ``train.pt`` and ``val.pt`` (lists of ``{"id", "input_ids", "labels", "paragraph"}``, read them
 with `lit_qa.data.dataset.load_prepared`), ``val-v2.0.json`` (the val articles in official format, for
 generation-based validation), ``stats.json`` and ``prepare_config.json``. The same inputs and seed give
 byte-identical files.
@@ -149,6 +149,10 @@ def print_stats(stats: dict[str, Any], out_dir: Path, seconds: float) -> None:
         if "extra_answer_samples" in s:
             print(f"  {s['extra_answer_samples']} of the samples train on a second or later distinct gold answer")
         print(f"  tokens per sample: {', '.join(f'{k} {v}' for k, v in s['tokens'].items())}")
+        pack = s["packing"]
+        print(f"  packed by paragraph: {pack['packs']} packs of {pack['questions_per_pack']} samples on average, "
+              f"{pack['single_samples']} samples alone; {pack['tokens']:,} tokens -> {pack['packed_tokens']:,} "
+              f"({100 * pack['tokens_saved']:.0f}% fewer)")
     print(f"wrote {', '.join(PREPARED_FILES)} to {out_dir} in {seconds:.1f} s")
 
 

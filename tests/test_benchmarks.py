@@ -72,22 +72,47 @@ def test_evaluate_benchmark_batched_and_per_question_answers_are_identical(tmp_p
 
 
 def test_demo_budget_measures_every_variant_on_the_same_steps(prepared_tiny, tmp_path, monkeypatch):
-    """The demo-budget benchmark runs on the demo's config file; finer padding computes fewer padded tokens."""
+    """The demo-budget benchmark runs on the demo's config file; finer padding computes fewer padded tokens (unpacked
+    here: the tiny data's packs are shorter than any padding multiple)."""
     from benchmarks import demo_budget
 
     checkpoint, data_dir = prepared_tiny
     config = tmp_path / "config.yaml"
-    config.write_text(f"data_dir: {data_dir}\ncheckpoint_dir: {checkpoint}\nlora:\n  r: 2\ntrain:\n"
+    config.write_text(f"data_dir: {data_dir}\ncheckpoint_dir: {checkpoint}\nlora:\n  r: 2\ntrain:\n  pack: false\n"
                       "  global_batch_size: 4\n  micro_batch_size: 2\n  pad_multiple: 64\neval:\n  max_batches: 1\n"
                       "  num_samples: 1\n  max_new_tokens: 2\n")  # fmt: skip
     out = tmp_path / "budget.json"
     demo_budget.main(config, steps=2, precision="32-true", out=out,
                      variants=["pad to 8", "without the no-answer head"])  # fmt: skip
     rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
-    assert len(rows) == 3 and all(row["samples/s"] > 0 for row in rows.values())
-    assert rows["pad to 8"]["padding %"] < rows["demo settings (pad to 64, length-grouped, eager)"]["padding %"]
+    assert len(rows) == 3 and all(row["questions/s"] > 0 for row in rows.values())
+    assert rows["pad to 8"]["padding %"] < rows["demo settings"]["padding %"]
     with pytest.raises(Exception, match="unknown variants"):
         demo_budget.main(config, variants=["faster"])
+
+
+def test_packing_benchmark_compares_packed_unpacked_and_transformers_on_the_same_questions(prepared_tiny, tmp_path):
+    """Every part runs on the tiny model (the 7B-shape part is skipped: gigabytes of random weights); packed
+    rows compute fewer tokens per question, with the gradients of the unpacked questions."""
+    from benchmarks import packing
+
+    checkpoint, data_dir = prepared_tiny
+    config = tmp_path / "config.yaml"
+    config.write_text(f"data_dir: {data_dir}\ncheckpoint_dir: {checkpoint}\nlora:\n  r: 2\n  mlp: true\ntrain:\n"
+                      "  global_batch_size: 6\n  micro_batch_size: 6\n  pad_multiple: 8\n")  # fmt: skip
+    out = tmp_path / "packing.json"
+    packing.main(config, steps=2, precision="32-true", parts=["attention", "demo"], out=out)
+    results = json.loads(out.read_text())
+    rows = {row["implementation"]: row for row in results["demo"]}
+    assert set(rows) == {"lit-qa packed", "lit-qa unpacked", "transformers + peft"}
+    per_question = {name: row["tokens computed/s"] / row["questions/s"] for name, row in rows.items()}
+    assert per_question["lit-qa packed"] < 0.9 * per_question["lit-qa unpacked"]
+    assert per_question["lit-qa unpacked"] == pytest.approx(per_question["transformers + peft"], rel=1e-3)
+    assert results["gradients"]["relative gradient difference"] < 1e-4
+    assert results["gradients"]["loss packed"] == pytest.approx(results["gradients"]["loss unpacked"], rel=1e-5)
+    assert len(results["attention"]) == 5 and all(row["ms"] > 0 for row in results["attention"])
+    with pytest.raises(Exception, match="unknown parts"):
+        packing.main(config, parts=["faster"])
 
 
 @pytest.fixture

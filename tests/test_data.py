@@ -309,7 +309,19 @@ def test_script_end_to_end(tmp_path: Path, tokenizer_dir: Path):
 
     train, val = load_prepared(out_dir, "train"), load_prepared(out_dir, "val")
     assert len(train) == 8 and len(val) == 4
-    assert torch.load(out_dir / "val.pt", weights_only=True)[0].keys() == {"id", "input_ids", "labels"}
+    assert torch.load(out_dir / "val.pt", weights_only=True)[0].keys() == {"id", "input_ids", "labels", "paragraph"}
+    # Both questions of a paragraph record its index; packed, their common prompt start is counted once.
+    assert [s["paragraph"] for s in train] == [0, 0, 1, 1, 2, 2, 3, 3]
+    shared = 0
+    for first, second in zip(train[::2], train[1::2]):
+        prompt = int((first["labels"] == -100).sum())
+        shared += next(i for i in range(prompt) if first["input_ids"][i] != second["input_ids"][i])
+    packing = json.loads((out_dir / "stats.json").read_text())["train"]["packing"]
+    tokens = sum(len(s["input_ids"]) for s in train)
+    assert packing == {"packs": 4, "packed_samples": 8, "questions_per_pack": 2.0, "single_samples": 0,
+                       "tokens": tokens, "packed_tokens": tokens - shared,
+                       "tokens_saved": round(shared / tokens, 4)}  # fmt: skip
+    assert shared > tokens / 3 and "packed by paragraph: 4 packs" in result.stdout
     val_squad = load_squad(out_dir / "val-v2.0.json")
     assert sorted(q.id for q in val_squad) == sorted(s["id"] for s in val)
     train_titles = {q.title for q in load_squad(train_file) if q.id in {s["id"] for s in train}}

@@ -23,15 +23,16 @@ CONTEXTS = [
 
 
 def squad_file(path, articles: int):
-    """An official-format file with ``articles`` articles of the four questions above."""
+    """An official-format file with ``articles`` articles of the four questions above, in three paragraphs (the
+    first one asked twice, so training packs its two questions into one sequence)."""
     data = []
     for a in range(articles):
-        qas = []
+        paragraphs: dict[str, list] = {}
         for i, (context, question, answer) in enumerate(CONTEXTS):
             answers = [] if answer is None else [{"text": answer, "answer_start": context.index(answer)}]
-            qas.append({"context": context, "qas": [{"id": f"a{a}q{i}", "question": question, "answers": answers,
-                                                     "is_impossible": answer is None}]})  # fmt: skip
-        data.append({"title": f"Article {a}", "paragraphs": qas})
+            paragraphs.setdefault(context, []).append({"id": f"a{a}q{i}", "question": question, "answers": answers,
+                                                       "is_impossible": answer is None})  # fmt: skip
+        data.append({"title": f"Article {a}", "paragraphs": [{"context": c, "qas": q} for c, q in paragraphs.items()]})
     path.write_text(json.dumps({"version": "v2.0", "data": data}))
     return path
 

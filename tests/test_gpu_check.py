@@ -32,6 +32,9 @@ def test_dry_run_passes_every_check_and_writes_its_results(tmp_path):
         expected = (1,) if name == "full fsdp2" else gpu_check.Sizes.for_run(True, "x", 2, 4).micro_batches
         assert tuple(row["setting"]["micro_batch_size"] for row in rows) == expected
     assert next(r for r in results if r.name == "decode int4").numbers["tokens/s b8"] > 0
+    packed = next(r for r in results if r.name == "packed lora").numbers
+    assert packed["losses"]["packed"] == pytest.approx(packed["losses"]["unpacked"], rel=2e-2)
+    assert packed["packed questions/s"] > 0 and packed["unpacked questions/s"] > 0
 
 
 def test_a_check_that_raises_fails_the_run_and_is_marked(tmp_path):

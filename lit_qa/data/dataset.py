@@ -54,7 +54,8 @@ def load_prepared(data_dir: Path | str, split: str) -> list[dict[str, Any]]:
         split: ``"train"`` or ``"val"``.
 
     Returns:
-        The samples: dicts with ``id`` (str), ``input_ids`` and ``labels`` (1-D ``torch.long``, same length).
+        The samples: dicts with ``id`` (str), ``input_ids`` and ``labels`` (1-D ``torch.long``, same length), and in
+        folders prepared since packing exists ``paragraph`` (int; -1: the sample cannot share its prompt).
 
     Raises:
         LitQAError: If the split is unknown, the folder was not prepared by the script (no or a foreign
@@ -116,6 +117,9 @@ def _check_samples(samples: Any, path: Path) -> None:
             raise LitQAError(
                 f"{path}: sample {i} is not a dict of id (str) and equally long 1-D long tensors input_ids, labels"
             )
+        paragraph = sample.get("paragraph", -1)
+        if not isinstance(paragraph, int) or isinstance(paragraph, bool) or paragraph < -1:
+            raise LitQAError(f"{path}: sample {i} has paragraph {paragraph!r}; expected an int >= -1")
 
 
 def collate(

@@ -13,6 +13,10 @@ exactly what generation later feeds the model.
 With ``answers="all"`` a question with several distinct gold answers gives one sample per answer (same
 prompt, each its own target and window); ``"first"`` trains on the first gold answer only.
 
+Each sample records its ``paragraph`` (the paragraph's index in the file), so that training can pack the questions
+of one paragraph into one sequence with their shared prompt prefix once (`lit_qa.data.packing`); a windowed sample's
+prompt is its own, and its ``paragraph`` is -1.
+
 A paragraph too long for ``max_seq_length`` is cut into overlapping windows of whole words; the instruction,
 question and answer always stay whole. An answerable question is trained on the window that holds its
 answer span (the one where the span sits most centrally), an unanswerable one on the first window::
@@ -38,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from lit_qa.data.dataset import IGNORE_INDEX, SPLITS, VAL_SQUAD_FILE
+from lit_qa.data.packing import packing_stats
 from lit_qa.data.prompts import ANSWER_MODES, NO_ANSWER, answer_text, answer_texts, check_prompt_style, encode_prompt
 from lit_qa.data.squad import Question, read_json_file
 from lit_qa.errors import LitQAError
@@ -257,7 +262,8 @@ def encode_questions(
         ``answer_not_in_window`` when no window that fits holds the whole answer span), token-length
         percentiles of the samples (``tokens``) and of the whole, unwindowed samples (``full_tokens``), and
         with ``answers="all"`` also ``extra_answer_samples``: the samples for the second and later distinct
-        answers of a question.
+        answers of a question; and ``packing``: what packing each paragraph's samples into one sequence saves
+        (`lit_qa.data.packing.packing_stats`).
 
     Raises:
         LitQAError: If ``answers`` is not ``"first"`` or ``"all"``.
@@ -266,13 +272,16 @@ def encode_questions(
         raise LitQAError(f"unknown answers mode {answers!r}; choose one of: {', '.join(ANSWER_MODES)}")
     samples, full_lengths, dropped = [], [], Counter()
     answerable = windowed = extra = 0
+    paragraphs: dict[tuple[str, str], int] = {}  # (title, context) -> index in file order
     for question in tqdm(questions, desc=desc, unit="q", mininterval=1.0):
+        paragraph = paragraphs.setdefault((question.title, question.context), len(paragraphs))
         for i, target in enumerate(training_targets(question, answers)):
             result = encoder(target)
             full_lengths.append(result.full_length)
             if result.sample is None:
                 dropped[result.dropped] += 1
                 continue
+            result.sample["paragraph"] = -1 if result.windowed else paragraph
             samples.append(result.sample)
             answerable += bool(target.answers)
             windowed += result.windowed
@@ -286,6 +295,7 @@ def encode_questions(
         "dropped": dict(sorted(dropped.items())),
         "tokens": length_stats([len(s["input_ids"]) for s in samples]),
         "full_tokens": length_stats(full_lengths),
+        "packing": packing_stats(samples),
     }
     if answers != "first":  # absent for "first", so its stats.json is what it always was
         stats["extra_answer_samples"] = extra

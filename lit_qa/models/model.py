@@ -5,10 +5,11 @@ Parameter names follow Hugging Face's `LlamaForCausalLM` one-to-one below the bl
 (`attn.q_proj`, `mlp.gate_proj`, ...), so checkpoint conversion is a rename table and LoRA targets
 are plain module names. Queries and keys use Hugging Face's "rotate half" RoPE layout.
 
-Training calls ``model(idx)``. Incremental decoding first calls ``model.set_kv_cache(batch_size,
-max_length)`` and then passes ``input_pos`` (the cache slots being written) and, for batches with padding,
-``slot_positions``: each cache slot's RoPE position in its row, -1 for a padding slot (`left_padding_positions`
-for plain left padding; `lit_qa.generation.prefixes` lays out prompts that share a prefix).
+Training calls ``model(idx)``, or ``model(idx, segments=...)`` for packed rows (several questions on one paragraph
+in a row, their shared prefix computed once: `lit_qa.models.segments`). Incremental decoding first calls
+``model.set_kv_cache(batch_size, max_length)`` and then passes ``input_pos`` (the cache slots being written) and, for
+batches with padding, ``slot_positions``: each cache slot's RoPE position in its row, -1 for a padding slot
+(`left_padding_positions` for plain left padding; `lit_qa.generation.prefixes` lays out prompts that share a prefix).
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ import torch.nn.functional as F
 
 from lit_qa.errors import LitQAError
 from lit_qa.models.config import Config
+from lit_qa.models.segments import (
+    compiled_flex_attention,
+    flex_attention_available,
+    is_block_mask,
+    segment_block_mask,
+    segment_mask,
+    segment_positions,
+)
 
 # `enable_gqa` (torch >= 2.5) lets the fused kernels read shared key/value heads without copying them.
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -105,6 +114,7 @@ class GPT(nn.Module):
         last_only: bool = False,
         output_mask: torch.Tensor | None = None,
         na_positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Compute next-token logits (and, with ``na_positions``, the no-answer head's logits).
 
@@ -120,16 +130,20 @@ class GPT(nn.Module):
                 order. Fine-tuning uses it to project only the positions that carry loss (the answer tokens).
             na_positions: (B,) position of each row's last prompt token: also run the no-answer head there
                 (the model needs one, see `lit_qa.models.na_head`). The head reads the same forward pass, so it costs
-                no extra pass over the prompt.
+                no extra pass over the prompt. Or a boolean (B, T) mask of such positions, several per packed row,
+                for N questions in row-major order.
+            segments: (B, T) segment of every token of a packed batch, without a KV cache: 0 for a prefix shared by
+                the row's questions, k >= 1 for question k's own tokens, -1 for padding (`lit_qa.models.segments`).
+                Each token then attends to the prefix and its own segment only, at the positions it has alone.
 
         Returns:
             Logits of shape (B, T, padded_vocab_size); (B, 1, padded_vocab_size) with ``last_only``;
             (N, padded_vocab_size) with ``output_mask``. With ``na_positions``: those logits and the head's
-            (B,) float32 logits of "unanswerable".
+            (B,) (or (N,) for a mask) float32 logits of "unanswerable".
         """
         if na_positions is not None and self.na_head is None:
             raise LitQAError("na_positions was given but the model has no no-answer head (lit_qa.models.na_head)")
-        x, kept = self._forward_blocks(idx, input_pos, slot_positions, na_positions)
+        x, kept = self._forward_blocks(idx, input_pos, slot_positions, na_positions, segments)
         if last_only:
             x = x[:, -1:]
         elif output_mask is not None:
@@ -151,11 +165,20 @@ class GPT(nn.Module):
         input_pos: torch.Tensor | None = None,
         slot_positions: torch.Tensor | None = None,
         na_positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The final normalised hidden states (B, T, n_embd), and with ``na_positions`` the outputs of the no-answer
-        head's layers at those positions, one (B, n_embd) tensor each."""
+        head's layers at those positions, one (B, n_embd) (or (N, n_embd) for a mask) tensor each."""
         B, T = idx.shape
-        if input_pos is None:
+        if input_pos is None and segments is not None:
+            positions = segment_positions(segments)  # (B, T); a packed row may be longer than its positions go
+            if int(positions.max()) >= self.max_seq_length:
+                raise LitQAError(f"a packed question reaches position {int(positions.max())}, beyond "
+                                 f"max_seq_length={self.max_seq_length}")  # fmt: skip
+            cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (B, 1, T, hs)
+            use_flex = flex_attention_available(idx.device)
+            mask = segment_block_mask(segments) if use_flex else segment_mask(segments)
+        elif input_pos is None:
             if T > self.max_seq_length:
                 raise LitQAError(f"sequence of {T} tokens exceeds max_seq_length={self.max_seq_length}")
             cos, sin = self.cos[:T], self.sin[:T]  # (T, hs)
@@ -170,12 +193,13 @@ class GPT(nn.Module):
             mask = build_cache_mask(input_pos, slot_positions, cache_length)
         x = self.transformer.wte(idx)  # (B, T, n_embd)
         keep = set(self.na_head.layers) if na_positions is not None else set()
-        rows = torch.arange(B, device=idx.device)
+        if na_positions is not None and na_positions.dtype != torch.bool:
+            na_positions = (torch.arange(B, device=idx.device), na_positions)
         kept = []
         for i, block in enumerate(self.transformer.h):
             x = block(x, cos, sin, mask, input_pos)
             if i in keep:
-                kept.append(x[rows, na_positions])  # (B, n_embd)
+                kept.append(x[na_positions])  # (B, n_embd), or (N, n_embd) for a mask
         return self.transformer.ln_f(x), kept
 
 
@@ -242,6 +266,8 @@ class CausalSelfAttention(nn.Module):
         """
         # Written out, this is softmax(q @ k.T / sqrt(hs) + causal/padding mask) @ v, where each key/value
         # head serves n_head // n_query_groups consecutive query heads.
+        if is_block_mask(mask):  # packed segments on CUDA (lit_qa.models.segments)
+            return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=True)  # (B, nh, T, hs)
         if mask is None and _SDPA_HAS_GQA:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, nh, T, hs)
         if mask is None:

@@ -169,6 +169,15 @@ def last_prompt_positions(labels: torch.Tensor) -> torch.Tensor:
     return (first - 1).clamp(min=0)
 
 
+def answer_start_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, T): the last prompt token of every question in a (B, T) batch, i.e. each position whose label is
+    -100 while the next one's is not. One per row in a plain batch (`last_prompt_positions`), one per segment in a
+    packed one (`lit_qa.data.packing`); in row-major order, the order of the questions."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = (labels[:, :-1] == -100) & (labels[:, 1:] != -100)
+    return mask
+
+
 @dataclass
 class NAHeadOutputs:
     """What a prefill with the head yields per row: the head's logit (filled by

@@ -19,8 +19,8 @@ class TrainArgs:
     """How to train.
 
     Attributes:
-        global_batch_size: Samples per optimizer step, summed over every device and accumulation step.
-        micro_batch_size: Samples per forward/backward pass on one device.
+        global_batch_size: Samples (questions) per optimizer step, summed over every device and accumulation step.
+        micro_batch_size: Samples per forward/backward pass on one device (packed, in fewer and longer rows).
         epochs: Passes over the training data; ignored when ``max_steps`` is set.
         max_steps: Optimizer steps to run (overrides ``epochs``).
         learning_rate: Peak learning rate of AdamW.
@@ -31,7 +31,13 @@ class TrainArgs:
         beta1: AdamW beta1.
         beta2: AdamW beta2.
         max_grad_norm: Clip the gradient norm to this value; 0 disables clipping.
-        group_by_length: Put samples of similar length in the same micro-batch, which cuts padding.
+        group_by_length: Put samples of similar length in the same micro-batch, which cuts padding (unpacked only).
+        pack: Pack the questions of one paragraph in a micro-batch into one sequence, their shared prompt prefix
+            computed once (`lit_qa.data.packing`): the same losses and gradients in several times fewer FLOPs.
+            Needs data prepared with paragraph ids (since packing exists); older data trains unpacked, with a note.
+        pack_questions: Packed, at most this many questions of one paragraph sit next to each other in the data
+            order, and so in one pack; 0 keeps whole paragraphs together (the most sharing, the fewest
+            paragraphs per step).
         save_interval: Write a checkpoint every this many optimizer steps (and always at the end).
         log_interval: Log loss, learning rate, gradient norm, throughput and memory every this many steps.
         max_seq_length: Crop samples to this many tokens; None keeps the longest prepared sample.
@@ -62,6 +68,8 @@ class TrainArgs:
     beta2: float = 0.95
     max_grad_norm: float = 1.0
     group_by_length: bool = True
+    pack: bool = True
+    pack_questions: int = 0
     save_interval: int = 200
     log_interval: int = 1
     max_seq_length: int | None = None
@@ -83,6 +91,8 @@ class TrainArgs:
             problems.append(f"--train.min_lr must be in [0, learning_rate], got {self.min_lr}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             problems.append("--train.warmup_steps, weight_decay and max_grad_norm must be >= 0")
+        if self.pack_questions < 0:
+            problems.append(f"--train.pack_questions must be >= 0 (0: whole paragraphs), got {self.pack_questions}")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"--train.max_steps must be >= 1, got {self.max_steps}")
         if self.max_steps is None and self.epochs <= 0:

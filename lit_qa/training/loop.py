@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from lit_qa.data.dataset import collate
+from lit_qa.data.packing import collate_packed
 from lit_qa.errors import LitQAError
 from lit_qa.models.na_head import na_loss_sum
 from lit_qa.models.tokenizer import Tokenizer
@@ -96,7 +97,7 @@ def fit(
 
     bar = tqdm(total=plan.total_steps, initial=progress["step"], desc="training", unit="step",
                disable=fabric.global_rank != 0)  # fmt: skip
-    window = {"start": time.perf_counter(), "tokens": 0}  # throughput since the last log line
+    window = {"start": time.perf_counter(), "tokens": 0, "questions": 0}  # throughput since the last log line
     deadline = time.monotonic() + 60 * train_args.max_time_minutes if train_args.max_time_minutes else math.inf
     pending, stop = [], None  # this epoch's steps not taken yet
     with signals_caught() as signals:
@@ -110,6 +111,7 @@ def fit(
             scheduler.step()
             progress["step"], progress["step_in_epoch"] = progress["step"] + 1, progress["step_in_epoch"] + 1
             step, window["tokens"] = progress["step"], window["tokens"] + losses.pop("tokens")
+            window["questions"] += losses.pop("questions")
             bar.update(1)
             if step % train_args.log_interval == 0 or step == plan.total_steps:
                 log_step(fabric, progress, plan, window, losses, grad_norm, scheduler.get_last_lr()[0], bar)
@@ -150,6 +152,7 @@ class RunPlan:
         pad_id: The id padding positions get (never attended to or in the loss).
         has_na_head: Whether the model has a no-answer head (`lit_qa.models.na_head`).
         na_weight: Weight of the no-answer head's loss (0 without a head).
+        paragraphs: Each training sample's paragraph when training packed (``--train.pack``), else None.
     """
 
     max_length: int
@@ -160,6 +163,7 @@ class RunPlan:
     pad_id: int
     has_na_head: bool
     na_weight: float
+    paragraphs: list[int] | None = None
 
 
 def plan_run(
@@ -201,7 +205,28 @@ def plan_run(
         )
     na_weight = module.na_head.config.loss_weight if module.na_head is not None else 0.0
     return RunPlan(max_length, lengths, loss_token_counts, steps_per_epoch, train_args.total_steps(steps_per_epoch),
-                   tokenizer_pad_id(tokenizer), module.na_head is not None, na_weight)  # fmt: skip
+                   tokenizer_pad_id(tokenizer), module.na_head is not None, na_weight,
+                   packing_plan(fabric, train_data, train_args))  # fmt: skip
+
+
+def packing_plan(fabric: L.Fabric, train_data: list[dict[str, Any]], train_args: TrainArgs) -> list[int] | None:
+    """Each sample's paragraph when training packed, or None: ``--train.pack false``, or data prepared before
+    samples recorded their paragraph (with a note: prepare it again to train several times faster)."""
+    if not train_args.pack:
+        return None
+    paragraphs = [sample.get("paragraph", -1) for sample in train_data]
+    if all(paragraph < 0 for paragraph in paragraphs):
+        fabric.print("note: training unpacked: the prepared samples do not record their paragraph (prepared before "
+                     "packing existed, or every context windowed); run scripts/prepare_squad.py again to pack them")  # fmt: skip
+        return None
+    return paragraphs
+
+
+def make_batch(samples: list[dict[str, Any]], plan: RunPlan, pad_multiple: int) -> dict[str, torch.Tensor]:
+    """One micro-batch: paragraph packs (`lit_qa.data.packing`) when training packed, else one row per sample."""
+    if plan.paragraphs is not None:
+        return collate_packed(samples, plan.pad_id, plan.max_length, pad_multiple)
+    return collate(samples, plan.pad_id, plan.max_length, pad_multiple)
 
 
 def next_step_batches(
@@ -212,7 +237,7 @@ def next_step_batches(
     run starts at ``progress["step_in_epoch"]``); at an epoch's end the counters move to the next one."""
     while not pending:
         epoch = rank_batches_of_epoch(plan.lengths, plan.loss_token_counts, train_args, progress["epoch"], seed,
-                                      fabric.world_size, fabric.global_rank)  # fmt: skip
+                                      fabric.world_size, fabric.global_rank, plan.paragraphs)  # fmt: skip
         pending.extend(epoch[progress["step_in_epoch"] :])
         if not pending:
             progress["epoch"], progress["step_in_epoch"] = progress["epoch"] + 1, 0
@@ -231,16 +256,16 @@ def accumulate_gradients(
     """Forward and backward this rank's micro-batches of one optimizer step, gradients summing up.
 
     Returns:
-        ``loss`` (this rank's share of the step's loss), ``na_loss`` (the no-answer head's, 0 without one) and
-        ``tokens`` (input positions computed, padding included).
+        ``loss`` (this rank's share of the step's loss), ``na_loss`` (the no-answer head's, 0 without one),
+        ``tokens`` (input positions computed, padding included) and ``questions`` (samples trained on).
     """
     world_size = fabric.world_size
     step_loss = torch.zeros((), device=fabric.device)
     step_na_loss = torch.zeros((), device=fabric.device)
-    tokens = 0
+    tokens = questions = 0
     for i, indices in enumerate(micro_batches):
         samples = [train_data[j] for j in indices]
-        batch = collate(samples, plan.pad_id, plan.max_length, train_args.pad_multiple)
+        batch = make_batch(samples, plan, train_args.pad_multiple)
         batch = {key: value.to(fabric.device) for key, value in batch.items()}
         with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
             # Sum of token losses / tokens of the global batch, times world_size because DDP averages ranks;
@@ -255,7 +280,8 @@ def accumulate_gradients(
             fabric.backward(loss)
         step_loss += loss.detach()
         tokens += int(batch["input_ids"].numel())
-    return {"loss": step_loss, "na_loss": step_na_loss, "tokens": tokens}
+        questions += len(samples)
+    return {"loss": step_loss, "na_loss": step_na_loss, "tokens": tokens, "questions": questions}
 
 
 def clip_gradients(
@@ -290,6 +316,7 @@ def log_step(
         "train/lr": lr,
         "train/grad_norm": float(grad_norm),
         "train/tokens_per_sec": window["tokens"] * world_size / elapsed,
+        "train/questions_per_sec": window["questions"] * world_size / elapsed,
         "train/epoch": progress["epoch"] + progress["step_in_epoch"] / plan.steps_per_epoch,
         "train/memory_gb": peak_memory_gb(fabric.device),
     }
@@ -299,9 +326,9 @@ def log_step(
         metrics["train/loss_scale"] = scaler.get_scale()
     fabric.log_dict(metrics, step=step)
     bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
-                    tok_s=f"{metrics['train/tokens_per_sec']:.0f}")  # fmt: skip
+                    tok_s=f"{metrics['train/tokens_per_sec']:.0f}", q_s=f"{metrics['train/questions_per_sec']:.1f}")  # fmt: skip
     progress["tokens"] += window["tokens"] * world_size
-    window["start"], window["tokens"] = time.perf_counter(), 0
+    window["start"], window["tokens"], window["questions"] = time.perf_counter(), 0, 0
 
 
 def setup_model(fabric: L.Fabric, model: torch.nn.Module, train_args: TrainArgs) -> torch.nn.Module:

@@ -1,6 +1,7 @@
 # Copyright lit-qa authors. Licensed under the Apache License 2.0.
 """The training loss: summed next-token cross-entropy over the answer tokens, and the no-answer head's logits
-from the same forward pass.
+from the same forward pass. A batch with ``segments`` holds packed rows (`lit_qa.data.packing`): several questions per
+row, each with its own answer tokens and its own last prompt token for the head.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lit_qa.models.na_head import last_prompt_positions
+from lit_qa.models.na_head import answer_start_mask
 
 
 def token_loss_sum(
@@ -28,11 +29,11 @@ def loss_sums(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_positions_only: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The summed answer-token loss (`token_loss_sum`) and, when the model has a no-answer head and the batch its
-    labels (``unanswerable``), the head's (B,) logits at each row's last prompt token; both from one forward pass.
-    Without a head the second is None."""
+    labels (``unanswerable``), the head's (N,) logits at each question's last prompt token (one per row unpacked);
+    both from one forward pass. Without a head the second is None."""
     if getattr(getattr(model, "module", model), "na_head", None) is None or "unanswerable" not in batch:
         return token_loss_sum(model, batch, loss_positions_only), None
-    return _token_loss_sum(model, batch, loss_positions_only, last_prompt_positions(batch["labels"]))
+    return _token_loss_sum(model, batch, loss_positions_only, answer_start_mask(batch["labels"]))
 
 
 def _token_loss_sum(
@@ -48,7 +49,7 @@ def _token_loss_sum(
     if loss_positions_only:
         output_mask = torch.zeros_like(labels, dtype=torch.bool)
         output_mask[:, :-1] = targets != -100
-    out = model(input_ids, output_mask=output_mask, na_positions=na_positions)
+    out = model(input_ids, output_mask=output_mask, na_positions=na_positions, segments=batch.get("segments"))
     logits, na_logits = out if na_positions is not None else (out, None)
     if not loss_positions_only:
         logits = logits[:, :-1]  # (B, T-1, vocab)
