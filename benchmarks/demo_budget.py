@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from benchmarks.packing import real_tokens
 from benchmarks.utils import describe_machine, print_table, write_json
 from lit_qa.checkpoints.folder import load_model
-from lit_qa.data.dataset import collate, load_prepared, mark_unanswerable, read_prepare_config
-from lit_qa.data.packing import collate_packed
+from lit_qa.data.dataset import load_prepared, mark_unanswerable, read_prepare_config
+from lit_qa.data.packing import forward_passes
 from lit_qa.errors import LitQAError, run_cli
 from lit_qa.models.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
 from lit_qa.models.na_head import NAHeadConfig, attach_na_head, na_loss_sum
@@ -84,19 +85,17 @@ def train_steps(model, data, train_args: TrainArgs, steps: int, pad_id: int) -> 
     for step, (micro_batches, loss_tokens) in enumerate(plan):
         start = time.perf_counter()
         for indices in micro_batches:
-            samples = [data[i] for i in indices]
-            if train_args.pack:
-                batch = collate_packed(samples, pad_id, max_length, train_args.pad_multiple)
-            else:
-                batch = collate(samples, pad_id, None, train_args.pad_multiple)
-            token_sum, na_logits = loss_sums(model, batch)
-            loss = token_sum / loss_tokens
-            if na_logits is not None:
-                loss = loss + na_loss_sum(na_logits, batch["unanswerable"]) / train_args.global_batch_size
-            loss.backward()
-            if step:
-                real += int((batch["segments"] >= 0).sum()) if "segments" in batch else sum(lengths[i] for i in indices)
-                computed += batch["input_ids"].numel()
+            # As the loop runs them on one CPU process: packed rows one pass each.
+            for batch in forward_passes([data[i] for i in indices], pad_id, max_length, train_args.pad_multiple,
+                                        train_args.pack, train_args.pack):  # fmt: skip
+                token_sum, na_logits = loss_sums(model, batch)
+                loss = token_sum / loss_tokens
+                if na_logits is not None:
+                    loss = loss + na_loss_sum(na_logits, batch["unanswerable"]) / train_args.global_batch_size
+                loss.backward()
+                if step:
+                    computed += batch["input_ids"].numel()
+                    real += real_tokens(batch)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step:  # the first step pays for allocations (and compilation): not timed
@@ -107,7 +106,7 @@ def train_steps(model, data, train_args: TrainArgs, steps: int, pad_id: int) -> 
 
 
 def main(
-    config: Path = Path("configs/lora-smollm2-cpu.yaml"),
+    demo_config: Path = Path("configs/lora-smollm2-cpu.yaml"),
     steps: int = 8,
     precision: str = "auto",
     out: Path = Path("out/benchmarks/demo_budget.json"),
@@ -116,7 +115,8 @@ def main(
     """Measure the demo's training settings against variants, and the demo's other costs.
 
     Args:
-        config: The demo's training config (data_dir, checkpoint_dir, lora, train, eval are read from it).
+        demo_config: The demo's training config (data_dir, checkpoint_dir, lora, train, eval are read from it;
+            ``--config`` would be jsonargparse's own flag).
         steps: Timed optimizer steps per variant (of the config's global batch size).
         precision: "auto" (bf16 where native, else fp32), "32-true" or "bf16-true".
         out: Where the numbers go as JSON.
@@ -126,7 +126,7 @@ def main(
     if unknown:
         raise LitQAError(f"unknown variants {unknown}; choose from: {', '.join(VARIANTS)}")
     chosen = [name for i, name in enumerate(VARIANTS) if i == 0 or variants is None or name in variants]
-    settings = yaml.safe_load(Path(config).read_text())
+    settings = yaml.safe_load(Path(demo_config).read_text())
     data_dir, checkpoint_dir = Path(settings["data_dir"]), Path(settings["checkpoint_dir"])
     if not (data_dir / "train.pt").is_file():
         raise LitQAError(f"{data_dir}/train.pt does not exist: run scripts/demo.sh (or scripts/prepare_squad.py) first")

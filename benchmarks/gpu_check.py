@@ -445,7 +445,6 @@ def packed_lora(context: Context) -> Check:
             step()
         synchronize(device)
         numbers[f"{name} questions/s"] = questions * sizes.train_steps / (time.perf_counter() - start)
-    del model
     agree = abs(losses["packed"] - losses["unpacked"]) <= 2e-2 * abs(losses["unpacked"]) + 1e-3
     speedup = numbers["packed questions/s"] / numbers["unpacked questions/s"]
     return Check("", "pass" if agree else "fail", f"{speedup:.2f}x questions/s packed",

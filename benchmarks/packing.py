@@ -13,7 +13,8 @@ Parts, all in this one process, one after the other, on the same machine in the 
 - ``demo``: the demo config's LoRA and no-answer head (``configs/lora-smollm2-cpu.yaml``) on the same global
   batches of questions: lit-qa packed (the config's micro-batch), lit-qa unpacked (micro-batches of 4, grouped by
   length, as the demo trained before packing), and transformers + peft unpacked (the same LoRA targets, logits at
-  every position, no head). Then the gradient check: in fp32, the packed and unpacked gradients of one micro-batch.
+  every position, no head).
+- ``gradients``: in fp32, the packed and unpacked gradients of twelve questions of one micro-batch.
 - ``7b``: two blocks of a Llama-3.1-8B-shape model (random bf16 weights, full width, GQA, 128k vocabulary), LoRA
   r 8 on every linear layer, the same questions packed and unpacked: the ratio at the width of the models people
   fine-tune.
@@ -39,7 +40,7 @@ import yaml
 from benchmarks.utils import describe_machine, print_table, write_json
 from lit_qa.checkpoints.folder import load_model
 from lit_qa.data.dataset import IGNORE_INDEX, collate, load_prepared, mark_unanswerable, read_prepare_config
-from lit_qa.data.packing import collate_packed
+from lit_qa.data.packing import collate_packed, forward_passes
 from lit_qa.errors import LitQAError, run_cli
 from lit_qa.models.config import Config
 from lit_qa.models.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
@@ -52,13 +53,13 @@ from lit_qa.training.args import TrainArgs
 from lit_qa.training.batches import epoch_global_batches, split_global_batch
 from lit_qa.training.loss import loss_sums
 
-PARTS = ("attention", "demo", "7b")
+PARTS = ("attention", "demo", "gradients", "7b")
 UNPACKED_MICRO_BATCH = 4  # the demo's micro-batch before packing
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def main(
-    config: Path = Path("configs/lora-smollm2-cpu.yaml"),
+    demo_config: Path = Path("configs/lora-smollm2-cpu.yaml"),
     steps: int = 8,
     precision: str = "auto",
     parts: list[str] | None = None,
@@ -67,16 +68,17 @@ def main(
     """Measure packed against unpacked training (module docstring) and write the numbers as JSON.
 
     Args:
-        config: The demo's training config (data_dir, checkpoint_dir, lora, train are read from it).
+        demo_config: The demo's training config (data_dir, checkpoint_dir, lora, train are read from it;
+            ``--config`` would be jsonargparse's own flag).
         steps: Timed optimizer steps per variant of the ``demo`` part (after one untimed step).
         precision: "auto" (bf16 where native, else fp32), "32-true" or "bf16-true".
-        parts: Which of "attention", "demo", "7b" to run; None runs all.
+        parts: Which of "attention", "demo", "gradients", "7b" to run; None runs all.
         out: Where the numbers go as JSON.
     """
     parts = list(PARTS) if parts is None else parts
     if unknown := sorted(set(parts) - set(PARTS)):
         raise LitQAError(f"unknown parts {unknown}; choose from: {', '.join(PARTS)}")
-    settings = yaml.safe_load(Path(config).read_text())
+    settings = yaml.safe_load(Path(demo_config).read_text())
     data_dir, checkpoint_dir = Path(settings["data_dir"]), Path(settings["checkpoint_dir"])
     if not (data_dir / "train.pt").is_file():
         raise LitQAError(f"{data_dir}/train.pt does not exist: run scripts/demo.sh (or scripts/prepare_squad.py) first")
@@ -95,7 +97,7 @@ def main(
           f"micro-batch {train_args.micro_batch_size}, unpacked micro-batch {UNPACKED_MICRO_BATCH}")  # fmt: skip
     batches = global_batches(data, train_args, steps + 1)
     max_length = max(len(sample["input_ids"]) for sample in data)
-    results: dict[str, Any] = {"machine": machine, "precision": precision, "config": str(config)}
+    results: dict[str, Any] = {"machine": machine, "precision": precision, "config": str(demo_config)}
     # The first micro-batch that holds a pack: its questions for the attention part and the gradient check.
     first = next(chunk for indices in batches
                  for chunk in [[data[i] for i in indices[: train_args.micro_batch_size]]]
@@ -104,7 +106,9 @@ def main(
         results["attention"] = attention_part(first, Config.from_checkpoint(checkpoint_dir), dtype, max_length)
     if "demo" in parts:
         results["demo"] = demo_part(checkpoint_dir, data, batches, train_args, lora, dtype, max_length)
-        results["gradients"] = gradient_check(checkpoint_dir, first, lora, max_length)
+    if "gradients" in parts:
+        # Twelve questions: unpacked fp32 activations of a whole micro-batch would take many gigabytes.
+        results["gradients"] = gradient_check(checkpoint_dir, first[:12], lora, max_length)
     if "7b" in parts:
         results["7b"] = big_part(data, batches, train_args, dtype, max_length)
     write_json(out, results)
@@ -120,17 +124,27 @@ def global_batches(data: list[dict], train_args: TrainArgs, count: int) -> list[
 
 def micro_batches(data: list[dict], indices: list[int], packed: bool, micro_batch_size: int, max_length: int,
                   pad_multiple: int) -> list[dict[str, torch.Tensor]]:  # fmt: skip
-    """One global batch as the loop would feed it: packed micro-batches in order, or unpacked ones by length. Each
-    batch also says how many ``questions`` and real (not padding) ``tokens`` it holds."""
+    """One global batch as the loop would feed it on one CPU process: packed micro-batches in order, one pass per
+    row, or unpacked ones by length. Each batch also says how many ``questions`` and real (not padding) ``tokens``
+    it holds."""
     lengths = [len(sample["input_ids"]) for sample in data]
     size = micro_batch_size if packed else UNPACKED_MICRO_BATCH
     batches = []
     for chunk in split_global_batch(indices, lengths, size, group_by_length=not packed):
-        samples = [data[i] for i in chunk]
-        batch = (collate_packed if packed else collate)(samples, 0, max_length, pad_multiple)
-        real = int((batch["segments"] >= 0).sum()) if "segments" in batch else sum(lengths[i] for i in chunk)
-        batches.append({**batch, "questions": len(chunk), "tokens": real})
+        # Packed rows one pass each, as the loop runs them on one CPU process.
+        for batch in forward_passes([data[i] for i in chunk], 0, max_length, pad_multiple, packed, packed):
+            batches.append({**batch, "questions": len(batch["unanswerable"]), "tokens": real_tokens(batch)})
     return batches
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Positions of a batch that are not padding: a packed batch's segments, or each unpacked sample's tokens (a
+    sample ends with its answer's last token, the last labelled one)."""
+    if "segments" in batch:
+        return int((batch["segments"] >= 0).sum())
+    labels = batch["labels"]
+    ends = ((labels != IGNORE_INDEX).int() * torch.arange(1, labels.size(1) + 1)).max(dim=1).values
+    return int(ends.sum())
 
 
 def time_steps(step: Callable[[list[dict[str, Any]]], None], batches: list[list[dict]]) -> dict[str, float]:
@@ -291,7 +305,9 @@ def attention_part(samples: list[dict], config: Config, dtype: torch.dtype, max_
     """One attention layer, forward and backward, for the packed rows of one micro-batch and for the same
     questions unpacked; the shapes of the real model (heads, key/value heads, head size)."""
     packed = collate_packed(samples, 0, max_length, 64)
-    plain = collate(samples, 0, max_length, 64)
+    lengths = [len(sample["input_ids"]) for sample in samples]
+    plain = [collate([samples[i] for i in chunk], 0, max_length, 64)["input_ids"].shape
+             for chunk in split_global_batch(list(range(len(samples))), lengths, UNPACKED_MICRO_BATCH, True)]  # fmt: skip
     segments = packed["segments"]
     mask = segment_mask(segments)
     nh, ng, hs = config.n_head, config.n_query_groups, config.head_size
@@ -311,14 +327,17 @@ def attention_part(samples: list[dict], config: Config, dtype: torch.dtype, max_
             lambda q, k, v: split_attention(q, k, v, segments), tensors(*segments.shape)),
         "packed: per row, prefix causally, then the segments' queries over the row": (
             lambda q, k, v: row_split_attention(q, k, v, segments), tensors(*segments.shape)),
-        "unpacked: causal SDPA, enable_gqa": (
-            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-            tensors(*plain["input_ids"].shape)),
     }  # fmt: skip
+    variants = {name: (attend, [qkv]) for name, (attend, qkv) in variants.items()}
+    # Unpacked: the length-grouped micro-batches of 4 the demo trained on before packing, their times summed.
+    variants["unpacked: causal SDPA, enable_gqa, micro-batches of 4"] = (
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        [tensors(*shape) for shape in plain])  # fmt: skip
     rows = []
-    for name, (attend, (q, k, v)) in variants.items():
+    for name, (attend, inputs) in variants.items():
         def run() -> None:
-            attend(q, k, v).float().sum().backward()
+            for q, k, v in inputs:
+                attend(q, k, v).float().sum().backward()
 
         run()
         times = []
@@ -326,7 +345,8 @@ def attention_part(samples: list[dict], config: Config, dtype: torch.dtype, max_
             start = time.perf_counter()
             run()
             times.append(time.perf_counter() - start)
-        rows.append({"attention (one layer, forward + backward)": name, "shape (rows x tokens)": f"{q.size(0)} x {q.size(2)}",
+        shapes = " + ".join(f"{q.size(0)} x {q.size(2)}" for q, _, _ in inputs)
+        rows.append({"attention (one layer, forward + backward)": name, "rows x tokens": shapes,
                      "ms": round(1000 * statistics.median(times), 2)})  # fmt: skip
     q, k, v = tensors(*segments.shape)  # the split variant must compute what the mask does
     real = (segments >= 0)[:, None, :, None]

@@ -35,7 +35,7 @@ from lit_qa.data.dataset import (
     write_atomic,
     write_prepared,
 )
-from lit_qa.data.prepare import QuestionEncoder, encode_splits
+from lit_qa.data.prepare import QuestionEncoder, encode_splits, extra_training_questions
 from lit_qa.data.prompts import ANSWER_MODES, NO_ANSWER, check_prompt_style
 from lit_qa.data.squad import Question, load_squad
 from lit_qa.errors import LitQAError, run_cli
@@ -51,6 +51,7 @@ def main(
     data_dir: Path = Path("data/squad2"),
     train_file: Path | None = None,
     eval_file: Path | None = None,
+    extra_train_file: Path | None = None,
     out_dir: Path = Path("data/squad2"),
     checkpoint_dir: Path = Path("checkpoints/SmolLM2-135M-Instruct"),
     max_seq_length: int = 512,
@@ -68,6 +69,10 @@ def main(
         data_dir: Where the official files are (and where ``--download`` puts them).
         train_file: The official-format training file (v2.0 or v1.1). Defaults to ``data_dir/train-v2.0.json``.
         eval_file: The evaluation file, only checked and recorded (evaluation reads it directly).
+        extra_train_file: Another official-format file whose articles join the train split only, never validation;
+            its articles that are in ``train_file`` or ``eval_file`` (by title) are left out, and its question ids
+            must not be the eval file's. E.g. ``dev-v1.1.json`` adds the 13 articles (4,557 answerable questions)
+            that neither demo file holds; it needs ``eval_file``, so that no evaluation article slips in.
         out_dir: Where to write the prepared files.
         checkpoint_dir: The model folder whose tokenizer is used.
         max_seq_length: Most tokens per sample (prompt, answer and EOS); longer paragraphs are windowed.
@@ -99,12 +104,13 @@ def main(
     questions = load_squad(train_file)
     if eval_file is not None:
         check_no_overlap(questions, eval_file, train_file)
+    extra = load_extra_training(extra_train_file, questions, eval_file)
     config = prepare_config(tokenizer, checkpoint_dir, max_seq_length, prompt_style, no_answer, seed, val_fraction,
-                            answers, train_file, eval_file)  # fmt: skip
+                            answers, train_file, eval_file, extra_train_file)  # fmt: skip
     check_prepared_out_dir(out_dir, config, overwrite)
 
     start = time.perf_counter()
-    files, stats = encode_splits(encoder, questions, train_file, val_fraction, seed, answers)
+    files, stats = encode_splits(encoder, questions, train_file, val_fraction, seed, answers, extra)
     write_prepared(out_dir, files, stats, config)
     print_stats(stats, out_dir, time.perf_counter() - start)
     return stats
@@ -138,6 +144,23 @@ def check_no_overlap(questions: list[Question], eval_file: Path, train_file: Pat
         )
 
 
+def load_extra_training(
+    extra_train_file: Path | None, questions: list[Question], eval_file: Path | None
+) -> list[Question]:
+    """The extra file's questions on articles that neither the training nor the evaluation file holds."""
+    if extra_train_file is None:
+        return []
+    if eval_file is None:
+        raise LitQAError("--extra_train_file needs --eval_file, so that none of its articles is an evaluation one")
+    eval_questions = load_squad(eval_file)
+    titles = {q.title for q in questions} | {q.title for q in eval_questions}
+    extra = extra_training_questions(load_squad(extra_train_file), titles)
+    check_no_overlap(extra, eval_file, extra_train_file)
+    if not extra:
+        raise LitQAError(f"{extra_train_file} has no article that is not already in the training or evaluation file")
+    return extra
+
+
 def print_stats(stats: dict[str, Any], out_dir: Path, seconds: float) -> None:
     for split, s in stats.items():
         dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "none"
@@ -148,6 +171,8 @@ def print_stats(stats: dict[str, Any], out_dir: Path, seconds: float) -> None:
         )
         if "extra_answer_samples" in s:
             print(f"  {s['extra_answer_samples']} of the samples train on a second or later distinct gold answer")
+        if "extra_questions" in s:
+            print(f"  {s['extra_questions']} of the questions come from --extra_train_file")
         print(f"  tokens per sample: {', '.join(f'{k} {v}' for k, v in s['tokens'].items())}")
         pack = s["packing"]
         print(f"  packed by paragraph: {pack['packs']} packs of {pack['questions_per_pack']} samples on average, "

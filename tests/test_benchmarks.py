@@ -101,7 +101,7 @@ def test_packing_benchmark_compares_packed_unpacked_and_transformers_on_the_same
     config.write_text(f"data_dir: {data_dir}\ncheckpoint_dir: {checkpoint}\nlora:\n  r: 2\n  mlp: true\ntrain:\n"
                       "  global_batch_size: 6\n  micro_batch_size: 6\n  pad_multiple: 8\n")  # fmt: skip
     out = tmp_path / "packing.json"
-    packing.main(config, steps=2, precision="32-true", parts=["attention", "demo"], out=out)
+    packing.main(config, steps=2, precision="32-true", parts=["attention", "demo", "gradients"], out=out)
     results = json.loads(out.read_text())
     rows = {row["implementation"]: row for row in results["demo"]}
     assert set(rows) == {"lit-qa packed", "lit-qa unpacked", "transformers + peft"}
@@ -145,3 +145,28 @@ def test_bandwidth_benchmark_measures_every_mode_and_the_bytes_each_reads(tmp_pa
     for mode in ("fp32", "bf16", "int8", "int4"):
         assert rows[mode]["tokens/s b1"] > 0 and rows[mode]["tokens/s b2"] > 0 and rows[mode]["weight GB/s b1"] > 0
         assert rows[mode]["vs transformers b2"].endswith("x")
+
+
+def test_calibration_size_tunes_on_growing_article_sets_and_scores_on_evaluation(prepared_tiny, tmp_path):
+    """A tiny adapter with its no-answer head: every size from one article to all has its row, each draw picks a
+    rule, and the evaluation F1 of any choice is at most the best in hindsight."""
+    from benchmarks import calibration_size
+    from helpers import run_script
+    from test_finetune_lora import squad_file as four_question_file
+
+    checkpoint, data_dir = prepared_tiny
+    run = run_script("finetune/lora.py", "--data_dir", str(data_dir), "--checkpoint_dir", str(checkpoint),
+                     "--out_dir", str(tmp_path / "run"), "--precision", "32-true", "--train.global_batch_size", "4",
+                     "--train.micro_batch_size", "4", "--train.max_steps", "2", "--eval.interval", "100",
+                     "--eval.max_batches", "1", "--eval.num_samples", "0")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    out = tmp_path / "calibration.json"
+    rows = calibration_size.main(tmp_path / "run" / "final", data_dir / "val-v2.0.json",
+                                 four_question_file(tmp_path / "eval.json", 3), limit=8, draws=5, batch_size=4,
+                                 max_new_tokens=4, precision="32-true", out=out)  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert [row["articles"] for row in rows] == [1, 2] and saved["rows"] == rows and saved["eval_questions"] == 8
+    assert sum(int(part.split()[-1]) for part in rows[0]["rules chosen"].split(", ")) == 5
+    assert rows[1]["rules chosen"].endswith(" 1") and float(rows[1]["threshold sd"]) == 0.0
+    assert all(float(row["eval F1 worst"]) <= float(row["eval F1 mean"]) <= saved["hindsight_f1"] + 0.01
+               for row in rows)  # fmt: skip

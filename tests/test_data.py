@@ -368,6 +368,39 @@ def test_script_all_answers(tmp_path: Path, tokenizer_dir: Path):
         main(**args, out_dir=tmp_path / "all")
 
 
+def test_script_extra_training_file_adds_only_new_articles_to_train(tmp_path: Path, tokenizer_dir: Path):
+    """Like dev-v1.1.json beside the demo files: its articles that the training or evaluation file holds are left
+    out; the rest train, never validate; an evaluation question id among them is refused."""
+    data = tiny_squad()
+    train_file, eval_file, extra_file = tmp_path / "train.json", tmp_path / "eval.json", tmp_path / "extra.json"
+    train_file.write_text(json.dumps({"version": "v2.0", "data": data["data"][:4]}))
+    eval_file.write_text(json.dumps({"version": "v2.0", "data": data["data"][4:5]}))
+    extra = [dict(article, paragraphs=[dict(p, qas=[dict(qa, id=f"x{qa['id']}") for qa in p["qas"]])
+                                       for p in article["paragraphs"]]) for article in data["data"]]  # fmt: skip
+    extra_file.write_text(json.dumps({"version": "v1.1", "data": extra}))  # articles 0-5 again, under new ids
+    main = load_script_module().main
+    args = dict(train_file=train_file, eval_file=eval_file, checkpoint_dir=tokenizer_dir, max_seq_length=256,
+                val_fraction=0.25)  # fmt: skip
+    plain = main(**args, out_dir=tmp_path / "plain")
+    stats = main(**args, extra_train_file=extra_file, out_dir=tmp_path / "extra")
+    # Only article 5 is new: its two questions join train; validation is unchanged.
+    assert stats["train"]["extra_questions"] == 2 and stats["train"]["samples"] == plain["train"]["samples"] + 2
+    train = load_prepared(tmp_path / "extra", "train")
+    assert {s["id"] for s in train} - {s["id"] for s in load_prepared(tmp_path / "plain", "train")} == {"xa5", "xu5"}
+    assert (tmp_path / "extra" / "val.pt").read_bytes() == (tmp_path / "plain" / "val.pt").read_bytes()
+    config = json.loads((tmp_path / "extra" / "prepare_config.json").read_text())
+    assert config["extra_train_file"]["path"] == str(extra_file) and "extra_train_file" not in json.loads(
+        (tmp_path / "plain" / "prepare_config.json").read_text())  # fmt: skip
+
+    with pytest.raises(LitQAError, match="needs --eval_file"):
+        main(train_file=train_file, checkpoint_dir=tokenizer_dir, extra_train_file=extra_file, out_dir=tmp_path / "o")
+    leaking = json.loads(extra_file.read_text())
+    leaking["data"][5]["paragraphs"][0]["qas"][0]["id"] = "a4"  # an evaluation question's id
+    extra_file.write_text(json.dumps(leaking))
+    with pytest.raises(LitQAError, match="shares 1 question ids"):
+        main(**args, extra_train_file=extra_file, out_dir=tmp_path / "o")
+
+
 def tokenizer_decode_answer(tokenizer_dir: Path, sample: dict) -> str:
     labels = sample["labels"]
     return Tokenizer(tokenizer_dir).decode(labels[labels != IGNORE_INDEX], skip_special_tokens=True)

@@ -197,28 +197,50 @@ def test_packed_micro_batches_keep_the_order_and_every_rank_its_share():
         assert two[0][step][1] == two[1][step][1] == tokens
 
 
-def run_fit(tmp_path, samples, train_args, monkeypatch=None, unpack=False):
+def run_fit(tmp_path, samples, train_args, monkeypatch=None, layout=None):
+    """Fit a tiny LoRA model with SGD; ``layout`` "one pass" puts a micro-batch's packed rows through the model
+    together, "unpacked" gives every sample a row of its own (both in the packed run's data order)."""
     fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
     model = tiny_model()
     model = fabric.setup_module(model.eval())
     optimizer = fabric.setup_optimizers(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0))
-    if unpack:  # the packed run's data order, but every sample in a row of its own
-        monkeypatch.setattr(loop, "collate_packed", lambda batch, pad_id, max_length, pad_multiple:
-                            collate(batch, pad_id, max_length, pad_multiple))  # fmt: skip
+    if layout is not None:
+        def passes(samples, pad_id, max_length, pad_multiple, pack, row_passes):
+            assert pack and row_passes  # what a packed run on one CPU process asks for
+            return packing.forward_passes(samples, pad_id, max_length, pad_multiple, pack=layout == "one pass")
+
+        monkeypatch.setattr(loop, "forward_passes", passes)
     fit(fabric, model, optimizer, samples, samples[:6], train_args, EvalArgs(interval=1000, max_batches=2, num_samples=0),
         tmp_path, lambda folder: None, TOKENIZER, seed=0)  # fmt: skip
     return model.module
 
 
 def test_training_packed_gives_the_weights_of_training_unpacked_on_the_same_order(tmp_path, monkeypatch):
+    """Packed rows one pass each (the default on one CPU process), all rows in one padded pass, and every sample
+    unpacked: the same data order gives the same weights."""
     samples = paragraph_samples([4, 0, 3, 5, 2])
     args = TrainArgs(global_batch_size=6, micro_batch_size=3, max_steps=3, learning_rate=1.0, warmup_steps=0,
                      save_interval=1000, pad_multiple=8)  # fmt: skip
-    packed = run_fit(tmp_path / "packed", samples, args)
-    unpacked = run_fit(tmp_path / "unpacked", samples, args, monkeypatch, unpack=True)
+    row_passes = run_fit(tmp_path / "rows", samples, args)
     initial = tiny_model().state_dict()
-    changed = 0
-    for (name, a), (_, b) in zip(packed.state_dict().items(), unpacked.state_dict().items(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-        changed += not torch.equal(a, initial[name])
-    assert changed >= 4
+    for layout in ("one pass", "unpacked"):
+        other = run_fit(tmp_path / layout, samples, args, monkeypatch, layout)
+        changed = 0
+        for (name, a), (_, b) in zip(row_passes.state_dict().items(), other.state_dict().items(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{layout}: {name}")
+            changed += not torch.equal(a, initial[name])
+        assert changed >= 4
+
+
+def test_flex_attention_block_mask_gives_the_segment_mask_attention():
+    """The CUDA path's FlexAttention block mask states the same rule as the SDPA mask (forward on CPU, where torch
+    compiles it; its backward runs on CUDA only, in benchmarks/gpu_check.py's packed check)."""
+    from lit_qa.models.model import grouped_query_attention
+    from lit_qa.models.segments import compiled_flex_attention, segment_block_mask
+
+    segments = torch.tensor([[0] * 20 + [1] * 6 + [2] * 5 + [-1], [1] * 30 + [-1] * 2])
+    q, k, v = torch.randn(2, 4, 32, 16), torch.randn(2, 2, 32, 16), torch.randn(2, 2, 32, 16)
+    flex = compiled_flex_attention()(q, k, v, block_mask=segment_block_mask(segments), enable_gqa=True)
+    sdpa = grouped_query_attention(q, k, v, segment_mask(segments))
+    real = (segments >= 0)[:, None, :, None].expand_as(sdpa)
+    torch.testing.assert_close(flex[real], sdpa[real], rtol=1e-5, atol=1e-5)

@@ -183,6 +183,7 @@ def prepare_config(
     answers: str,
     train_file: Path,
     eval_file: Path | None,
+    extra_train_file: Path | None = None,
 ) -> dict[str, Any]:
     """What ``prepare_config.json`` records: how the samples were made (the tokenizer and its files' hash, the
     prompt, the split) and from which files (with their hashes), so a training run can tell its data apart."""
@@ -210,6 +211,8 @@ def prepare_config(
         config["chat_template_sha256"] = chat_template_sha256(tokenizer)
     if answers != "first":
         config["answers"] = answers
+    if extra_train_file is not None:
+        config["extra_train_file"] = {"path": str(extra_train_file), "sha256": file_sha256(extra_train_file)}
     return config
 
 

@@ -108,6 +108,31 @@ def collate_packed(
     return batch
 
 
+def forward_passes(
+    samples: list[dict[str, Any]],
+    pad_id: int,
+    max_length: int,
+    pad_multiple: int = 1,
+    pack: bool = True,
+    row_passes: bool = False,
+) -> list[dict[str, torch.Tensor]]:
+    """The forward passes of one micro-batch: one batch of a row per sample (``pack`` False, `collate`), one batch of
+    paragraph packs (`collate_packed`), or with ``row_passes`` one batch per packed row (`collate_packed_rows`)."""
+    if not pack:
+        return [collate(samples, pad_id, max_length, pad_multiple)]
+    if row_passes:
+        return collate_packed_rows(samples, pad_id, max_length, pad_multiple)
+    return [collate_packed(samples, pad_id, max_length, pad_multiple)]
+
+
+def collate_packed_rows(
+    samples: list[dict[str, Any]], pad_id: int, max_length: int, pad_multiple: int = 1
+) -> list[dict[str, torch.Tensor]]:
+    """`collate_packed`, one batch per row, each padded only to its own length (for one forward pass per row)."""
+    return [collate_packed([samples[i] for i in row], pad_id, max_length, pad_multiple)
+            for row in plan_packs(samples, max_length)]  # fmt: skip
+
+
 def _lay_out(samples: list[dict[str, Any]], max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One row's token ids, labels and segment ids (1-D): a lone sample (cropped to ``max_length``) is segment 1
     with no prefix; a pack is its shared prefix (segment 0), then segments 1, 2, ..."""

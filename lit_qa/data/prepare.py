@@ -327,9 +327,16 @@ def samples_to_bytes(samples: list[dict[str, Any]]) -> bytes:
 
 
 def encode_splits(
-    encoder: QuestionEncoder, questions: list[Question], train_file: Path, val_fraction: float, seed: int, answers: str
+    encoder: QuestionEncoder,
+    questions: list[Question],
+    train_file: Path,
+    val_fraction: float,
+    seed: int,
+    answers: str,
+    extra_train: list[Question] | None = None,
 ) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """Split ``questions`` by article into train and val (`split_by_article`) and encode both.
+    """Split ``questions`` by article into train and val (`split_by_article`) and encode both; ``extra_train``
+    questions (another file's articles, `extra_training_questions`) join the train split only.
 
     Returns:
         The files of a prepared folder but its stats and config (``train.pt``, ``val.pt``, ``val-v2.0.json``: the
@@ -339,6 +346,7 @@ def encode_splits(
         LitQAError: If a split has no sample left (every question dropped as too long).
     """
     splits = dict(zip(SPLITS, split_by_article(questions, val_fraction, seed), strict=True))
+    splits["train"] = splits["train"] + list(extra_train or [])
     files, stats = {}, {}
     for split, split_questions in splits.items():
         # Validation keeps one sample per question, so its loss means the same whatever --answers is.
@@ -350,9 +358,17 @@ def encode_splits(
                 f"({stats[split]['dropped']}); raise --max_seq_length"
             )
         stats[split]["articles"] = len({q.title for q in split_questions})
+        if split == "train" and extra_train:
+            stats[split]["extra_questions"] = len(extra_train)
         files[f"{split}.pt"] = samples_to_bytes(samples)
     files[VAL_SQUAD_FILE] = val_squad_json(train_file, {q.title for q in splits["val"]})
     return files, stats
+
+
+def extra_training_questions(extra: list[Question], exclude_titles: set[str]) -> list[Question]:
+    """The questions of ``extra`` whose article is not among ``exclude_titles`` (the training and evaluation files'
+    articles): e.g. of the SQuAD v1.1 dev set, the 13 articles that neither demo file holds."""
+    return [q for q in extra if q.title not in exclude_titles]
 
 
 def val_squad_json(train_file: Path, val_titles: set[str]) -> bytes:

@@ -81,7 +81,9 @@ def is_block_mask(mask: object) -> bool:
 
 @functools.cache
 def compiled_flex_attention():
-    """FlexAttention compiled once per process: uncompiled it materialises the whole score matrix."""
+    """FlexAttention compiled once per process: uncompiled it materialises the whole score matrix. Shapes are left
+    to torch's automatic dynamism: packed rows change length every step, and a recompilation per length would soon
+    hit the recompile limit (after which torch would run the uncompiled version)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)

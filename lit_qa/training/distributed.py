@@ -134,3 +134,9 @@ def load_sharded_state(path: Path, model: nn.Module, optimizer: torch.optim.Opti
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=options)  # fmt: skip
     return torch.load(folder / "metadata.pt", weights_only=True)
+
+
+def one_cpu_process(fabric: Any) -> bool:
+    """Whether a run is a single process on the CPU: there packed rows go through the model one at a time
+    (`lit_qa.training.loop.RunPlan.row_passes`); with several processes every rank must run as many passes."""
+    return fabric.world_size == 1 and fabric.device.type == "cpu"

@@ -33,14 +33,14 @@ import lightning as L
 import torch
 from tqdm import tqdm
 
-from lit_qa.data.dataset import collate
-from lit_qa.data.packing import collate_packed
+from lit_qa.data.packing import forward_passes
 from lit_qa.errors import LitQAError
 from lit_qa.models.na_head import na_loss_sum
 from lit_qa.models.tokenizer import Tokenizer
 from lit_qa.training.args import EvalArgs, TrainArgs
 from lit_qa.training.batches import count_loss_tokens, rank_batches_of_epoch
 from lit_qa.training.curves import write_curves
+from lit_qa.training.distributed import one_cpu_process
 from lit_qa.training.loss import loss_sums
 from lit_qa.training.optimizer import loss_scaler, lr_factor, optimizer_step
 from lit_qa.training.resume import find_resume_checkpoint, load_training_state, save_training_checkpoint, step_dir
@@ -153,6 +153,10 @@ class RunPlan:
         has_na_head: Whether the model has a no-answer head (`lit_qa.models.na_head`).
         na_weight: Weight of the no-answer head's loss (0 without a head).
         paragraphs: Each training sample's paragraph when training packed (``--train.pack``), else None.
+        row_passes: Run a packed micro-batch's rows through the model one at a time, each padded only to its own
+            length. Packed rows differ in length a lot (a paragraph's questions), and padding them all to the longest
+            cost about a fifth of a CPU step; on one CPU process only: a GPU wants the rows together, and DDP / FSDP
+            ranks must all run the same number of forward passes (their collectives would hang otherwise).
     """
 
     max_length: int
@@ -164,6 +168,7 @@ class RunPlan:
     has_na_head: bool
     na_weight: float
     paragraphs: list[int] | None = None
+    row_passes: bool = False
 
 
 def plan_run(
@@ -204,9 +209,10 @@ def plan_run(
             f"{len(lengths)} training samples are fewer than one global batch ({train_args.global_batch_size})"
         )
     na_weight = module.na_head.config.loss_weight if module.na_head is not None else 0.0
+    paragraphs = packing_plan(fabric, train_data, train_args)
     return RunPlan(max_length, lengths, loss_token_counts, steps_per_epoch, train_args.total_steps(steps_per_epoch),
-                   tokenizer_pad_id(tokenizer), module.na_head is not None, na_weight,
-                   packing_plan(fabric, train_data, train_args))  # fmt: skip
+                   tokenizer_pad_id(tokenizer), module.na_head is not None, na_weight, paragraphs,
+                   paragraphs is not None and one_cpu_process(fabric))  # fmt: skip
 
 
 def packing_plan(fabric: L.Fabric, train_data: list[dict[str, Any]], train_args: TrainArgs) -> list[int] | None:
@@ -220,13 +226,6 @@ def packing_plan(fabric: L.Fabric, train_data: list[dict[str, Any]], train_args:
                      "packing existed, or every context windowed); run scripts/prepare_squad.py again to pack them")  # fmt: skip
         return None
     return paragraphs
-
-
-def make_batch(samples: list[dict[str, Any]], plan: RunPlan, pad_multiple: int) -> dict[str, torch.Tensor]:
-    """One micro-batch: paragraph packs (`lit_qa.data.packing`) when training packed, else one row per sample."""
-    if plan.paragraphs is not None:
-        return collate_packed(samples, plan.pad_id, plan.max_length, pad_multiple)
-    return collate(samples, plan.pad_id, plan.max_length, pad_multiple)
 
 
 def next_step_batches(
@@ -262,12 +261,14 @@ def accumulate_gradients(
     world_size = fabric.world_size
     step_loss = torch.zeros((), device=fabric.device)
     step_na_loss = torch.zeros((), device=fabric.device)
-    tokens = questions = 0
-    for i, indices in enumerate(micro_batches):
-        samples = [train_data[j] for j in indices]
-        batch = make_batch(samples, plan, train_args.pad_multiple)
+    packed = plan.paragraphs is not None
+    passes = [batch for indices in micro_batches
+              for batch in forward_passes([train_data[j] for j in indices], plan.pad_id, plan.max_length,
+                                          train_args.pad_multiple, packed, plan.row_passes)]  # fmt: skip
+    tokens = 0
+    for i, batch in enumerate(passes):
         batch = {key: value.to(fabric.device) for key, value in batch.items()}
-        with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
+        with fabric.no_backward_sync(model, enabled=i < len(passes) - 1):
             # Sum of token losses / tokens of the global batch, times world_size because DDP averages ranks;
             # the no-answer head's term is a mean over the global batch's samples, weighted.
             token_sum, na_logits = loss_sums(model, batch, train_args.loss_positions_only)
@@ -280,7 +281,7 @@ def accumulate_gradients(
             fabric.backward(loss)
         step_loss += loss.detach()
         tokens += int(batch["input_ids"].numel())
-        questions += len(samples)
+    questions = sum(len(indices) for indices in micro_batches)
     return {"loss": step_loss, "na_loss": step_na_loss, "tokens": tokens, "questions": questions}
 
 

@@ -18,8 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lit_qa.data.dataset import collate
-from lit_qa.data.packing import collate_packed
+from lit_qa.data.packing import forward_passes
 from lit_qa.data.squad import Question
 from lit_qa.errors import LitQAError
 from lit_qa.evaluation.answering import score_questions
@@ -29,6 +28,7 @@ from lit_qa.generation.generate import generate
 from lit_qa.models.na_head import na_loss_sum
 from lit_qa.models.tokenizer import Tokenizer
 from lit_qa.training.args import EvalArgs, TrainArgs
+from lit_qa.training.distributed import one_cpu_process
 from lit_qa.training.loss import loss_sums
 
 
@@ -88,11 +88,13 @@ def validation_metrics(
     own = starts[fabric.global_rank :: fabric.world_size]
     for i in range(rounds):
         start = own[i] if i < len(own) else starts[0]
-        samples = val_data[start : start + micro_batch_size]
-        batch = (collate_packed if pack else collate)(samples, 0, max_length, pad_multiple)
-        batch = {key: value.to(fabric.device) for key, value in batch.items()}
-        loss_sum, na_logits = loss_sums(model, batch)
-        if i < len(own):
+        # Packed rows one at a time on one CPU process, as training runs them; together on several ranks.
+        for batch in forward_passes(val_data[start : start + micro_batch_size], 0, max_length, pad_multiple, pack,
+                                    pack and one_cpu_process(fabric)):  # fmt: skip
+            batch = {key: value.to(fabric.device) for key, value in batch.items()}
+            loss_sum, na_logits = loss_sums(model, batch)
+            if i >= len(own):
+                continue
             total += loss_sum
             tokens += (batch["labels"][:, 1:] != -100).sum()
             if na_logits is not None:
