@@ -27,7 +27,7 @@ from lit_qa.checkpoints.adapter import check_adapter_dir, load_adapter_checkpoin
 from lit_qa.checkpoints.na_head import load_na_head
 from lit_qa.data.squad import load_squad, subset_selector
 from lit_qa.errors import run_cli
-from lit_qa.evaluation.calibration import resolve_na_threshold
+from lit_qa.evaluation.calibration import load_calibration_questions, resolve_na_threshold
 from lit_qa.evaluation.results import check_out_dir, format_summary
 from lit_qa.evaluation.run import check_chat_template, prompt_settings, run_evaluation
 from lit_qa.models.tokenizer import Tokenizer, check_vocab_matches
@@ -103,7 +103,7 @@ def main(
     check_quantize_args(quantize, gptq_checkpoint)
     prompt_style, no_answer = prompt_settings(adapter_dir, prompt_style, no_answer)
     questions = select(load_squad(eval_file), limit, seed)  # a bad file fails before the model loads
-    calibration = load_squad(calibration_file) if calibration_file else None
+    calibration = load_calibration_questions(calibration_file, eval_file, questions)
     # A bad --na_threshold or saved threshold file fails here, before the model loads.
     resolve_na_threshold(na_threshold, adapter_dir, calibration is not None, extractive, verbose=False)
     base = Path(read_adapter_base_record(adapter_dir)["path"]) if checkpoint_dir is None else checkpoint_dir

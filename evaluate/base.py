@@ -35,7 +35,7 @@ from lit_qa.checkpoints.inference import load_for_inference
 from lit_qa.checkpoints.na_head import load_na_head
 from lit_qa.data.squad import load_squad, subset_selector
 from lit_qa.errors import run_cli
-from lit_qa.evaluation.calibration import resolve_na_threshold
+from lit_qa.evaluation.calibration import load_calibration_questions, resolve_na_threshold
 from lit_qa.evaluation.results import check_out_dir, format_summary
 from lit_qa.evaluation.run import check_chat_template, prompt_settings, run_evaluation
 from lit_qa.models.tokenizer import Tokenizer, check_vocab_matches
@@ -108,7 +108,7 @@ def main(
     # A full fine-tune (finetune/full.py) records its prompt settings; a converted base model has none.
     prompt_style, no_answer = prompt_settings(checkpoint_dir, prompt_style, no_answer, warn_if_unknown=False)
     questions = select(load_squad(eval_file), limit, seed)  # a bad file fails before the model loads
-    calibration = load_squad(calibration_file) if calibration_file else None
+    calibration = load_calibration_questions(calibration_file, eval_file, questions)
     # A bad --na_threshold or saved threshold file fails here, before the model loads.
     resolve_na_threshold(na_threshold, checkpoint_dir, calibration is not None, extractive, verbose=False)
     check_quantize_args(quantize, gptq_checkpoint)

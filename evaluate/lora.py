@@ -29,7 +29,7 @@ from lit_qa.checkpoints.lora import check_lora_dir, load_lora_checkpoint, read_b
 from lit_qa.checkpoints.na_head import load_na_head
 from lit_qa.data.squad import load_squad, subset_selector
 from lit_qa.errors import LitQAError, run_cli
-from lit_qa.evaluation.calibration import resolve_na_threshold
+from lit_qa.evaluation.calibration import load_calibration_questions, resolve_na_threshold
 from lit_qa.evaluation.results import check_out_dir, format_summary
 from lit_qa.evaluation.run import check_chat_template, prompt_settings, run_evaluation
 from lit_qa.models.lora import merge_lora_weights
@@ -109,7 +109,7 @@ def main(
     warn_if_trained_quantized(lora_dir, quantize)
     prompt_style, no_answer = prompt_settings(lora_dir, prompt_style, no_answer)
     questions = select(load_squad(eval_file), limit, seed)  # a bad file fails before the model loads
-    calibration = load_squad(calibration_file) if calibration_file else None
+    calibration = load_calibration_questions(calibration_file, eval_file, questions)
     # A bad --na_threshold or saved threshold file fails here, before the model loads.
     resolve_na_threshold(na_threshold, lora_dir, calibration is not None, extractive, verbose=False)
     base = Path(read_base_record(lora_dir)["path"]) if checkpoint_dir is None else checkpoint_dir

@@ -17,6 +17,17 @@ class LitQAError(Exception):
     """
 
 
+def not_found(path: Any, wanted: str = "folder") -> str:
+    """How ``path`` fails to be the ``wanted`` "folder" or "file": "does not exist", or what it is instead (a path
+    that exists as the other kind is not "missing", and saying so sends the user looking in the wrong place)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        return "does not exist"
+    return f"is a {'file' if wanted == 'folder' else 'folder'}, not a {wanted}"
+
+
 def run_cli(function: Callable[..., Any], args: list[str] | None = None) -> Any:
     """Run ``function`` as a jsonargparse CLI, turning `LitQAError` into a one-line message and exit 2.
 

@@ -52,6 +52,7 @@ from typing import Literal
 
 import torch
 
+from lit_qa.checkpoints.folder import check_not_inside
 from lit_qa.data.dataset import CONFIG_FILE as PREPARE_CONFIG_FILE
 from lit_qa.errors import LitQAError, run_cli
 
@@ -119,6 +120,7 @@ def main(
         raise LitQAError(f"--dtype and --name apply to conversion into lit-qa, not to --to {to}")
     if gguf_type is not None and to != "gguf":
         raise LitQAError("--gguf_type applies only to --to gguf")
+    check_not_inside(out_dir, {"--source": source, "--base_checkpoint_dir": base_checkpoint_dir})
     if peft_source:
         written = _import_peft(source, out_dir, base_checkpoint_dir, overwrite)
     elif to == "lit":

@@ -23,12 +23,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from lit_qa.checkpoints.convert_hf import tokenizer_files
-from lit_qa.checkpoints.folder import check_out_dir, save_checkpoint
+from lit_qa.checkpoints.folder import check_not_inside, check_out_dir, save_checkpoint
 from lit_qa.checkpoints.lora import load_lora_checkpoint, read_base_record
-from lit_qa.checkpoints.na_head import NA_HEAD_FILES
+from lit_qa.checkpoints.na_head import NA_HEAD_FILES, load_na_head
 from lit_qa.data.dataset import CONFIG_FILE as PREPARE_CONFIG_FILE
 from lit_qa.errors import run_cli
-from lit_qa.evaluation.calibration import NA_THRESHOLD_FILE
+from lit_qa.evaluation.calibration import NA_THRESHOLD_FILE, read_na_threshold
 from lit_qa.models.lora import lora_filter, merge_lora_weights
 
 
@@ -52,9 +52,13 @@ def main(
     """
     check_out_dir(out_dir, overwrite)  # fail before loading anything
     base = Path(read_base_record(lora_dir)["path"]) if base_checkpoint_dir is None else base_checkpoint_dir
+    check_not_inside(out_dir, {"--lora_dir": lora_dir, "--base_checkpoint_dir": base})
     model, _, lora_config = load_lora_checkpoint(lora_dir, base, allow_different_base=allow_different_base)
     untied = merge_lora_weights(model)
     state_dict = {key: value for key, value in model.state_dict().items() if not lora_filter(key, value)}
+    # Copied files are checked as evaluation will read them, so a broken head fails here and not later.
+    load_na_head(model, lora_dir)
+    read_na_threshold(Path(lora_dir))
     # model.config, not the loaded config: merging a tied head's LoRA unties it.
     # The prompt settings, the tuned no-answer threshold and the no-answer head travel with the weights, so
     # evaluate/base.py on the merged folder asks and abstains exactly as evaluate/lora.py does on the adapter.

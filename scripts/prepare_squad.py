@@ -38,7 +38,7 @@ from lit_qa.data.dataset import (
 from lit_qa.data.prepare import QuestionEncoder, encode_splits, extra_training_questions
 from lit_qa.data.prompts import ANSWER_MODES, NO_ANSWER, check_prompt_style
 from lit_qa.data.squad import Question, load_squad
-from lit_qa.errors import LitQAError, run_cli
+from lit_qa.errors import LitQAError, not_found, run_cli
 from lit_qa.models.tokenizer import Tokenizer
 
 SQUAD_URLS = {
@@ -97,7 +97,7 @@ def main(
         download_squad(data_dir)
     train_file = train_file or data_dir / "train-v2.0.json"
     if not train_file.is_file():
-        raise LitQAError(f"{train_file} does not exist; pass --train_file, or --download to fetch the official file")
+        raise LitQAError(f"{train_file} {not_found(train_file, 'file')}; pass --train_file, or --download to fetch the official file")
 
     tokenizer = Tokenizer(checkpoint_dir)
     encoder = QuestionEncoder(tokenizer, max_seq_length, prompt_style, no_answer)  # checks the chat template

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from lit_qa.checkpoints.convert_hf import tokenizer_files
-from lit_qa.checkpoints.folder import check_checkpoint_dir, check_out_dir, load_model
+from lit_qa.checkpoints.folder import check_checkpoint_dir, check_not_inside, check_out_dir, load_model
 from lit_qa.checkpoints.gptq import export_hf_gptq, gptq_state_dict, save_gptq_checkpoint
 from lit_qa.data.dataset import IGNORE_INDEX, load_prepared
-from lit_qa.errors import LitQAError, run_cli
+from lit_qa.errors import LitQAError, not_found, run_cli
 from lit_qa.models.config import Config
 from lit_qa.models.tokenizer import Tokenizer
 from lit_qa.quantize.gptq import GPTQConfig
@@ -79,8 +79,10 @@ def main(
         raise LitQAError(f"n_samples ({n_samples}) must be positive and seq_length ({seq_length}) at least 2")
     check_checkpoint_dir(checkpoint_dir)
     check_out_dir(out_dir, overwrite)
+    check_not_inside(out_dir, {"--checkpoint_dir": checkpoint_dir, "--calibration": calibration})
     if export_hf is not None:
         check_out_dir(export_hf, overwrite)
+        check_not_inside(export_hf, {"--checkpoint_dir": checkpoint_dir, "--calibration": calibration, "--out_dir": out_dir}, "--export_hf")
     device = resolve_device(device)
 
     model_config = Config.from_checkpoint(checkpoint_dir)
@@ -145,7 +147,7 @@ def load_calibration(
         prompts = [s["input_ids"][s["labels"] == IGNORE_INDEX] for s in load_prepared(source, "train")]
         return [p[:seq_length] for p in rng.sample(prompts, min(n_samples, len(prompts)))]
     if not source.is_file():
-        raise LitQAError(f"calibration data {source} does not exist")
+        raise LitQAError(f"calibration data {source} {not_found(source, 'file')}")
     if source.suffix != ".txt":
         raise LitQAError(f"calibration data {source} must be a prepared data folder or a .txt file")
     tokenizer = Tokenizer(checkpoint_dir)

@@ -12,6 +12,7 @@ test_finetune_lora.py::test_bad_arguments_give_one_line_errors.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ from lit_qa.checkpoints.folder import WEIGHTS_FILE, load_model, load_state_dict
 from lit_qa.data.dataset import load_prepared
 from lit_qa.data.prepare import QuestionEncoder
 from lit_qa.data.squad import load_squad
-from lit_qa.errors import run_cli
+from lit_qa.errors import LitQAError, run_cli
 from lit_qa.evaluation.answering import answer_questions
 from lit_qa.evaluation.squad_metric import evaluate_predictions, exact_match, f1_score, normalize_answer
 from lit_qa.models.config import CONFIG_FILE
@@ -278,3 +279,80 @@ def test_a_huge_paragraph_is_windowed_not_a_crash(checkpoint, tmp_path):
     model = load_model(checkpoint)[0]
     answers = answer_questions(model, tokenizer, load_squad(squad), max_new_tokens=4, progress=False)
     assert sorted(answers) == ["h0", "h1", "n0", "n1"]
+
+
+def write_config(checkpoint: Path, tmp_path: Path, **changes) -> Path:
+    """A copy of ``checkpoint`` whose lit_config.json has ``changes`` (a value of None removes the key)."""
+    folder = tmp_path / "edited"
+    shutil.copytree(checkpoint, folder)
+    values = json.loads((folder / CONFIG_FILE).read_text())
+    values.update(changes)
+    values = {key: value for key, value in values.items() if value is not None}
+    (folder / CONFIG_FILE).write_text(json.dumps(values))
+    return folder
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"n_head": 0}, "n_head must be positive, got 0"),
+    ({"n_query_groups": 0}, "n_query_groups must be positive, got 0"),
+    ({"block_size": 2**40}, r"block_size=1,099,511,627,776 is beyond 1,048,576 tokens \(its RoPE cache alone would take"),
+    ({"n_layer": "2"}, "n_layer must be an integer, got '2'"),
+    ({"norm_eps": -1}, "norm_eps must be a positive number, got -1"),
+    ({"rope_base": None}, r"missing config fields \['rope_base'\]"),
+    ({"norm_eps": None, "n_embd": None}, r"missing config fields \['n_embd', 'norm_eps'\]"),
+])  # fmt: skip
+def test_a_bad_model_config_is_one_line_naming_file_and_key(capsys, checkpoint, tmp_path, changes, message):
+    folder = write_config(checkpoint, tmp_path, **changes)
+    lines = cli(capsys, "scripts/convert_checkpoint.py", "--source", str(folder), "--out_dir", str(tmp_path / "hf"),
+                "--to", "hf")  # fmt: skip
+    assert len(lines) == 1 and lines[0].startswith(f"error: {folder / CONFIG_FILE}: ")
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "hf").exists()
+
+
+def test_zero_heads_in_a_hugging_face_config_is_one_line(tmp_path):
+    from lit_qa.checkpoints.convert_hf import config_from_hf
+
+    hf = dict(model_type="llama", hidden_size=32, num_hidden_layers=1, num_attention_heads=0, intermediate_size=64,
+              vocab_size=100, max_position_embeddings=128, head_dim=8)  # fmt: skip
+    with pytest.raises(LitQAError, match="config.json: invalid model config .*n_head must be positive, got 0"):
+        config_from_hf(hf, "x", "config.json")
+
+
+def test_out_dir_that_is_a_file_is_one_line(capsys, checkpoint, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    lines = cli(capsys, "scripts/convert_checkpoint.py", "--source", str(checkpoint), "--out_dir", str(taken),
+                "--to", "hf")  # fmt: skip
+    assert lines == [f"error: {taken} exists and is not a folder"]
+    assert taken.read_text() == "not a folder"
+
+
+def test_merge_refuses_a_broken_no_answer_head_before_writing(tmp_path, checkpoint):
+    from lit_qa.checkpoints.lora import save_lora_checkpoint
+    from lit_qa.models.lora import LoRAConfig, apply_lora
+    from lit_qa.models.na_head import NAHeadConfig, attach_na_head
+
+    model, _ = load_model(checkpoint)
+    apply_lora(model, LoRAConfig(r=2, alpha=4))
+    attach_na_head(model, NAHeadConfig(layers=[0, 1]))
+    lora_dir = save_lora_checkpoint(tmp_path / "lora", model, LoRAConfig(r=2, alpha=4), checkpoint)
+    merge = load_script("scripts/merge_lora.py")
+    (lora_dir / "na_head_config.json").write_text("{not json")
+    with pytest.raises(LitQAError, match="na_head_config.json"):
+        merge.main(lora_dir=lora_dir, out_dir=tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_calibration_file_must_not_be_the_evaluation(tmp_path):
+    from lit_qa.evaluation.calibration import load_calibration_questions
+
+    eval_file = write_squad(tmp_path / "eval.json", squad_v2())
+    questions = load_squad(eval_file)
+    with pytest.raises(LitQAError, match="is the evaluation file"):
+        load_calibration_questions(eval_file, eval_file, questions)
+    copy = write_squad(tmp_path / "copy.json", squad_v2())
+    with pytest.raises(LitQAError, match=rf"{len(questions)} of its questions are evaluation questions"):
+        load_calibration_questions(copy, eval_file, questions)
+    assert load_calibration_questions(copy, eval_file, questions[:0]) is not None  # disjoint: fine
+    assert load_calibration_questions(None, eval_file, questions) is None

@@ -81,3 +81,16 @@ def test_peft_conversion_refuses_what_it_cannot_express(tmp_path):
         config_path.write_text(json.dumps(config))
     with pytest.raises(LitQAError, match="applies only to converting a PEFT adapter"):
         convert.main(source=lora_dir, out_dir=tmp_path / "w", to="peft", base_checkpoint_dir=base)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_broken_weights_file_is_one_line_both_ways(tmp_path, damage):
+    base, lora_dir = trained_lora(tmp_path, LoRAConfig(r=4, alpha=8))
+    convert.main(source=lora_dir, out_dir=tmp_path / "peft", to="peft")
+    for weights in (lora_dir / LORA_WEIGHTS_FILE, tmp_path / "peft" / "adapter_model.safetensors"):
+        weights.write_bytes(b"" if damage == "empty" else weights.read_bytes()[:60])
+    with pytest.raises(LitQAError, match=f"{LORA_WEIGHTS_FILE} is not a readable safetensors file"):
+        convert.main(source=lora_dir, out_dir=tmp_path / "peft-again", to="peft")
+    with pytest.raises(LitQAError, match="adapter_model.safetensors is not a readable safetensors file"):
+        convert.main(source=tmp_path / "peft", out_dir=tmp_path / "back", base_checkpoint_dir=base)
+    assert not (tmp_path / "peft-again").exists() and not (tmp_path / "back").exists()

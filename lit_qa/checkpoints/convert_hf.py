@@ -116,7 +116,9 @@ def config_from_hf(hf_config: dict[str, Any], name: str, source: str | Path = HF
     try:
         n_head, n_embd = hf_config["num_attention_heads"], hf_config["hidden_size"]
         # lit-qa derives the head size as n_embd // n_head; a model with another head_dim cannot be expressed.
-        if hf_config.get("head_dim") not in (None, n_embd // n_head):
+        # (A zero or non-integer head count is left to Config's checks, which name the field.)
+        sizes_valid = isinstance(n_head, int) and isinstance(n_embd, int) and n_head > 0
+        if sizes_valid and hf_config.get("head_dim") not in (None, n_embd // n_head):
             raise LitQAError(f"head_dim={hf_config['head_dim']} differs from hidden_size / num_attention_heads")
         rope = hf_config.get("rope_parameters") or {}
         return Config(

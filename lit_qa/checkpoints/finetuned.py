@@ -28,7 +28,7 @@ from lit_qa.checkpoints.folder import (
     load_state_dict,
     write_folder_atomically,
 )
-from lit_qa.errors import LitQAError
+from lit_qa.errors import LitQAError, not_found
 from lit_qa.models.config import Config, read_json_object
 
 BASE_RECORD_FILE = "base_checkpoint.json"
@@ -135,7 +135,9 @@ def check_finetuned_dir(folder: str | Path, files: tuple[str, ...], kind: str) -
     """
     path = Path(folder)
     if not path.is_dir():
-        raise LitQAError(f"{kind} folder {path} does not exist")
+        raise LitQAError(f"{kind} folder {path} {not_found(path)}")
+    if misplaced := [name for name in files if (path / name).is_dir()]:
+        raise LitQAError(f"{path / misplaced[0]} is a folder, not a file: {path} is not a {kind} folder")
     if missing := [name for name in files if not (path / name).is_file()]:
         present = sorted(p.name for p in path.iterdir())
         has = ", ".join(present) or "nothing"

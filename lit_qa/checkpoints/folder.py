@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lit_qa.errors import LitQAError
+from lit_qa.errors import LitQAError, not_found
 from lit_qa.models.config import CONFIG_FILE, Config
 from lit_qa.models.model import GPT
 
@@ -51,8 +51,10 @@ def check_checkpoint_dir(checkpoint_dir: str | Path) -> Path:
     path = Path(checkpoint_dir)
     if not path.is_dir():
         raise LitQAError(
-            f"checkpoint folder {path} does not exist; convert a model first with scripts/convert_checkpoint.py"
+            f"checkpoint folder {path} {not_found(path)}; convert a model first with scripts/convert_checkpoint.py"
         )
+    if misplaced := [name for name in (CONFIG_FILE, WEIGHTS_FILE) if (path / name).is_dir()]:
+        raise LitQAError(f"{path / misplaced[0]} is a folder, not a file: {path} is not a lit-qa checkpoint")
     missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (path / name).is_file()]
     if missing:
         present = sorted(p.name for p in path.iterdir())
@@ -75,6 +77,29 @@ def check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise LitQAError(f"{out} already exists and is not empty; pass --overwrite to replace it")
     return out
+
+
+def check_not_inside(out_dir: str | Path, inputs: dict[str, str | Path | None], out_flag: str = "--out_dir") -> None:
+    """Refuse an output folder that is, is inside, or contains one of ``inputs`` (flag -> path; None skipped):
+    replacing it would replace what the command reads.
+
+    Raises:
+        LitQAError: Naming the output, the input's flag and how they overlap.
+    """
+    out = Path(out_dir).resolve()
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if out == source:
+            relation = "is"
+        elif source in out.parents:
+            relation = "is inside"
+        elif out in source.parents:
+            relation = "contains"
+        else:
+            continue
+        raise LitQAError(f"{out_flag} {out_dir} {relation} the input {flag} {path}; write the output to another folder")
 
 
 @contextmanager

@@ -27,7 +27,7 @@ from lit_qa.checkpoints.convert_hf import (
     tokenizer_files,
 )
 from lit_qa.checkpoints.folder import EMBEDDING_KEY, TIED_KEY, write_folder_atomically
-from lit_qa.errors import LitQAError
+from lit_qa.errors import LitQAError, not_found
 from lit_qa.models.config import CONFIG_FILE, Config
 from lit_qa.models.model import GPT
 from lit_qa.quantize.int4 import SUPPORTED_BITS, Int4Linear
@@ -100,7 +100,7 @@ def load_gptq_state(gptq_dir: str | Path) -> tuple[Config, dict[str, Any], dict[
     """
     path = Path(gptq_dir)
     if not path.is_dir():
-        raise LitQAError(f"GPTQ checkpoint folder {path} does not exist")
+        raise LitQAError(f"GPTQ checkpoint folder {path} {not_found(path)}")
     missing = [name for name in (CONFIG_FILE, QUANTIZE_CONFIG_FILE, GPTQ_WEIGHTS_FILE) if not (path / name).is_file()]
     if missing:
         present = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"

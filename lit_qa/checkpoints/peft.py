@@ -21,12 +21,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lit_qa.checkpoints.adapter import ADAPTER_WEIGHTS_FILE
 from lit_qa.checkpoints.convert_hf import hf_to_lit_key, lit_to_hf_key
 from lit_qa.checkpoints.finetuned import read_base_record
-from lit_qa.checkpoints.folder import write_folder_atomically
+from lit_qa.checkpoints.folder import load_state_dict, write_folder_atomically
 from lit_qa.checkpoints.lora import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, check_lora_dir, save_lora_checkpoint
 from lit_qa.errors import LitQAError
 from lit_qa.models.config import read_json_object
@@ -58,7 +58,7 @@ def export_peft(lora_dir: str | Path, out_dir: str | Path, overwrite: bool = Fal
     if (lora_dir / ADAPTER_WEIGHTS_FILE).is_file():
         raise LitQAError(f"{lora_dir} is a lit-qa adapter (v1/v2) folder: only LoRA folders convert to PEFT")
     lora_config = LoRAConfig.from_file(check_lora_dir(lora_dir) / LORA_CONFIG_FILE)
-    tensors = load_file(lora_dir / LORA_WEIGHTS_FILE)
+    tensors = load_state_dict(lora_dir / LORA_WEIGHTS_FILE)
     peft_tensors = {_lit_to_peft_key(key): value.contiguous() for key, value in tensors.items()}
     base = read_base_record(lora_dir)
     with write_folder_atomically(out_dir, overwrite) as tmp:
@@ -110,7 +110,7 @@ def import_peft(
     weights_path = peft_dir / PEFT_WEIGHTS_FILE
     if not weights_path.is_file():
         raise LitQAError(f"{peft_dir}: {PEFT_WEIGHTS_FILE} is missing (only safetensors PEFT folders are read)")
-    tensors = {_peft_to_lit_key(key, weights_path): value for key, value in load_file(weights_path).items()}
+    tensors = {_peft_to_lit_key(key, weights_path): value for key, value in load_state_dict(weights_path).items()}
     return save_lora_checkpoint(out_dir, None, lora_config, base_checkpoint_dir, overwrite=overwrite,
                                 tensors=tensors)  # fmt: skip
 

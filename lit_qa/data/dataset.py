@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from lit_qa.checkpoints.trusted import load_tensors
 from lit_qa.data.prompts import chat_template_sha256
-from lit_qa.errors import LitQAError
+from lit_qa.errors import LitQAError, not_found
 from lit_qa.models.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # labels with this value are skipped by torch.nn.functional.cross_entropy
@@ -67,12 +68,8 @@ def load_prepared(data_dir: Path | str, split: str) -> list[dict[str, Any]]:
     read_prepare_config(data_dir)
     path = data_dir / f"{split}.pt"
     if not path.is_file():
-        raise LitQAError(f"{path} does not exist; run scripts/prepare_squad.py --out_dir {data_dir} again")
-    try:
-        samples = torch.load(path, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a truncated or foreign file
-        message = " ".join(str(e).split())[:200] or type(e).__name__
-        raise LitQAError(f"cannot read {path}: {message}") from None
+        raise LitQAError(f"{path} {not_found(path, 'file')}; run scripts/prepare_squad.py --out_dir {data_dir} again")
+    samples = load_tensors(path, "prepared split")
     _check_samples(samples, path)
     return samples
 
@@ -86,7 +83,7 @@ def read_prepare_config(data_dir: Path | str) -> dict[str, Any]:
     """
     path = Path(data_dir) / CONFIG_FILE
     if not path.is_file():
-        raise LitQAError(f"{path} does not exist: {data_dir} was not prepared by scripts/prepare_squad.py")
+        raise LitQAError(f"{path} {not_found(path, 'file')}: {data_dir} was not prepared by scripts/prepare_squad.py")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lit_qa.errors import LitQAError
+from lit_qa.errors import LitQAError, not_found
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def read_json_file(path: Path | str) -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise LitQAError(f"{path} does not exist")
+        raise LitQAError(f"{path} {not_found(path, 'file')}")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:

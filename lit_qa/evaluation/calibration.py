@@ -17,7 +17,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any, Literal
 
-from lit_qa.data.squad import Question
+from lit_qa.data.squad import Question, load_squad
 from lit_qa.errors import LitQAError
 from lit_qa.evaluation.answers import NA_METHODS, Answers, na_logit
 from lit_qa.evaluation.squad_metric import evaluate_predictions, exact_match, f1_score, gold_answers
@@ -223,6 +223,32 @@ def resolve_na_threshold(
     if isinstance(na_threshold, (int, float)) and not isinstance(na_threshold, bool) and 0 <= na_threshold <= 1:
         return float(na_threshold), {"na_threshold_source": "--na_threshold"}
     raise LitQAError(f"--na_threshold must be auto, off or a number in [0, 1], got {na_threshold!r}")
+
+
+def load_calibration_questions(
+    calibration_file: Path | None, eval_file: Path, questions: list[Question]
+) -> list[Question] | None:
+    """The ``--calibration_file`` questions, checked against the evaluation: never the evaluation file itself nor
+    any question being evaluated (a threshold tuned on them would flatter the score); without unanswerable
+    questions the tuning can only choose "never abstain", which is said in one line.
+
+    Raises:
+        LitQAError: If the file is unreadable, is the evaluation file, or shares question ids with ``questions``.
+    """
+    if calibration_file is None:
+        return None
+    if Path(calibration_file).resolve() == Path(eval_file).resolve():
+        raise LitQAError(f"--calibration_file {calibration_file} is the evaluation file: tune the threshold on held-out "
+                         "questions, e.g. the val-v2.0.json of the prepared data")  # fmt: skip
+    calibration = load_squad(calibration_file)
+    evaluated = {question.id for question in questions}
+    if shared := [question.id for question in calibration if question.id in evaluated]:
+        raise LitQAError(f"--calibration_file {calibration_file}: {len(shared)} of its questions are evaluation "
+                         f"questions (e.g. {shared[0]}); tune the threshold on held-out questions")  # fmt: skip
+    if not any(question.is_impossible for question in calibration):
+        print(f"warning: --calibration_file {calibration_file} has no unanswerable question, so the tuning can only "
+              "choose never to abstain", file=sys.stderr)  # fmt: skip
+    return calibration
 
 
 def read_na_threshold(folder: Path) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ Grouped-query attention, as drawn in litgpt's config (Apache 2.0):
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +22,11 @@ from typing import Any, TypeVar
 from lit_qa.errors import LitQAError
 
 CONFIG_FILE = "lit_config.json"
+# 1M tokens: 8x Llama 3.1's 131,072, and a RoPE cache of at most a few GiB; beyond is a typo, not a model.
+MAX_BLOCK_SIZE = 1 << 20
+# What a lit_config.json must state (`Config.save` writes every field); the rest have a meaning when absent.
+REQUIRED_FILE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "intermediate_size", "rope_base",
+                        "norm_eps", "tie_embeddings")
 
 
 @dataclass
@@ -63,20 +69,43 @@ class Config:
             self.padded_vocab_size = self.vocab_size
         if self.n_query_groups is None:
             self.n_query_groups = self.n_head
-        problems = []
+        problems = self._type_and_range_problems()
+        if problems:  # the checks below divide by these sizes
+            raise LitQAError(f"invalid model config {self.name!r}: " + "; ".join(problems))
         if self.n_embd % self.n_head:
             problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_head % self.n_query_groups:
             problems.append(f"n_head={self.n_head} is not divisible by n_query_groups={self.n_query_groups}")
         if self.padded_vocab_size < self.vocab_size:
             problems.append(f"padded_vocab_size={self.padded_vocab_size} < vocab_size={self.vocab_size}")
-        if (self.n_embd // max(self.n_head, 1)) % 2:
+        if (self.n_embd // self.n_head) % 2:
             problems.append("head size must be even for rotary embeddings")
-        for field in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "intermediate_size"):
-            if getattr(self, field) <= 0:
-                problems.append(f"{field} must be positive, got {getattr(self, field)}")
         if problems:
             raise LitQAError(f"invalid model config {self.name!r}: " + "; ".join(problems))
+
+    def _type_and_range_problems(self) -> list[str]:
+        """Each field's type and bounds: sizes are positive integers, ``block_size`` at most `MAX_BLOCK_SIZE`
+        (the RoPE cache alone is ``block_size x head_size x 8`` bytes), RoPE base and epsilon positive numbers."""
+        problems = []
+        for field in ("block_size", "vocab_size", "padded_vocab_size", "n_layer", "n_head", "n_embd",
+                      "n_query_groups", "intermediate_size"):  # fmt: skip
+            value = getattr(self, field)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                problems.append(f"{field} must be an integer, got {value!r}")
+            elif value <= 0:
+                problems.append(f"{field} must be positive, got {value}")
+        for field in ("rope_base", "norm_eps"):
+            value = getattr(self, field)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < value < float("inf"):
+                problems.append(f"{field} must be a positive number, got {value!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            problems.append(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            problems.append(f"rope_scaling must be an object or null, got {self.rope_scaling!r}")
+        if not problems and self.block_size > MAX_BLOCK_SIZE:
+            problems.append(f"block_size={self.block_size:,} is beyond {MAX_BLOCK_SIZE:,} tokens (its RoPE cache alone "
+                            f"would take {self.block_size * (self.n_embd // self.n_head) * 8 / 2**30:,.1f} GiB)")  # fmt: skip
+        return problems
 
     @property
     def head_size(self) -> int:
@@ -105,6 +134,9 @@ class Config:
         unknown = sorted(set(values) - known)
         if unknown:
             raise LitQAError(f"{path}: unknown config fields {unknown}")
+        if missing := [name for name in REQUIRED_FILE_FIELDS if name not in values]:
+            # No defaults here: a missing rope_base would silently be LLaMA's 10000 (SmolLM2's is 100000).
+            raise LitQAError(f"{path}: missing config fields {missing} (a lit_config.json names every size of its model)")
         try:
             return cls(**values)
         except LitQAError as e:

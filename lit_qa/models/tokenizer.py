@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lit_qa.errors import LitQAError
+from lit_qa.errors import LitQAError, not_found
 
 # What a converter copies from a Hugging Face snapshot into a checkpoint folder (whichever exist).
 TOKENIZER_FILES = (
@@ -92,7 +92,7 @@ class Tokenizer:
         """
         self.checkpoint_dir = checkpoint_dir = Path(checkpoint_dir)
         if not checkpoint_dir.is_dir():
-            raise LitQAError(f"checkpoint folder {checkpoint_dir} does not exist")
+            raise LitQAError(f"checkpoint folder {checkpoint_dir} {not_found(checkpoint_dir)}")
 
         hf_path = checkpoint_dir / "tokenizer.json"
         sp_path = checkpoint_dir / "tokenizer.model"

@@ -16,6 +16,8 @@ from typing import Any
 
 import lightning as L
 
+from lit_qa.training.replace import staged
+
 CURVES_FILE = "curves.png"
 _SERIES = {"train/loss": "train loss", "val/loss": "validation loss", "val/f1": "validation F1"}
 
@@ -34,7 +36,7 @@ def write_curves(fabric: L.Fabric, out_dir: Path, best_step: int | None = None) 
         if type(logger).__name__ == "CSVLogger":
             logger.save()
     series = read_logged_series(Path(out_dir) / "logs" / "csv")
-    return plot_curves(series, Path(out_dir) / CURVES_FILE, best_step)
+    return plot_curves(series, staged(Path(out_dir), CURVES_FILE), best_step)
 
 
 def read_logged_series(csv_root: Path) -> dict[str, dict[int, float]]:

@@ -117,7 +117,16 @@ def load_sharded_state(path: Path, model: nn.Module, optimizer: torch.optim.Opti
     The number of ranks may differ from the run that saved it: ``torch.distributed.checkpoint`` reshards.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    from lit_qa.checkpoints.trusted import (
+        TrustedFileSystemReader,
+        TrustedLoadPlanner,
+        first_line,
+        load_tensors,
+        read_dcp_metadata,
+    )
 
     folder = path / SHARDED_STATE_DIR
     if not (folder / "metadata.pt").is_file():
@@ -125,15 +134,34 @@ def load_sharded_state(path: Path, model: nn.Module, optimizer: torch.optim.Opti
     options = StateDictOptions(ignore_frozen_params=True)
     model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optimizer": optimizer_state}
+    # Refused before dcp starts (its own reader would unpickle the file with plain pickle.load); the trusted
+    # reader and planner keep every later read to the same allow-lists.
+    read_dcp_metadata(folder / ".metadata")
     try:
-        dcp.load(state, checkpoint_id=folder)
-    except Exception as e:  # dcp wraps every failure (missing keys, shapes, files) in its own exception types
-        raise LitQAError(f"{folder}: cannot load the sharded training state ({str(e).splitlines()[0]})") from None
+        dcp.load(state, checkpoint_id=folder, storage_reader=TrustedFileSystemReader(folder),
+                 planner=TrustedLoadPlanner())  # fmt: skip
+    except (Exception, CheckpointException) as e:  # dcp wraps every failure (missing keys, shapes, files) in its
+        # CheckpointException, which is a BaseException: `except Exception` alone lets it through as a traceback
+        raise wrapped_lit_qa_error(e) or LitQAError(
+            f"{folder}: cannot load the sharded training state ({first_line(e)})") from None
     # dcp.load above already refused a checkpoint lacking a trained key; frozen ones are absent by design.
     options = StateDictOptions(ignore_frozen_params=True, strict=False)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=options)  # fmt: skip
-    return torch.load(folder / "metadata.pt", weights_only=True)
+    metadata = load_tensors(folder / "metadata.pt", "training state")
+    if not isinstance(metadata, dict):
+        raise LitQAError(f"{folder / 'metadata.pt'} is not a lit-qa training state (it holds a {type(metadata).__name__})")
+    return metadata
+
+
+def wrapped_lit_qa_error(error: BaseException) -> LitQAError | None:
+    """The `LitQAError` that ``torch.distributed.checkpoint`` wrapped into its ``CheckpointException`` (one per
+    failed rank), if any: raised by the trusted reader or planner, it already names the file and the problem."""
+    for failure in getattr(error, "failures", {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else failure  # (exception, traceback) per rank
+        if isinstance(inner, LitQAError):
+            return inner
+    return error if isinstance(error, LitQAError) else None
 
 
 def one_cpu_process(fabric: Any) -> bool:

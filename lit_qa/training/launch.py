@@ -9,7 +9,6 @@ save; the loop itself is `lit_qa.training.loop.fit`.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -21,7 +20,7 @@ import torch
 import torch.nn as nn
 from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 
-from lit_qa.checkpoints.folder import check_checkpoint_dir, load_model
+from lit_qa.checkpoints.folder import check_checkpoint_dir, check_not_inside, load_model
 from lit_qa.data.dataset import VAL_SQUAD_FILE, collate, load_prepared, mark_unanswerable, read_prepare_config
 from lit_qa.data.prompts import NO_ANSWER
 from lit_qa.data.squad import load_squad, select_subset
@@ -37,8 +36,8 @@ from lit_qa.training.distributed import (
     FSDPArgs,
     make_strategy,
 )
+from lit_qa.training.replace import begin_replacement, cancel_replacement, staged
 from lit_qa.training.resume import latest_checkpoint
-from lit_qa.training.selection import BEST_DIR
 from lit_qa.training.validation import ValQuestions
 
 
@@ -74,8 +73,8 @@ def save_hyperparameters(out_dir: Path, **sections: Any) -> None:
 
     values = {key: asdict(value) if hasattr(value, "__dataclass_fields__") else value for key, value in sections.items()}
     values = {key: str(value) if isinstance(value, Path) else value for key, value in values.items()}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "hyperparameters.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    staged(out_dir, "hyperparameters.yaml").parent.mkdir(parents=True, exist_ok=True)
+    staged(out_dir, "hyperparameters.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
 
 
 # Fixed rather than --seed: runs with different seeds validate on the same questions, so their F1s compare.
@@ -84,15 +83,27 @@ VAL_SUBSET_SEED = 1234
 
 def check_inputs(data_dir: Path, checkpoint_dir: Path, out_dir: Path, resume: Any, overwrite: bool) -> dict[str, Any]:
     """Fail before any process starts: the base checkpoint and the prepared data exist, and ``out_dir`` holds
-    no checkpoints unless resuming (``overwrite`` deletes them). Returns the data's ``prepare_config.json``."""
+    no run unless resuming. ``overwrite`` replaces an earlier run once this one has written its first checkpoint
+    (`lit_qa.training.replace`); until then the old run stays as it is. Returns the data's ``prepare_config.json``."""
     check_checkpoint_dir(checkpoint_dir)
     prepare_config = read_prepare_config(data_dir)
-    if resume is False and latest_checkpoint(out_dir) is not None:
-        if not overwrite:
-            raise LitQAError(f"{out_dir} already holds checkpoints; pass --resume auto to continue or --overwrite to start over")
-        for old in [*out_dir.glob("step-*"), out_dir / "final", out_dir / BEST_DIR]:
-            shutil.rmtree(old, ignore_errors=True)
+    check_not_inside(out_dir, {"--checkpoint_dir": checkpoint_dir, "--data_dir": data_dir})
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LitQAError(f"--out_dir {out_dir} is a file, not a folder")
+    holds_run = latest_checkpoint(out_dir) is not None or (out_dir / "final").is_dir()
+    if resume is False and holds_run and not overwrite:
+        raise LitQAError(f"{out_dir} already holds a run; pass --resume auto to continue or --overwrite to replace "
+                         "it (once the new run has written its first checkpoint)")  # fmt: skip
+    if launcher_rank() == 0:  # under torchrun / SLURM every process runs this; one of them keeps the books
+        cancel_replacement(out_dir)  # one an earlier --overwrite run left unfinished: its old run is intact
+        if resume is False and holds_run:
+            begin_replacement(out_dir)
     return prepare_config
+
+
+def launcher_rank() -> int:
+    """This process's global rank as torchrun or SLURM set it before Fabric exists (0 when started alone)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 def make_fabric(

@@ -11,6 +11,7 @@ broken checkpoint, and a full disk fails with the last complete one named.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -20,7 +21,9 @@ from typing import Any
 import lightning as L
 import torch
 
+from lit_qa.checkpoints.trusted import first_line, refused_global
 from lit_qa.errors import LitQAError
+from lit_qa.training.replace import finish_replacement
 from lit_qa.training.distributed import SHARDED_STATE_DIR, is_sharded, load_sharded_state, save_sharded_state
 
 STATE_FILE = "training_state.pt"
@@ -116,6 +119,8 @@ def write_folder(fabric: L.Fabric, folder: Path, write: Callable[[Path], None]) 
     fabric.barrier()
     if fabric.global_rank == 0:
         move_into_place(tmp_dir, folder)
+        if replaced := finish_replacement(folder.parent, folder):
+            fabric.print(f"--overwrite: {folder.name} is complete, removed the earlier run's {', '.join(replaced)}")
     fabric.barrier()
 
 
@@ -154,8 +159,11 @@ def load_training_state(
         state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
         try:
             rest = fabric.load(path, state, strict=False, weights_only=True)
-        except (RuntimeError, OSError, EOFError) as e:
-            raise LitQAError(f"{path}: cannot load the training state ({str(e).splitlines()[0]})") from None
+        except pickle.UnpicklingError as e:  # weights_only refused a global: nothing ran
+            raise LitQAError(f"refusing to load {path}: a training state holds only tensors, numbers and strings, "
+                             f"this file names more ({refused_global(e)})") from None  # fmt: skip
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:
+            raise LitQAError(f"{path}: cannot load the training state ({first_line(e)})") from None
     if not isinstance(rest.get("progress"), dict) or not isinstance(rest.get("rng"), torch.Tensor):
         raise LitQAError(f"{path}: not a lit-qa training state (no progress counters or RNG state)")
     progress.update(rest["progress"])

@@ -22,6 +22,7 @@ from lit_qa.evaluation.answers import NA_METHODS
 from lit_qa.evaluation.calibration import NA_THRESHOLD_FILE
 from lit_qa.evaluation.results import write_json
 from lit_qa.training.args import EvalArgs
+from lit_qa.training.replace import finish_replacement, replacement_pending
 from lit_qa.training.resume import write_folder
 from lit_qa.training.validation import ValQuestions, format_val
 
@@ -96,6 +97,8 @@ def save_final(
     threshold), and say where they and the best step's ``best/`` are. ``what`` names them, e.g. "LoRA adapter"."""
     save_fn(out_dir / "final")
     save_na_threshold(fabric, out_dir / "final", progress, val_questions)
+    if fabric.global_rank == 0 and (replaced := finish_replacement(out_dir, out_dir / "final")):
+        fabric.print(f"--overwrite: final is complete, removed the earlier run's {', '.join(replaced)}")
     fabric.barrier()
     fabric.print(f"Saved the {what} to {out_dir / 'final'}")
     print_best(fabric, progress, out_dir)
@@ -123,7 +126,7 @@ def save_na_threshold(
 def remove_stale_best(fabric: L.Fabric, out_dir: Path) -> None:
     """A fresh start's history begins now: a ``best/`` left in ``out_dir`` (e.g. by a run killed before its
     first step checkpoint) belongs to another run."""
-    if fabric.global_rank == 0:
+    if fabric.global_rank == 0 and not replacement_pending(out_dir):  # else the replacement removes it
         if (out_dir / BEST_DIR).exists():
             fabric.print(f"Removing {out_dir / BEST_DIR}: it is not from this run")
         for stale in out_dir.glob(f"{BEST_DIR}*"):
