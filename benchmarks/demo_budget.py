@@ -19,10 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 
 from benchmarks.packing import real_tokens
-from benchmarks.utils import describe_machine, print_table, write_json
+from benchmarks.utils import describe_machine, print_table, read_demo_config, write_json
 from lit_qa.checkpoints.folder import load_model
 from lit_qa.data.dataset import load_prepared, mark_unanswerable, read_prepare_config
 from lit_qa.data.packing import forward_passes
@@ -31,7 +30,7 @@ from lit_qa.models.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainab
 from lit_qa.models.na_head import NAHeadConfig, attach_na_head, na_loss_sum
 from lit_qa.models.tokenizer import Tokenizer
 from lit_qa.precision import resolve_precision, weights_dtype
-from lit_qa.training.args import EvalArgs, TrainArgs
+from lit_qa.training.args import TrainArgs
 from lit_qa.training.batches import count_loss_tokens, rank_batches_of_epoch
 from lit_qa.training.loop import compile_blocks
 from lit_qa.training.loss import loss_sums
@@ -126,15 +125,11 @@ def main(
     if unknown:
         raise LitQAError(f"unknown variants {unknown}; choose from: {', '.join(VARIANTS)}")
     chosen = [name for i, name in enumerate(VARIANTS) if i == 0 or variants is None or name in variants]
-    settings = yaml.safe_load(Path(demo_config).read_text())
-    data_dir, checkpoint_dir = Path(settings["data_dir"]), Path(settings["checkpoint_dir"])
-    if not (data_dir / "train.pt").is_file():
-        raise LitQAError(f"{data_dir}/train.pt does not exist: run scripts/demo.sh (or scripts/prepare_squad.py) first")
+    demo = read_demo_config(demo_config)
+    data_dir, checkpoint_dir, train_args, eval_args, lora = (demo.data_dir, demo.checkpoint_dir, demo.train, demo.eval,
+                                                             demo.lora)  # fmt: skip
     precision = resolve_precision(precision, "cpu")
     dtype = weights_dtype(precision)
-    train_args = replace(TrainArgs(), **settings.get("train", {}))
-    eval_args = replace(EvalArgs(), **settings.get("eval", {}))
-    lora = LoRAConfig(**settings.get("lora", {}))
     data, val_data = load_prepared(data_dir, "train"), load_prepared(data_dir, "val")
     tokenizer = Tokenizer(checkpoint_dir)
     no_answer = tokenizer.encode(read_prepare_config(data_dir).get("no_answer", "unanswerable"), bos=False, eos=True)

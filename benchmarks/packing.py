@@ -35,9 +35,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 
-from benchmarks.utils import describe_machine, print_table, write_json
+from benchmarks.utils import describe_machine, print_table, read_demo_config, write_json
 from lit_qa.checkpoints.folder import load_model
 from lit_qa.data.dataset import IGNORE_INDEX, collate, load_prepared, mark_unanswerable, read_prepare_config
 from lit_qa.data.packing import collate_packed, forward_passes
@@ -78,14 +77,10 @@ def main(
     parts = list(PARTS) if parts is None else parts
     if unknown := sorted(set(parts) - set(PARTS)):
         raise LitQAError(f"unknown parts {unknown}; choose from: {', '.join(PARTS)}")
-    settings = yaml.safe_load(Path(demo_config).read_text())
-    data_dir, checkpoint_dir = Path(settings["data_dir"]), Path(settings["checkpoint_dir"])
-    if not (data_dir / "train.pt").is_file():
-        raise LitQAError(f"{data_dir}/train.pt does not exist: run scripts/demo.sh (or scripts/prepare_squad.py) first")
+    demo = read_demo_config(demo_config)
+    data_dir, checkpoint_dir, train_args, lora = demo.data_dir, demo.checkpoint_dir, demo.train, demo.lora
     precision = resolve_precision(precision, "cpu")
     dtype = weights_dtype(precision)
-    train_args = replace(TrainArgs(), **settings.get("train", {}))
-    lora = LoRAConfig(**settings.get("lora", {}))
     data = load_prepared(data_dir, "train")
     if all(sample.get("paragraph", -1) < 0 for sample in data):
         raise LitQAError(f"{data_dir} records no paragraphs: prepare it again with scripts/prepare_squad.py")

@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import platform
 import time
+from dataclasses import dataclass, replace
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from lit_qa.errors import LitQAError
+from lit_qa.models.lora import LoRAConfig
 from lit_qa.precision import cpu_has_native_bf16
+from lit_qa.training.args import EvalArgs, TrainArgs
 
 
 def describe_machine() -> dict[str, object]:
@@ -65,3 +69,26 @@ def write_json(path: Path, payload: dict[str, object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+@dataclass
+class DemoConfig:
+    """What the benchmarks read from a finetune config YAML (the demo's ``configs/lora-smollm2-cpu.yaml``)."""
+
+    data_dir: Path
+    checkpoint_dir: Path
+    train: TrainArgs
+    eval: EvalArgs
+    lora: LoRAConfig
+
+
+def read_demo_config(path: Path) -> DemoConfig:
+    """Read a finetune config YAML as `DemoConfig`; its prepared data must exist (run scripts/demo.sh first)."""
+    import yaml
+
+    settings = yaml.safe_load(Path(path).read_text())
+    data_dir, checkpoint_dir = Path(settings["data_dir"]), Path(settings["checkpoint_dir"])
+    if not (data_dir / "train.pt").is_file():
+        raise LitQAError(f"{data_dir}/train.pt does not exist: run scripts/demo.sh (or scripts/prepare_squad.py) first")
+    return DemoConfig(data_dir, checkpoint_dir, replace(TrainArgs(), **settings.get("train", {})),
+                      replace(EvalArgs(), **settings.get("eval", {})), LoRAConfig(**settings.get("lora", {})))  # fmt: skip

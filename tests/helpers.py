@@ -99,3 +99,13 @@ def real_smollm2(folder: Path) -> Path:
     except LitQAError as e:
         pytest.skip(str(e))
     return prepare.prepare_default_model(folder)
+
+
+class WritesMarker:
+    """An object whose unpickling would create the file ``marker``: the harmless stand-in for malicious code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from helpers import WritesMarker
 from safetensors.torch import save_file
 
 import lit_qa.checkpoints.folder as checkpoint
@@ -134,20 +135,10 @@ def test_expected_shapes_of_a_70b_model_cost_nothing():
     assert "lm_head.weight" not in expected_shapes(Config.from_name("SmolLM2-135M"))  # tied
 
 
-class _WritesMarker:
-    """An object whose unpickling would create a file: the harmless stand-in for malicious code."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_pickle_with_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "pytorch_model.bin"
-    torch.save({"weight": torch.zeros(2), "payload": _WritesMarker(marker)}, path)
+    torch.save({"weight": torch.zeros(2), "payload": WritesMarker(marker)}, path)
     with pytest.raises(LitQAError, match="refusing to load .*pytorch_model.bin"):
         load_torch_file(path)
     assert not marker.exists()
@@ -163,7 +154,7 @@ def test_pickle_with_code_is_refused_by_the_hf_converter(tmp_path):
         model_type="llama", hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
         vocab_size=100, max_position_embeddings=128,
     )))  # fmt: skip
-    torch.save({"model.norm.weight": _WritesMarker(marker)}, hf_dir / "pytorch_model.bin")
+    torch.save({"model.norm.weight": WritesMarker(marker)}, hf_dir / "pytorch_model.bin")
     with pytest.raises(LitQAError, match="refusing to load"):
         convert_hf_checkpoint(hf_dir, tmp_path / "lit")
     assert not marker.exists()

@@ -296,7 +296,8 @@ def write_config(checkpoint: Path, tmp_path: Path, **changes) -> Path:
     ({"n_head": 0}, "n_head must be positive, got 0"),
     ({"n_query_groups": 0}, "n_query_groups must be positive, got 0"),
     ({"block_size": 2**40}, r"block_size=1,099,511,627,776 is beyond 1,048,576 tokens \(its RoPE cache alone would take"),
-    ({"n_layer": "2"}, "n_layer must be an integer, got '2'"),
+    ({"n_layer": "2"}, "n_layer must be int, got '2'"),
+    ({"tie_embeddings": 1}, "tie_embeddings must be bool, got 1"),
     ({"norm_eps": -1}, "norm_eps must be a positive number, got -1"),
     ({"rope_base": None}, r"missing config fields \['rope_base'\]"),
     ({"norm_eps": None, "n_embd": None}, r"missing config fields \['n_embd', 'norm_eps'\]"),
@@ -356,3 +357,40 @@ def test_calibration_file_must_not_be_the_evaluation(tmp_path):
         load_calibration_questions(copy, eval_file, questions)
     assert load_calibration_questions(copy, eval_file, questions[:0]) is not None  # disjoint: fine
     assert load_calibration_questions(None, eval_file, questions) is None
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"r": "8"}, "r must be int, got '8'"),
+    ({"r": 4, "dropout": "0.1"}, "dropout must be float, got '0.1'"),
+    ({"r": 4, "mlp": 1}, "mlp must be bool, got 1"),
+])  # fmt: skip
+def test_a_wrong_typed_method_config_value_is_named_by_key(tmp_path, values, message):
+    from lit_qa.models.lora import LoRAConfig
+
+    path = tmp_path / "lora_config.json"
+    path.write_text(json.dumps(values))
+    with pytest.raises(LitQAError, match=f"^{re.escape(str(path))}: {re.escape(message)}$"):
+        LoRAConfig.from_file(path)
+
+
+@pytest.mark.parametrize("script", ["evaluate/base.py", "scripts/prepare_squad.py"])
+def test_out_dir_that_is_a_file_is_one_line_for_evaluation_and_preparation(capsys, checkpoint, tmp_path, script):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    squad = write_squad(tmp_path / "squad.json", squad_v2())
+    files = ["--eval_file", str(squad)] if script.startswith("evaluate") else ["--train_file", str(squad)]
+    lines = cli(capsys, script, "--checkpoint_dir", str(checkpoint), *files, "--out_dir", str(taken))
+    assert lines == [f"error: --out_dir {taken} is a file, not a folder"]
+    assert taken.read_text() == "not a folder"
+
+
+def test_json_with_a_byte_order_mark_is_read_as_the_valid_json_it_is(tmp_path, checkpoint):
+    """Editors on Windows save UTF-8 with a BOM; it used to be reported as a syntax error at line 1, column 1."""
+    from lit_qa.models.config import Config
+
+    plain = write_squad(tmp_path / "plain.json", squad_v2())
+    bom = write_squad(tmp_path / "bom.json", b"\xef\xbb\xbf" + plain.read_bytes())
+    assert load_squad(bom) == load_squad(plain)
+    config = tmp_path / CONFIG_FILE
+    config.write_bytes(b"\xef\xbb\xbf" + (checkpoint / CONFIG_FILE).read_bytes())
+    assert Config.from_file(config) == Config.from_file(checkpoint / CONFIG_FILE)

@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from helpers import WritesMarker
 
 from lit_qa.checkpoints.trusted import TrustedLoadPlanner, load_tensors, read_dcp_metadata
 from lit_qa.errors import LitQAError
@@ -16,17 +17,7 @@ from lit_qa.training.distributed import SHARDED_STATE_DIR, load_sharded_state, s
 from lit_qa.training.resume import STATE_FILE, load_training_state
 
 
-class _WritesMarker:
-    """An object whose unpickling would create a file: the harmless stand-in for malicious code."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-class _TouchesMarker(_WritesMarker):
+class _TouchesMarker(WritesMarker):
     """The same through a qualified name of an allowed module (``pathlib.Path.touch``)."""
 
     def __reduce__(self):
@@ -62,7 +53,7 @@ def test_a_sharded_state_round_trips_through_the_trusted_reader(tmp_path):
     assert fresh_optimizer.param_groups[0]["lr"] == 1e-3  # a non-tensor value, read through load_bytes
 
 
-@pytest.mark.parametrize("payload", [_WritesMarker, _TouchesMarker])
+@pytest.mark.parametrize("payload", [WritesMarker, _TouchesMarker])
 def test_crafted_dcp_metadata_is_refused_before_anything_runs(tmp_path, payload):
     marker = tmp_path / "pwned"
     _, _, folder = saved_sharded_state(tmp_path)
@@ -90,7 +81,7 @@ def test_crafted_value_in_a_shard_is_refused(tmp_path):
     info = metadata.storage_data[lr_key]
     shard = folder / info.relative_path
     original = shard.read_bytes()
-    crafted = pickle.dumps(_WritesMarker(marker))
+    crafted = pickle.dumps(WritesMarker(marker))
     shard.write_bytes(original + crafted)
     metadata.storage_data[lr_key] = type(info)(info.relative_path, len(original), len(crafted))
     (folder / ".metadata").write_bytes(pickle.dumps(metadata))
@@ -107,7 +98,7 @@ def test_crafted_value_in_a_shard_is_refused(tmp_path):
 def test_crafted_sharded_metadata_pt_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     _, _, folder = saved_sharded_state(tmp_path)
-    torch.save({"progress": _WritesMarker(marker)}, folder / "metadata.pt")
+    torch.save({"progress": WritesMarker(marker)}, folder / "metadata.pt")
     model, optimizer = small_run()
     with pytest.raises(LitQAError, match=r"refusing to load .*metadata\.pt: .* \(unsupported global (io|builtins)\.open\)"):
         load_sharded_state(tmp_path, model, optimizer)
@@ -116,7 +107,7 @@ def test_crafted_sharded_metadata_pt_is_refused(tmp_path):
 
 def test_crafted_training_state_is_refused(tmp_path):
     marker = tmp_path / "pwned"
-    torch.save({"progress": _WritesMarker(marker)}, tmp_path / STATE_FILE)
+    torch.save({"progress": WritesMarker(marker)}, tmp_path / STATE_FILE)
     fabric = L.Fabric(accelerator="cpu", devices=1)
     model, optimizer = small_run()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -127,7 +118,7 @@ def test_crafted_training_state_is_refused(tmp_path):
 
 def test_crafted_prepared_split_is_refused_without_suggesting_weights_only_false(tmp_path):
     marker = tmp_path / "pwned"
-    torch.save([{"input_ids": _WritesMarker(marker)}], tmp_path / "train.pt")
+    torch.save([{"input_ids": WritesMarker(marker)}], tmp_path / "train.pt")
     with pytest.raises(LitQAError) as error:
         load_tensors(tmp_path / "train.pt", "prepared split")
     message = str(error.value)
@@ -147,7 +138,7 @@ def test_dcp_itself_would_run_the_metadata_payload(tmp_path):
     future torch stops doing so, this test fails and the reader can be simplified."""
     marker = tmp_path / "pwned"
     _, _, folder = saved_sharded_state(tmp_path)
-    (folder / ".metadata").write_bytes(pickle.dumps(_WritesMarker(marker)))
+    (folder / ".metadata").write_bytes(pickle.dumps(WritesMarker(marker)))
     with pytest.raises(BaseException):  # noqa: B017, PT011 - dcp's CheckpointException, once the payload has run
         dcp.load({"x": torch.zeros(1)}, checkpoint_id=folder)
     assert marker.exists()

@@ -270,7 +270,7 @@ def load_hf_checkpoint(
     if not config_path.is_file():
         raise LitQAError(f"{config_path} not found; is {hf_dir} a Hugging Face model folder?")
     try:
-        hf_config = json.loads(config_path.read_text())
+        hf_config = json.loads(config_path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LitQAError(f"{config_path}: not valid JSON ({e})") from None
     config = config_from_hf(hf_config, name or hf_dir.name, config_path)

@@ -142,7 +142,7 @@ def load_meta_checkpoint(
             f"(it has: {', '.join(present) or 'nothing'})"
         )
     try:
-        params = json.loads(params_path.read_text())
+        params = json.loads(params_path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LitQAError(f"{params_path}: not valid JSON ({e})") from None
     shards = [load_torch_file(path) for path in shard_paths]

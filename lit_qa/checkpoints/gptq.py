@@ -246,7 +246,7 @@ def _short_list(keys: list[str], limit: int = 5) -> str:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LitQAError(f"{path}: not valid JSON ({e})") from None
 

@@ -85,7 +85,7 @@ def read_prepare_config(data_dir: Path | str) -> dict[str, Any]:
     if not path.is_file():
         raise LitQAError(f"{path} {not_found(path, 'file')}: {data_dir} was not prepared by scripts/prepare_squad.py")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LitQAError(f"{path} is not valid JSON: {' '.join(str(e).split())}") from None
     if not isinstance(config, dict) or config.get("prepared_by") != PREPARED_BY:
@@ -215,6 +215,8 @@ def prepare_config(
 
 def check_prepared_out_dir(out_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
     """Refuse to replace prepared files made with other settings, unless ``overwrite``."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LitQAError(f"--out_dir {out_dir} is a file, not a folder")
     present = [name for name in PREPARED_FILES if (out_dir / name).exists()]
     if not present or overwrite:
         return

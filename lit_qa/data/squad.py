@@ -53,7 +53,7 @@ def read_json_file(path: Path | str) -> Any:
     if not path.is_file():
         raise LitQAError(f"{path} {not_found(path, 'file')}")
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a BOM (Windows editors) is not an error
     except UnicodeDecodeError as e:
         line = e.object.count(b"\n", 0, e.start) + 1
         raise LitQAError(

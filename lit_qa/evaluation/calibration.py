@@ -262,7 +262,7 @@ def read_na_threshold(folder: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LitQAError(f"{path} is not valid JSON: {' '.join(str(e).split())}") from None
     threshold = record.get("threshold") if isinstance(record, dict) else None

@@ -41,6 +41,8 @@ def check_out_dir(out_dir: Path, overwrite: bool = False) -> None:
     Raises:
         LitQAError: If ``out_dir`` holds ``metrics.json`` or ``predictions.json`` and ``overwrite`` is False.
     """
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise LitQAError(f"--out_dir {out_dir} is a file, not a folder")
     finished = [name for name in (METRICS_FILE, PREDICTIONS_FILE) if (Path(out_dir) / name).exists()]
     if finished and not overwrite:
         raise LitQAError(f"{out_dir} already holds a finished evaluation ({finished[0]}); pass --overwrite true "

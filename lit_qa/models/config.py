@@ -125,7 +125,7 @@ class Config:
         if not path.is_file():
             raise LitQAError(f"{path}: config file not found")
         try:
-            values = json.loads(path.read_text())
+            values = json.loads(path.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise LitQAError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(values, dict):
@@ -137,6 +137,7 @@ class Config:
         if missing := [name for name in REQUIRED_FILE_FIELDS if name not in values]:
             # No defaults here: a missing rope_base would silently be LLaMA's 10000 (SmolLM2's is 100000).
             raise LitQAError(f"{path}: missing config fields {missing} (a lit_config.json names every size of its model)")
+        check_field_types(cls, values, path)
         try:
             return cls(**values)
         except LitQAError as e:
@@ -236,15 +237,43 @@ def read_method_config(cls: type[MethodConfig], path: str | Path, kind: str) -> 
     values = read_json_object(path, f"{kind} config")
     if unknown := sorted(set(values) - {f.name for f in fields(cls)}):
         raise LitQAError(f"{path}: unknown {kind} config fields {unknown}")
+    check_field_types(cls, values, path)
     try:
         return cls(**values)
     except (LitQAError, TypeError) as e:
         raise LitQAError(f"{path}: {e}") from None
 
 
+# JSON values each annotation accepts: a float field takes 3 as well as 3.0; a bool is not an int here.
+_JSON_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def check_field_types(cls: type, values: dict[str, Any], path: str | Path) -> None:
+    """Compare each JSON value with its dataclass field's annotation (``int``, ``float``, ``bool``, ``str``, a
+    ``list[...]``, ``dict[...]``, each optionally ``| None``), so that a wrong type is named by its key and not
+    by the comparison it later breaks ("'<' not supported between 'str' and 'int'").
+
+    Raises:
+        LitQAError: Naming ``path``, the key, the expected type and the value found.
+    """
+    annotations = {f.name: str(f.type) for f in fields(cls)}
+    for key, value in values.items():
+        kinds = [kind.strip() for kind in annotations[key].split("|")]
+        if value is None and "None" in kinds:
+            continue
+        allowed = []
+        for kind in kinds:
+            base = kind.split("[")[0]
+            allowed += {"list": [list], "tuple": [list], "dict": [dict]}.get(base, list(_JSON_TYPES.get(base, ())))
+        if not allowed:  # an annotation this check does not know: the dataclass's own validation decides
+            continue
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, tuple(allowed)):
+            raise LitQAError(f"{path}: {key} must be {annotations[key]}, got {value!r}")
+
+
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
     try:
-        values = json.loads(path.read_text())
+        values = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise LitQAError(f"{path}: {what} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
