@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from lit_qa.checkpoints.adapter import check_adapter_dir, load_adapter_checkpoint, read_adapter_base_record
+from lit_qa.checkpoints.folder import check_not_inside
 from lit_qa.checkpoints.na_head import load_na_head
 from lit_qa.data.squad import load_squad, subset_selector
 from lit_qa.errors import run_cli
@@ -98,6 +99,8 @@ def main(
             (A folder holding only predictions.partial.jsonl, an interrupted run, is resumed either way.)
     """
     check_out_dir(out_dir, overwrite)  # before anything is loaded: a refusal should cost nothing
+    inputs = {"--adapter_dir": adapter_dir, "--checkpoint_dir": checkpoint_dir, "--eval_file": eval_file}
+    check_not_inside(out_dir, inputs, replaces_folder=False)  # its results may not land in what it reads
     select = subset_selector(subset)  # a bad --subset too
     check_adapter_dir(adapter_dir)
     check_quantize_args(quantize, gptq_checkpoint)

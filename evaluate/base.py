@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from lit_qa.checkpoints.inference import load_for_inference
+from lit_qa.checkpoints.folder import check_not_inside
 from lit_qa.checkpoints.na_head import load_na_head
 from lit_qa.data.squad import load_squad, subset_selector
 from lit_qa.errors import run_cli
@@ -104,6 +105,8 @@ def main(
             (A folder holding only predictions.partial.jsonl, an interrupted run, is resumed either way.)
     """
     check_out_dir(out_dir, overwrite)  # before anything is loaded: a refusal should cost nothing
+    inputs = {"--checkpoint_dir": checkpoint_dir, "--gptq_checkpoint": gptq_checkpoint, "--eval_file": eval_file}
+    check_not_inside(out_dir, inputs, replaces_folder=False)  # its results may not land in what it reads
     select = subset_selector(subset)  # a bad --subset too
     # A full fine-tune (finetune/full.py) records its prompt settings; a converted base model has none.
     prompt_style, no_answer = prompt_settings(checkpoint_dir, prompt_style, no_answer, warn_if_unknown=False)

@@ -79,9 +79,12 @@ def check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def check_not_inside(out_dir: str | Path, inputs: dict[str, str | Path | None], out_flag: str = "--out_dir") -> None:
+def check_not_inside(
+    out_dir: str | Path, inputs: dict[str, str | Path | None], out_flag: str = "--out_dir", replaces_folder: bool = True
+) -> None:
     """Refuse an output folder that is, is inside, or contains one of ``inputs`` (flag -> path; None skipped):
-    replacing it would replace what the command reads.
+    replacing it would replace what the command reads. A command that writes only its own files into the folder
+    (``replaces_folder=False``: an evaluation) may write into a folder that contains an input.
 
     Raises:
         LitQAError: Naming the output, the input's flag and how they overlap.
@@ -95,7 +98,7 @@ def check_not_inside(out_dir: str | Path, inputs: dict[str, str | Path | None], 
             relation = "is"
         elif source in out.parents:
             relation = "is inside"
-        elif out in source.parents:
+        elif out in source.parents and replaces_folder:
             relation = "contains"
         else:
             continue

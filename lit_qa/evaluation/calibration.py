@@ -228,12 +228,12 @@ def resolve_na_threshold(
 def load_calibration_questions(
     calibration_file: Path | None, eval_file: Path, questions: list[Question]
 ) -> list[Question] | None:
-    """The ``--calibration_file`` questions, checked against the evaluation: never the evaluation file itself nor
-    any question being evaluated (a threshold tuned on them would flatter the score); without unanswerable
-    questions the tuning can only choose "never abstain", which is said in one line.
+    """The ``--calibration_file`` questions, checked against the evaluation: never the evaluation file itself (a
+    threshold tuned on the questions it scores flatters the score); questions it shares with the evaluation, or no
+    unanswerable question (then the tuning can only choose "never abstain"), are each said in one warning line.
 
     Raises:
-        LitQAError: If the file is unreadable, is the evaluation file, or shares question ids with ``questions``.
+        LitQAError: If the file is unreadable or is the evaluation file.
     """
     if calibration_file is None:
         return None
@@ -243,8 +243,8 @@ def load_calibration_questions(
     calibration = load_squad(calibration_file)
     evaluated = {question.id for question in questions}
     if shared := [question.id for question in calibration if question.id in evaluated]:
-        raise LitQAError(f"--calibration_file {calibration_file}: {len(shared)} of its questions are evaluation "
-                         f"questions (e.g. {shared[0]}); tune the threshold on held-out questions")  # fmt: skip
+        print(f"warning: --calibration_file {calibration_file}: {len(shared)} of its questions are evaluation questions "
+              f"(e.g. {shared[0]}), so the tuned threshold is not held out", file=sys.stderr)  # fmt: skip
     if not any(question.is_impossible for question in calibration):
         print(f"warning: --calibration_file {calibration_file} has no unanswerable question, so the tuning can only "
               "choose never to abstain", file=sys.stderr)  # fmt: skip
