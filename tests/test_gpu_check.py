@@ -8,7 +8,6 @@ import pytest
 from helpers import SHARED_SQUAD
 
 from benchmarks import gpu_check
-from lit_qa.models.config import Config
 from lit_qa.training.memory import TrainingSetup, estimate_memory
 
 
@@ -54,4 +53,11 @@ def test_datasheets_are_found_by_device_name():
     assert gpu_check.datasheet_for("NVIDIA H100 80GB HBM3") == (989.0, 3.35)
     assert gpu_check.datasheet_for("NVIDIA A100-SXM4-80GB") == (312.0, 2.04)
     assert gpu_check.datasheet_for("Some Future GPU") is None
-    assert isinstance(Config.from_name("Llama-3.1-8B"), Config)
+
+
+def test_a_real_run_uses_the_named_7b_config_and_a_dry_run_a_tiny_one_of_the_same_kind():
+    real = gpu_check.Sizes.for_run(dry_run=False, big_config="Llama-3.1-8B", lora_steps=5, questions=7)
+    assert (real.big_config.n_layer, real.big_config.n_embd, real.big_config.n_query_groups) == (32, 4096, 8)
+    assert (real.lora_steps, real.questions) == (5, 7)
+    dry = gpu_check.Sizes.for_run(dry_run=True, big_config="Llama-3.1-8B", lora_steps=5, questions=7)
+    assert dry.big_config.n_query_groups < dry.big_config.n_head and dry.lora_steps == 2  # GQA like the 8B, tiny

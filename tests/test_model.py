@@ -31,7 +31,9 @@ def test_registry_configs_have_published_parameter_counts(name):
 def test_tied_embeddings_share_one_tensor():
     model = GPT(Config.from_name("tiny-tied"))
     assert model.lm_head.weight is model.transformer.wte.weight
-    assert GPT(Config.from_name("tiny-gqa")).lm_head.weight is not None
+    untied = GPT(Config.from_name("tiny-gqa"))
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert untied.lm_head.weight.data_ptr() != untied.transformer.wte.weight.data_ptr()
 
 
 def test_config_errors_are_one_line_and_name_the_problem(tmp_path):
