@@ -147,6 +147,7 @@ def refused_global(error: BaseException) -> str:
 
 
 def first_line(error: BaseException) -> str:
-    """The first line of an exception's message (its type when it has none)."""
+    """The first sentence of an exception's message (its type when it has none): what went wrong, without the
+    advice and internals a library adds after it."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return text.splitlines()[0].split(". ")[0][:200] if text else type(error).__name__
