@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass, replace
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from lit_qa import files
 from lit_qa.errors import LitQAError
 from lit_qa.models.lora import LoRAConfig
 from lit_qa.precision import cpu_has_native_bf16
@@ -66,8 +66,9 @@ def print_table(rows: list[dict[str, object]]) -> None:
 
 
 def write_json(path: Path, payload: dict[str, object]) -> None:
+    """Write a benchmark's results (`lit_qa.files.write_json`) and say where."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    files.write_json(path, payload)
     print(f"wrote {path}")
 
 

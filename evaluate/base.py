@@ -37,7 +37,7 @@ from lit_qa.checkpoints.na_head import load_na_head
 from lit_qa.data.squad import load_squad, subset_selector
 from lit_qa.errors import run_cli
 from lit_qa.evaluation.calibration import load_calibration_questions, resolve_na_threshold
-from lit_qa.evaluation.results import check_out_dir, format_summary
+from lit_qa.evaluation.results import check_evaluation_out_dir, format_summary
 from lit_qa.evaluation.run import check_chat_template, prompt_settings, run_evaluation
 from lit_qa.models.tokenizer import Tokenizer, check_vocab_matches
 from lit_qa.precision import autocast, inference_precision, resolve_device, weights_dtype
@@ -104,7 +104,7 @@ def main(
         overwrite: Replace the results of a finished evaluation in ``out_dir``; without it such a folder is refused.
             (A folder holding only predictions.partial.jsonl, an interrupted run, is resumed either way.)
     """
-    check_out_dir(out_dir, overwrite)  # before anything is loaded: a refusal should cost nothing
+    check_evaluation_out_dir(out_dir, overwrite)  # before anything is loaded: a refusal should cost nothing
     inputs = {"--checkpoint_dir": checkpoint_dir, "--gptq_checkpoint": gptq_checkpoint, "--eval_file": eval_file}
     check_not_inside(out_dir, inputs, replaces_folder=False)  # its results may not land in what it reads
     select = subset_selector(subset)  # a bad --subset too

@@ -23,10 +23,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lit_qa.data.squad import read_json_file
 from lit_qa.errors import LitQAError, run_cli
 from lit_qa.evaluation.bootstrap import paired_bootstrap
 from lit_qa.evaluation.results import METRICS_FILE, QUESTION_SCORES_FILE
+from lit_qa.files import read_json
 
 COLUMNS = ("run", "questions", "EM", "F1", "HasAns F1", "NoAns accuracy", "na_prob AUC", "F1 vs no-answer (95% CI)",
            "questions/s")  # fmt: skip
@@ -69,7 +69,7 @@ def load_run(item: str) -> tuple[str, dict[str, Any], Path]:
     path = Path(path_text)
     if path.is_dir():
         path = path / METRICS_FILE
-    metrics = read_json_file(path)  # LitQAError naming the file if it is missing or not JSON
+    metrics = read_json(path)  # LitQAError naming the file if it is missing or not JSON
     if not isinstance(metrics, dict) or (missing := [k for k in REQUIRED if k not in metrics]):
         raise LitQAError(f"{path} is not a metrics file of evaluate/*.py (missing {', '.join(missing)})")
     return label or path.parent.name, metrics, path
@@ -100,7 +100,7 @@ def f1_vs_no_answer(metrics: dict[str, Any], metrics_path: Path) -> tuple[str | 
     path = metrics_path.parent / QUESTION_SCORES_FILE
     if not path.is_file():
         return None, f"{path} is missing (evaluated before per-question scores were written); evaluate again"
-    scores = read_json_file(path)
+    scores = read_json(path)
     try:
         f1 = [100.0 * s["f1"] for s in scores.values()]
         no_answer_f1 = [100.0 * s["no_answer_f1"] for s in scores.values()]

@@ -23,12 +23,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from lit_qa.checkpoints.convert_hf import tokenizer_files
-from lit_qa.checkpoints.folder import check_not_inside, check_out_dir, save_checkpoint
+from lit_qa.checkpoints.folder import check_not_inside, save_checkpoint
 from lit_qa.checkpoints.lora import load_lora_checkpoint, read_base_record
 from lit_qa.checkpoints.na_head import NA_HEAD_FILES, load_na_head
 from lit_qa.data.dataset import CONFIG_FILE as PREPARE_CONFIG_FILE
 from lit_qa.errors import run_cli
 from lit_qa.evaluation.calibration import NA_THRESHOLD_FILE, read_na_threshold
+from lit_qa.files import check_out_dir
 from lit_qa.models.lora import lora_filter, merge_lora_weights
 
 

@@ -28,17 +28,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from lit_qa.data.dataset import (
-    PREPARED_FILES,
-    check_prepared_out_dir,
-    prepare_config,
-    write_atomic,
-    write_prepared,
-)
+from lit_qa.data.dataset import PREPARED_FILES, check_prepared_out_dir, prepare_config, write_prepared
 from lit_qa.data.prepare import QuestionEncoder, encode_splits, extra_training_questions
 from lit_qa.data.prompts import ANSWER_MODES, NO_ANSWER, check_prompt_style
 from lit_qa.data.squad import Question, load_squad
 from lit_qa.errors import LitQAError, not_found, run_cli
+from lit_qa.files import write_atomic
 from lit_qa.models.tokenizer import Tokenizer
 
 SQUAD_URLS = {

@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from lit_qa.checkpoints.convert_hf import tokenizer_files
-from lit_qa.checkpoints.folder import check_checkpoint_dir, check_not_inside, check_out_dir, load_model
+from lit_qa.checkpoints.folder import check_checkpoint_dir, check_not_inside, load_model
 from lit_qa.checkpoints.gptq import export_hf_gptq, gptq_state_dict, save_gptq_checkpoint
 from lit_qa.data.dataset import IGNORE_INDEX, load_prepared
 from lit_qa.errors import LitQAError, not_found, run_cli
+from lit_qa.files import check_out_dir
 from lit_qa.models.config import Config
 from lit_qa.models.tokenizer import Tokenizer
 from lit_qa.quantize.gptq import GPTQConfig

@@ -28,7 +28,7 @@ from lit_qa.data.squad import (
 )
 from lit_qa.errors import LitQAError, run_cli
 from lit_qa.evaluation.answering import answer_questions, to_official
-from lit_qa.evaluation.results import check_out_dir
+from lit_qa.evaluation.results import check_evaluation_out_dir
 from lit_qa.evaluation.bootstrap import paired_bootstrap
 from lit_qa.evaluation.squad_metric import evaluate_predictions, no_answer_baseline, question_scores
 from lit_qa.models.lora import LoRAConfig, apply_lora, lora_filter, lora_layers, merge_lora_weights
@@ -352,9 +352,9 @@ def test_evaluate_base_missing_input_is_one_line_error(checkpoint_dir, tmp_path,
 
 
 def test_check_out_dir_refuses_finished_results_only(tmp_path):
-    check_out_dir(tmp_path / "new")  # nothing there yet
+    check_evaluation_out_dir(tmp_path / "new")  # nothing there yet
     (tmp_path / results.PARTIAL_FILE).write_text("{}\n")
-    check_out_dir(tmp_path)  # an interrupted run: resumed, not refused
+    check_evaluation_out_dir(tmp_path)  # an interrupted run: resumed, not refused
     for name in (results.PREDICTIONS_FILE, results.METRICS_FILE):
         folder = tmp_path / name.split(".")[0]
         folder.mkdir()
@@ -362,8 +362,8 @@ def test_check_out_dir_refuses_finished_results_only(tmp_path):
         expected = (f"{folder} already holds a finished evaluation ({name}); pass --overwrite true to replace it "
                     "or choose another --out_dir")  # fmt: skip
         with pytest.raises(LitQAError, match=f"^{re.escape(expected)}$"):
-            check_out_dir(folder)
-        check_out_dir(folder, overwrite=True)
+            check_evaluation_out_dir(folder)
+        check_evaluation_out_dir(folder, overwrite=True)
 
 
 @pytest.mark.parametrize("script, model_arg", [("evaluate/base.py", "checkpoint_dir"), ("evaluate/lora.py", "lora_dir"),

@@ -226,7 +226,7 @@ def test_corrupt_tokenizer_file(tmp_path: Path, name: str):
     ("content", "match"),
     [
         ("{not json", "not valid JSON"),
-        ("[1, 2]", "must hold a JSON object"),
+        ("[1, 2]", "expected a JSON object, got list"),
         ('{"add_bos_token": "yes"}', "add_bos_token"),
         ('{"eos_token": "<|missing|>"}', "not in the tokenizer's vocabulary"),
     ],

@@ -33,12 +33,13 @@ from typing import Any
 
 import torch
 
-from lit_qa.checkpoints.folder import WEIGHTS_FILE, check_out_dir, write_folder_atomically
+from lit_qa.checkpoints.folder import WEIGHTS_FILE
 from lit_qa.checkpoints.gguf_reader import GGUFFile, config_from_gguf, converted_tensor, plan_tensors, torch_shape
 from lit_qa.checkpoints.gguf_tokenizer import (
     gguf_tokenizer_files,
 )
 from lit_qa.errors import LitQAError
+from lit_qa.files import check_out_dir, write_folder_atomically
 from lit_qa.models.config import CONFIG_FILE
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}

@@ -23,14 +23,13 @@ from safetensors.torch import save_file
 from lit_qa.checkpoints.folder import (
     TIED_KEY,
     check_checkpoint_dir,
-    check_out_dir,
     check_state_dict,
     load_state_dict,
     load_torch_file,
     save_checkpoint,
-    write_folder_atomically,
 )
 from lit_qa.errors import LitQAError
+from lit_qa.files import check_out_dir, read_json_object, write_folder_atomically
 from lit_qa.models.config import Config
 from lit_qa.models.tokenizer import TOKENIZER_FILES, Tokenizer
 
@@ -216,8 +215,8 @@ def _weight_files(hf_dir: Path) -> list[Path]:
             return [hf_dir / single]
         if (hf_dir / index).is_file():
             try:
-                weight_map = json.loads((hf_dir / index).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                weight_map = read_json_object(hf_dir / index)["weight_map"]
+            except (KeyError, TypeError) as e:
                 raise LitQAError(f"{hf_dir / index}: not a valid weight index ({e})") from None
             shards = [hf_dir / name for name in sorted(set(weight_map.values()))]
             if missing := [s.name for s in shards if not s.is_file()]:
@@ -269,10 +268,7 @@ def load_hf_checkpoint(
     config_path = hf_dir / HF_CONFIG_FILE
     if not config_path.is_file():
         raise LitQAError(f"{config_path} not found; is {hf_dir} a Hugging Face model folder?")
-    try:
-        hf_config = json.loads(config_path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LitQAError(f"{config_path}: not valid JSON ({e})") from None
+    hf_config = read_json_object(config_path, "Hugging Face config")
     config = config_from_hf(hf_config, name or hf_dir.name, config_path)
     state_dict = {}
     for path in _weight_files(hf_dir):

@@ -16,15 +16,15 @@ half of a head against the second. Permuting the rows of wq and wk converts one 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lit_qa.checkpoints.convert_hf import tokenizer_files
-from lit_qa.checkpoints.folder import check_out_dir, check_state_dict, load_torch_file, save_checkpoint
+from lit_qa.checkpoints.folder import check_state_dict, load_torch_file, save_checkpoint
 from lit_qa.errors import LitQAError
+from lit_qa.files import check_out_dir, read_json_object
 from lit_qa.models.config import Config
 
 PARAMS_FILE = "params.json"
@@ -141,10 +141,7 @@ def load_meta_checkpoint(
             f"{meta_dir} is not a Meta checkpoint: it needs params.json and consolidated.*.pth "
             f"(it has: {', '.join(present) or 'nothing'})"
         )
-    try:
-        params = json.loads(params_path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LitQAError(f"{params_path}: not valid JSON ({e})") from None
+    params = read_json_object(params_path, "Meta params file")
     shards = [load_torch_file(path) for path in shard_paths]
     keys = [k for k in shards[0] if k not in _IGNORED_KEYS]
     if unequal := [p.name for p, s in zip(shard_paths, shards, strict=True) if set(s) - _IGNORED_KEYS != set(keys)]:

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from lit_qa.checkpoints.folder import WEIGHTS_FILE, check_checkpoint_dir, check_out_dir
+from lit_qa.checkpoints.folder import WEIGHTS_FILE, check_checkpoint_dir
 from lit_qa.checkpoints.gguf_reader import _GLOBAL_NAMES, _LAYER_NAMES, _ROPE_FREQS
 from lit_qa.errors import LitQAError
+from lit_qa.files import check_out_dir
 from lit_qa.models.config import Config
 from lit_qa.models.model import apply_llama3_rope_scaling
 

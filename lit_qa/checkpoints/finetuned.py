@@ -21,15 +21,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from lit_qa.checkpoints.folder import (
-    WEIGHTS_FILE,
-    _short_list,
-    check_checkpoint_dir,
-    load_state_dict,
-    write_folder_atomically,
-)
+from lit_qa.checkpoints.folder import WEIGHTS_FILE, _short_list, check_checkpoint_dir, load_state_dict
 from lit_qa.errors import LitQAError, not_found
-from lit_qa.models.config import Config, read_json_object
+from lit_qa.files import read_json_object, write_folder_atomically
+from lit_qa.models.config import Config
 
 BASE_RECORD_FILE = "base_checkpoint.json"
 

@@ -14,12 +14,9 @@ from the memory-mapped safetensors file, the recipe of gpt-fast's ``_load_model`
 
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lit_qa.errors import LitQAError, not_found
+from lit_qa.files import write_folder_atomically
 from lit_qa.models.config import CONFIG_FILE, Config
 from lit_qa.models.model import GPT
 
@@ -65,20 +63,6 @@ def check_checkpoint_dir(checkpoint_dir: str | Path) -> Path:
     return path
 
 
-def check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """Refuse to write into a non-empty folder unless asked to, before any conversion work starts.
-
-    Raises:
-        LitQAError: If ``out_dir`` is a file, or a non-empty folder and ``overwrite`` is False.
-    """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise LitQAError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise LitQAError(f"{out} already exists and is not empty; pass --overwrite to replace it")
-    return out
-
-
 def check_not_inside(
     out_dir: str | Path, inputs: dict[str, str | Path | None], out_flag: str = "--out_dir", replaces_folder: bool = True
 ) -> None:
@@ -103,49 +87,6 @@ def check_not_inside(
         else:
             continue
         raise LitQAError(f"{out_flag} {out_dir} {relation} the input {flag} {path}; write the output to another folder")
-
-
-@contextmanager
-def write_folder_atomically(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder to fill; it replaces ``out_dir`` only if the block finishes.
-
-    A crash or an exception half-way leaves the previous ``out_dir`` untouched and removes the temporary
-    folder, so a later load never sees a checkpoint with a config but truncated weights.
-
-    Args:
-        out_dir: The folder to produce.
-        overwrite: Replace a non-empty ``out_dir``. The old folder is deleted only after the new one is complete.
-
-    Raises:
-        LitQAError: If ``out_dir`` is not empty and ``overwrite`` is False.
-    """
-    out = check_out_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left over by an earlier crash of a process with our pid
-    tmp.mkdir()
-    try:
-        yield tmp
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    # rename() cannot replace a non-empty folder, so move the old one aside first and back on failure.
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old)
 
 
 def save_checkpoint(

@@ -26,8 +26,9 @@ from lit_qa.checkpoints.convert_hf import (
     lit_to_hf_key,
     tokenizer_files,
 )
-from lit_qa.checkpoints.folder import EMBEDDING_KEY, TIED_KEY, write_folder_atomically
+from lit_qa.checkpoints.folder import EMBEDDING_KEY, TIED_KEY
 from lit_qa.errors import LitQAError, not_found
+from lit_qa.files import read_json, write_folder_atomically
 from lit_qa.models.config import CONFIG_FILE, Config
 from lit_qa.models.model import GPT
 from lit_qa.quantize.int4 import SUPPORTED_BITS, Int4Linear
@@ -106,7 +107,7 @@ def load_gptq_state(gptq_dir: str | Path) -> tuple[Config, dict[str, Any], dict[
         present = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
         raise LitQAError(f"{path} is not a GPTQ checkpoint: missing {', '.join(missing)} (it has: {present})")
     config = Config.from_checkpoint(path)
-    quantize_config = _read_json(path / QUANTIZE_CONFIG_FILE)
+    quantize_config = read_json(path / QUANTIZE_CONFIG_FILE)
     check_quantize_config(quantize_config, path / QUANTIZE_CONFIG_FILE)
     return config, quantize_config, _read_safetensors(path / GPTQ_WEIGHTS_FILE)
 
@@ -244,13 +245,6 @@ def _short_list(keys: list[str], limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LitQAError(f"{path}: not valid JSON ({e})") from None
-
-
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -320,13 +314,13 @@ def load_hf_gptq(hf_dir: str | Path, name: str | None = None) -> tuple[Config, d
     config_path = hf_dir / HF_CONFIG_FILE
     if not config_path.is_file():
         raise LitQAError(f"{config_path} not found; is {hf_dir} a Hugging Face model folder?")
-    hf_config = _read_json(config_path)
+    hf_config = read_json(config_path)
     if not isinstance(hf_config, dict):
         raise LitQAError(f"{config_path}: expected a JSON object")
     config = config_from_hf(hf_config, name or hf_dir.name, config_path)
     quantize_config, source = hf_config.get("quantization_config"), config_path
     if quantize_config is None and (hf_dir / QUANTIZE_CONFIG_FILE).is_file():
-        quantize_config, source = _read_json(hf_dir / QUANTIZE_CONFIG_FILE), hf_dir / QUANTIZE_CONFIG_FILE
+        quantize_config, source = read_json(hf_dir / QUANTIZE_CONFIG_FILE), hf_dir / QUANTIZE_CONFIG_FILE
     if quantize_config is None:
         raise LitQAError(
             f"{hf_dir} is not a quantized model: no quantization_config in config.json and no quantize_config.json"

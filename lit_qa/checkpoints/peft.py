@@ -26,10 +26,10 @@ from safetensors.torch import save_file
 from lit_qa.checkpoints.adapter import ADAPTER_WEIGHTS_FILE
 from lit_qa.checkpoints.convert_hf import hf_to_lit_key, lit_to_hf_key
 from lit_qa.checkpoints.finetuned import read_base_record
-from lit_qa.checkpoints.folder import load_state_dict, write_folder_atomically
+from lit_qa.checkpoints.folder import load_state_dict
 from lit_qa.checkpoints.lora import LORA_CONFIG_FILE, LORA_WEIGHTS_FILE, check_lora_dir, save_lora_checkpoint
 from lit_qa.errors import LitQAError
-from lit_qa.models.config import read_json_object
+from lit_qa.files import read_json_object, write_folder_atomically
 from lit_qa.models.lora import BLOCK_TARGETS, LoRAConfig
 
 PEFT_CONFIG_FILE = "adapter_config.json"

@@ -9,10 +9,7 @@ training spends any time on it; `collate` pads a micro-batch on the right (label
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ import torch
 from lit_qa.checkpoints.trusted import load_tensors
 from lit_qa.data.prompts import chat_template_sha256
 from lit_qa.errors import LitQAError, not_found
+from lit_qa.files import file_sha256, read_json, write_atomic
 from lit_qa.models.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # labels with this value are skipped by torch.nn.functional.cross_entropy
@@ -30,21 +28,6 @@ STATS_FILE = "stats.json"
 VAL_SQUAD_FILE = "val-v2.0.json"
 PREPARED_BY = "lit-qa scripts/prepare_squad.py"
 FORMAT_VERSION = 1
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)  # mkstemp makes the file private (0600); give it the usual permissions instead
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_prepared(data_dir: Path | str, split: str) -> list[dict[str, Any]]:
@@ -84,10 +67,7 @@ def read_prepare_config(data_dir: Path | str) -> dict[str, Any]:
     path = Path(data_dir) / CONFIG_FILE
     if not path.is_file():
         raise LitQAError(f"{path} {not_found(path, 'file')}: {data_dir} was not prepared by scripts/prepare_squad.py")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LitQAError(f"{path} is not valid JSON: {' '.join(str(e).split())}") from None
+    config = read_json(path)
     if not isinstance(config, dict) or config.get("prepared_by") != PREPARED_BY:
         raise LitQAError(f"{path} was not written by scripts/prepare_squad.py")
     if config.get("format_version") != FORMAT_VERSION:
@@ -242,15 +222,6 @@ def write_prepared(out_dir: Path, files: dict[str, bytes], stats: dict[str, Any]
     (out_dir / CONFIG_FILE).unlink(missing_ok=True)
     for name, data in files.items():
         write_atomic(out_dir / name, data)
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def to_json(obj: Any) -> bytes:

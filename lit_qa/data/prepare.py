@@ -44,8 +44,9 @@ from tqdm import tqdm
 from lit_qa.data.dataset import IGNORE_INDEX, SPLITS, VAL_SQUAD_FILE
 from lit_qa.data.packing import packing_stats
 from lit_qa.data.prompts import ANSWER_MODES, NO_ANSWER, answer_text, answer_texts, check_prompt_style, encode_prompt
-from lit_qa.data.squad import Question, read_json_file
+from lit_qa.data.squad import Question
 from lit_qa.errors import LitQAError
+from lit_qa.files import read_json
 from lit_qa.models.tokenizer import Tokenizer
 
 _WORD = re.compile(r"\S+")
@@ -373,6 +374,6 @@ def extra_training_questions(extra: list[Question], exclude_titles: set[str]) ->
 
 def val_squad_json(train_file: Path, val_titles: set[str]) -> bytes:
     """The val articles of the training file in official format, serialized as the official files are."""
-    raw = read_json_file(train_file)
+    raw = read_json(train_file)
     subset = {"version": raw.get("version", "v2.0"), "data": [a for a in raw["data"] if a["title"] in val_titles]}
     return json.dumps(subset).encode("utf-8")

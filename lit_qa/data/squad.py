@@ -10,14 +10,14 @@ fixed subsets of whole paragraphs; `subset_selector` picks one of the two by the
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lit_qa.errors import LitQAError, not_found
+from lit_qa.errors import LitQAError
+from lit_qa.files import read_json
 
 
 @dataclass(frozen=True)
@@ -43,28 +43,6 @@ class Question:
     is_impossible: bool
 
 
-def read_json_file(path: Path | str) -> Any:
-    """Read a UTF-8 JSON file.
-
-    Raises:
-        LitQAError: If the file is missing, not UTF-8 or not valid JSON, naming the file (and line/column).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise LitQAError(f"{path} {not_found(path, 'file')}")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")  # a BOM (Windows editors) is not an error
-    except UnicodeDecodeError as e:
-        line = e.object.count(b"\n", 0, e.start) + 1
-        raise LitQAError(
-            f"{path} is not UTF-8 text: bad byte {e.object[e.start]:#04x} at offset {e.start} (line {line})"
-        ) from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise LitQAError(f"{path} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-
-
 def load_squad(path: Path | str) -> list[Question]:
     """Read and check an official-format SQuAD v2.0 or v1.1 file.
 
@@ -81,7 +59,7 @@ def load_squad(path: Path | str) -> list[Question]:
             answers (or an unanswerable one lists some).
     """
     path = Path(path)
-    raw = read_json_file(path)
+    raw = read_json(path)
     data = _field(raw, "data", list, path, "")
     questions: list[Question] = []
     seen: set[str] = set()
@@ -168,7 +146,7 @@ def load_predictions(path: Path | str, question_ids: Iterable[str]) -> dict[str,
             (the message counts both and shows an example of each).
     """
     path = Path(path)
-    raw = read_json_file(path)
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise LitQAError(f"{path} must hold a JSON object of question id to answer text, got {_json_type(raw)}")
     for qid, text in raw.items():

@@ -11,7 +11,6 @@ answering from abstaining apart.
 
 from __future__ import annotations
 
-import json
 import sys
 from itertools import accumulate
 from pathlib import Path
@@ -21,6 +20,7 @@ from lit_qa.data.squad import Question, load_squad
 from lit_qa.errors import LitQAError
 from lit_qa.evaluation.answers import NA_METHODS, Answers, na_logit
 from lit_qa.evaluation.squad_metric import evaluate_predictions, exact_match, f1_score, gold_answers
+from lit_qa.files import read_json
 
 NA_THRESHOLD_FILE = "na_threshold.json"  # next to fine-tuned weights: the threshold tuned during training
 
@@ -261,10 +261,7 @@ def read_na_threshold(folder: Path) -> dict[str, Any] | None:
     path = Path(folder) / NA_THRESHOLD_FILE
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LitQAError(f"{path} is not valid JSON: {' '.join(str(e).split())}") from None
+    record = read_json(path)
     threshold = record.get("threshold") if isinstance(record, dict) else None
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
         raise LitQAError(f"{path}: 'threshold' must be a number in [0, 1], got {threshold!r}")

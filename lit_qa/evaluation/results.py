@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from lit_qa.data.dataset import write_atomic
 from lit_qa.data.squad import Question, question_ids_sha256
 from lit_qa.errors import LitQAError
 from lit_qa.evaluation.answers import NA_METHODS, Answers
@@ -33,7 +32,7 @@ QUESTION_SCORES_FILE = "question_scores.json"  # id -> exact, f1, no_answer_f1 (
 PARTIAL_FILE = "predictions.partial.jsonl"  # header line, then one line per answered question
 
 
-def check_out_dir(out_dir: Path, overwrite: bool = False) -> None:
+def check_evaluation_out_dir(out_dir: Path, overwrite: bool = False) -> None:
     """Refuse to write over a finished evaluation, before any model is loaded.
 
     A folder holding only ``predictions.partial.jsonl`` is an interrupted run, which `run_evaluation` resumes.
@@ -47,11 +46,6 @@ def check_out_dir(out_dir: Path, overwrite: bool = False) -> None:
     if finished and not overwrite:
         raise LitQAError(f"{out_dir} already holds a finished evaluation ({finished[0]}); pass --overwrite true "
                          "to replace it or choose another --out_dir")  # fmt: skip
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file + rename), so a crash never leaves half a file."""
-    write_atomic(Path(path), (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def question_scores_record(questions: list[Question], predictions: dict[str, str]) -> dict[str, dict[str, float]]:

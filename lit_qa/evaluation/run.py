@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_qa.data.dataset import CONFIG_FILE as PREPARE_CONFIG_FILE
-from lit_qa.data.dataset import read_prepare_config, write_atomic
+from lit_qa.data.dataset import read_prepare_config
 from lit_qa.data.prompts import NO_ANSWER, chat_template_sha256, check_prompt_style
 from lit_qa.data.squad import Question, question_ids_sha256
 from lit_qa.evaluation.answering import score_questions
@@ -43,9 +43,9 @@ from lit_qa.evaluation.results import (
     partial_settings,
     question_scores_record,
     read_partial,
-    write_json,
 )
 from lit_qa.evaluation.squad_metric import evaluate_predictions, no_answer_baseline
+from lit_qa.files import write_atomic, write_json
 from lit_qa.models.model import GPT
 from lit_qa.models.tokenizer import Tokenizer
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lit_qa.errors import LitQAError
+from lit_qa.files import read_json_object
 
 CONFIG_FILE = "lit_config.json"
 # 1M tokens: 8x Llama 3.1's 131,072, and a RoPE cache of at most a few GiB; beyond is a typo, not a model.
@@ -122,14 +123,7 @@ class Config:
     def from_file(cls, path: str | Path) -> Config:
         """Read a config written by `save`, failing with the file name on bad content."""
         path = Path(path)
-        if not path.is_file():
-            raise LitQAError(f"{path}: config file not found")
-        try:
-            values = json.loads(path.read_text(encoding="utf-8-sig"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LitQAError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(values, dict):
-            raise LitQAError(f"{path}: expected a JSON object")
+        values = read_json_object(path, "config file")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -269,15 +263,3 @@ def check_field_types(cls: type, values: dict[str, Any], path: str | Path) -> No
             continue
         if isinstance(value, bool) and bool not in allowed or not isinstance(value, tuple(allowed)):
             raise LitQAError(f"{path}: {key} must be {annotations[key]}, got {value!r}")
-
-
-def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    try:
-        values = json.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise LitQAError(f"{path}: {what} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LitQAError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(values, dict):
-        raise LitQAError(f"{path}: expected a JSON object")
-    return values

@@ -14,8 +14,6 @@ with ``encode(..., bos=, eos=)`` and a BOS is never added twice.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from typing import Any
 import torch
 
 from lit_qa.errors import LitQAError, not_found
+from lit_qa.files import file_sha256, read_json_object
 
 # What a converter copies from a Hugging Face snapshot into a checkpoint folder (whichever exist).
 TOKENIZER_FILES = (
@@ -71,12 +70,8 @@ class Tokenizer:
     def file_sha256(self) -> str:
         """SHA-256 of the vocabulary file (tokenizer.json or tokenizer.model): identifies the tokenizer beyond its
         size, e.g. to check that prepared data was tokenized by this very tokenizer."""
-        digest = hashlib.sha256()
         name = "tokenizer.json" if self.backend == "huggingface" else "tokenizer.model"
-        with (self.checkpoint_dir / name).open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return file_sha256(self.checkpoint_dir / name)
 
     def __init__(self, checkpoint_dir: Path | str) -> None:
         """Read the tokenizer files of ``checkpoint_dir``.
@@ -113,9 +108,9 @@ class Tokenizer:
             )
 
         # special_tokens_map.json is the older home of bos/eos names; tokenizer_config.json wins where both say.
-        special_map = _read_json(checkpoint_dir / "special_tokens_map.json")
-        config = _read_json(checkpoint_dir / "tokenizer_config.json")
-        generation = _read_json(checkpoint_dir / "generation_config.json")
+        special_map = read_json_object(checkpoint_dir / "special_tokens_map.json", optional=True)
+        config = read_json_object(checkpoint_dir / "tokenizer_config.json", optional=True)
+        generation = read_json_object(checkpoint_dir / "generation_config.json", optional=True)
         config_path = checkpoint_dir / "tokenizer_config.json"
 
         self.bos_id = self._special_id("bos", config, special_map, generation)
@@ -350,19 +345,6 @@ def _load_sentencepiece(path: Path) -> Any:
         return spm.SentencePieceProcessor(model_file=str(path))
     except (RuntimeError, OSError) as e:  # what the C++ parser raises for a bad or unreadable file
         raise LitQAError(f"cannot read {path}: {_one_line(e)}") from None
-
-
-def _read_json(path: Path) -> dict:
-    """Read an optional JSON metadata file: {} if absent, LitQAError if it is not a JSON object."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LitQAError(f"{path} is not valid JSON: {_one_line(e)}") from None
-    if not isinstance(data, dict):
-        raise LitQAError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _chat_template(value: Any, config_path: Path) -> str | None:

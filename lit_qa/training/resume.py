@@ -23,6 +23,7 @@ import torch
 
 from lit_qa.checkpoints.trusted import first_line, refused_global
 from lit_qa.errors import LitQAError
+from lit_qa.files import replace_folder
 from lit_qa.training.replace import finish_replacement
 from lit_qa.training.distributed import SHARDED_STATE_DIR, is_sharded, load_sharded_state, save_sharded_state
 
@@ -104,8 +105,9 @@ def write_folder(fabric: L.Fabric, folder: Path, write: Callable[[Path], None]) 
     """
     tmp_dir = folder.with_name(folder.name + ".tmp")
     if fabric.global_rank == 0:
-        # Left by a run killed while saving this folder (save_fn may have its own ".tmp-<pid>" folder inside).
-        for stale in folder.parent.glob(f"{folder.name}.tmp*"):
+        # Left by a run killed while saving this folder (save_fn may have its own ".tmp-<pid>" folder inside),
+        # or while replacing it (`replace_folder` renames the previous one to ".old-<pid>" first).
+        for stale in [*folder.parent.glob(f"{folder.name}.tmp*"), *folder.parent.glob(f"{folder.name}.old*")]:
             shutil.rmtree(stale, ignore_errors=True)
     fabric.barrier()
     try:
@@ -118,21 +120,11 @@ def write_folder(fabric: L.Fabric, folder: Path, write: Callable[[Path], None]) 
                          f"{latest or 'none'} (free space, then continue with --resume auto)") from None  # fmt: skip
     fabric.barrier()
     if fabric.global_rank == 0:
-        move_into_place(tmp_dir, folder)
+        replace_folder(tmp_dir, folder)
         if replaced := finish_replacement(folder.parent, folder):
             fabric.print(f"--overwrite: {folder.name} is complete, removed the earlier run's {', '.join(replaced)}")
     fabric.barrier()
 
-
-def move_into_place(tmp_dir: Path, folder: Path) -> None:
-    """Rename ``tmp_dir`` to ``folder``. An existing ``folder`` is renamed aside first and deleted afterwards:
-    deleting a big folder (a full model in ``best/``) takes a while, two renames do not."""
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp_dir, folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_training_state(

@@ -20,7 +20,7 @@ import lightning as L
 
 from lit_qa.evaluation.answers import NA_METHODS
 from lit_qa.evaluation.calibration import NA_THRESHOLD_FILE
-from lit_qa.evaluation.results import write_json
+from lit_qa.files import write_json
 from lit_qa.training.args import EvalArgs
 from lit_qa.training.replace import finish_replacement, replacement_pending
 from lit_qa.training.resume import write_folder
