@@ -29,6 +29,7 @@ from lit_qa.errors import LitQAError, run_cli
 from lit_qa.evaluation.answering import score_questions
 from lit_qa.evaluation.answers import Answers
 from lit_qa.evaluation.calibration import apply_na_threshold, best_na_rule
+from lit_qa.evaluation.decoding import DecodingSettings
 from lit_qa.evaluation.run import prompt_settings
 from lit_qa.evaluation.squad_metric import evaluate_predictions
 from lit_qa.models.lora import merge_lora_weights
@@ -109,8 +110,8 @@ def answer(lora_dir: Path, questions: list[Question], batch_size: int, max_new_t
         raise LitQAError(f"{lora_dir} has no no-answer head; train with --na_head true")
     prompt_style, no_answer = prompt_settings(lora_dir, None, None)
     with autocast(precision, "cpu"):
-        scored = score_questions(model.eval(), Tokenizer(base), questions, prompt_style, no_answer, batch_size,
-                                 max_new_tokens, na_threshold=1.0, extractive=True)  # fmt: skip
+        decoding = DecodingSettings(prompt_style, no_answer, batch_size, max_new_tokens, 1.0, extractive=True)
+        scored = score_questions(model.eval(), Tokenizer(base), questions, decoding)
     return scored, scored
 
 

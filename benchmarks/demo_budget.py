@@ -34,7 +34,7 @@ from lit_qa.training.args import TrainArgs
 from lit_qa.training.batches import count_loss_tokens, rank_batches_of_epoch
 from lit_qa.training.loop import compile_blocks
 from lit_qa.training.loss import loss_sums
-from lit_qa.training.validation import print_sample_generations, validate
+from lit_qa.training.validation import print_sample_generations, validation_metrics
 
 VARIANTS = {
     "demo settings": {},
@@ -159,7 +159,8 @@ def main(
     model = make_model(checkpoint_dir, dtype, lora, True, False)
     fabric = Quiet()
     start = time.perf_counter()
-    validate(fabric, model, val_data, train_args.micro_batch_size, eval_args.max_batches, train_args.pad_multiple)
+    validation_metrics(fabric, model, val_data, train_args.micro_batch_size, eval_args.max_batches,
+                       train_args.pad_multiple)  # fmt: skip
     validation = time.perf_counter() - start
     start = time.perf_counter()
     print_sample_generations(fabric, model, val_data, tokenizer, eval_args)

@@ -28,7 +28,8 @@ from lit_qa.data.prepare import QuestionEncoder
 from lit_qa.data.prompts import NO_ANSWER
 from lit_qa.data.squad import Question, load_squad, question_ids_sha256, select_paragraphs, select_subset
 from lit_qa.errors import run_cli
-from lit_qa.evaluation.answering import answer_questions, prompt_for, to_official
+from lit_qa.evaluation.answering import prompt_for, score_questions, to_official
+from lit_qa.evaluation.decoding import DecodingSettings
 from lit_qa.evaluation.squad_metric import evaluate_predictions
 from lit_qa.models.model import GPT
 from lit_qa.models.tokenizer import Tokenizer
@@ -38,7 +39,7 @@ from lit_qa.quantize import quantize_model
 def hf_answer_questions(hf_model: Any, tokenizer: Tokenizer, questions: list[Question], max_prompt_length: int,
                         prompt_style: str = "plain", no_answer: str = NO_ANSWER,
                         max_new_tokens: int = 32) -> dict[str, str]:  # fmt: skip
-    """Answer each question alone with ``hf_model.generate``, exactly as `answer_questions` builds and reads answers.
+    """Answer each question alone with ``hf_model.generate``, exactly as `score_questions` builds and reads answers.
 
     Same prompt ids (`prompt_for`, windowed to ``max_prompt_length``), same stop tokens, answer cut at the
     first stop token, decoded with our tokenizer and mapped to ``""`` by `to_official`.
@@ -68,10 +69,10 @@ def compare(model: GPT, hf_model: Any, tokenizer: Tokenizer, questions: list[Que
     Returns:
         For "lit-qa" and "transformers": ``predictions`` (id -> answer, ``""`` = no answer) and ``seconds``.
     """
-    max_prompt_length = model.max_seq_length - max_new_tokens  # what answer_questions windows prompts to
+    max_prompt_length = model.max_seq_length - max_new_tokens  # what score_questions windows prompts to
     runs = {
-        "lit-qa": lambda qs: answer_questions(model, tokenizer, qs, prompt_style, no_answer, batch_size,
-                                              max_new_tokens, progress=False, na_threshold=None),  # fmt: skip
+        "lit-qa": lambda qs: score_questions(model, tokenizer, qs, DecodingSettings(
+            prompt_style, no_answer, batch_size, max_new_tokens, na_threshold=None), progress=False).final,  # fmt: skip
         "transformers": lambda qs: hf_answer_questions(hf_model, tokenizer, qs, max_prompt_length, prompt_style,
                                                        no_answer, max_new_tokens),  # fmt: skip
     }

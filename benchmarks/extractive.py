@@ -4,7 +4,7 @@
     python -m benchmarks.extractive
     python -m benchmarks.extractive --lora_dir null          # the base model instead of a fine-tune
 
-Both answer the same fixed subset of questions (`select_subset`) with `answer_questions`, the evaluator the
+Both answer the same fixed subset of questions (`select_subset`) with `score_questions`, the evaluator the
 evaluate scripts use, in the same run on the same model (the adapter merged into the weights), with the
 scripts' defaults: ``--na_threshold 0.5`` and 32 new tokens at most. The only difference is ``extractive``.
 After a warm-up on two questions, the two modes take turns on chunks of ``2 * batch_size`` questions (which
@@ -26,7 +26,8 @@ from lit_qa.checkpoints.folder import load_model
 from lit_qa.checkpoints.lora import load_lora_checkpoint
 from lit_qa.data.squad import load_squad, question_ids_sha256, select_subset
 from lit_qa.errors import run_cli
-from lit_qa.evaluation.answering import answer_questions
+from lit_qa.evaluation.answering import score_questions
+from lit_qa.evaluation.decoding import DecodingSettings
 from lit_qa.evaluation.run import prompt_settings
 from lit_qa.evaluation.squad_metric import evaluate_predictions
 from lit_qa.generation.extractive import SpanConstraint, vocab_trie
@@ -99,8 +100,8 @@ def main(
     trie_seconds = time.perf_counter() - start
 
     def run(qs: list, extractive: bool) -> dict[str, str]:
-        return answer_questions(model, tokenizer, qs, prompt_style, no_answer, batch_size, max_new_tokens,
-                                progress=False, na_threshold=na_threshold, extractive=extractive)  # fmt: skip
+        decoding = DecodingSettings(prompt_style, no_answer, batch_size, max_new_tokens, na_threshold, extractive)
+        return score_questions(model, tokenizer, qs, decoding, progress=False).final
 
     modes = {"free": False, "extractive": True}
     for extractive in modes.values():

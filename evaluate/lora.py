@@ -20,131 +20,59 @@ merge (scripts/merge_lora.py), quantize the merged folder (scripts/quantize_gptq
 
 from __future__ import annotations
 
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from lit_qa.checkpoints.lora import check_lora_dir, load_lora_checkpoint, read_base_record
-from lit_qa.checkpoints.folder import check_not_inside
-from lit_qa.checkpoints.na_head import load_na_head
-from lit_qa.data.squad import load_squad, subset_selector
 from lit_qa.errors import LitQAError, run_cli
-from lit_qa.evaluation.calibration import load_calibration_questions, resolve_na_threshold
-from lit_qa.evaluation.results import check_evaluation_out_dir, format_summary
-from lit_qa.evaluation.run import check_chat_template, prompt_settings, run_evaluation
+from lit_qa.evaluation import launch
 from lit_qa.models.lora import merge_lora_weights
-from lit_qa.models.tokenizer import Tokenizer, check_vocab_matches
-from lit_qa.precision import autocast, inference_precision, resolve_device, weights_dtype
-from lit_qa.quantize import check_quantize_args, quantize_model, warn_if_trained_quantized, weights_size_bytes
+from lit_qa.precision import weights_dtype
+from lit_qa.quantize import check_quantize_args, quantize_model, warn_if_trained_quantized
 
 
-def main(
-    lora_dir: Path = Path("out/finetune/lora/final"),
-    checkpoint_dir: Path | None = None,
-    eval_file: Path = Path("data/squad2/dev-v2.0.json"),
-    out_dir: Path = Path("out/evaluate/lora"),
-    limit: int | None = None,
-    seed: int = 1234,
-    subset: str = "questions",
-    batch_size: int = 8,
-    max_new_tokens: int = 32,
-    na_threshold: float | Literal["auto", "off"] | None = "auto",
-    calibration_file: Path | None = None,
-    precision: str = "auto",
-    device: str = "auto",
-    prompt_style: str | None = None,
-    no_answer: str | None = None,
-    allow_different_base: bool = False,
-    quantize: str | None = None,
-    extractive: bool = True,
-    overwrite: bool = False,
-) -> dict:
+@dataclass
+class Args(launch.EvaluationArgs):
     """Answer SQuAD 2.0 questions with a base model plus LoRA adapter and score them.
 
-    Args:
+    Attributes:
         lora_dir: The adapter folder written by finetune/lora.py (e.g. out/finetune/lora/final or a step-* folder).
         checkpoint_dir: The base checkpoint folder; None uses the path recorded in the adapter's base_checkpoint.json.
-        eval_file: A SQuAD 2.0 (or 1.1) file in the official format.
-        out_dir: Where predictions.json and metrics.json go.
-        limit: Evaluate a fixed random subset of this many questions (drawn as ``subset`` says); None evaluates all.
-        seed: Seed of the subset.
-        subset: What ``limit`` draws: "questions" (that many questions, keeping the share of unanswerable ones) or
-            "paragraphs" (whole paragraphs, every question about each drawn context, the last one cut to make
-            ``limit``; each paragraph is then prefilled once for all its questions, so a large subset is quicker).
-        batch_size: Questions decoded together (longest prompts first).
-        max_new_tokens: Longest answer in tokens.
-        na_threshold: When to answer "no answer". Each question's best span (the no-answer string forbidden) and
-            the no-answer string are scored by their mean log-probability (tokens + EOS); the model abstains when
-            p_na = sigmoid(s_na - s_span) reaches the threshold; with a no-answer head saved beside the weights
-            (na_head.safetensors) p_na is the head's probability, or both combined, whichever rule tuning picked
-            (lit_qa/evaluation/answers.py). "auto": the threshold (and rule) saved with the weights
-            (lora_dir/na_threshold.json, written by training with --eval.f1_questions), else tuned for F1 on
-            ``calibration_file``, else 0.5 with a warning; a number in [0, 1]: that threshold; "off" (or null): plain
-            greedy decoding, the model says the no-answer string or a span as it likes.
-        calibration_file: Held-out SQuAD questions to tune ``--na_threshold auto`` on, e.g. the validation
-            split that scripts/prepare_squad.py writes (val-v2.0.json). Never the evaluation file.
-        precision: "auto" (bf16 on GPUs and on CPUs with native bf16, 32-true elsewhere), "32-true",
-            "bf16-true", "16-true", "bf16-mixed", "16-mixed".
-        device: "auto", "cpu" or "cuda".
-        prompt_style: The prompt template; defaults to the one the adapter was trained with.
-        no_answer: The no-answer reply; defaults to the one the adapter was trained with.
         allow_different_base: Evaluate even if the base weights are not those the adapter was trained on.
-        quantize: "bnb.int8", "bnb.nf4", "bnb.fp4", "int8" or "int4" (weight-only, for fast decoding): merge the
-            adapter in full precision, then quantize the merged model. None keeps full precision. For gptq.int4, merge
-            (scripts/merge_lora.py), quantize the merged folder (scripts/quantize_gptq.py) and evaluate it with
-            evaluate/base.py.
-        extractive: Span-constrained decoding: every answer is a substring of the context or the no-answer string
-            (``--extractive false``: free greedy decoding).
-        overwrite: Replace the results of a finished evaluation in ``out_dir``; without it such a folder is refused.
-            (A folder holding only predictions.partial.jsonl, an interrupted run, is resumed either way.)
     """
-    check_evaluation_out_dir(out_dir, overwrite)  # before anything is loaded: a refusal should cost nothing
-    inputs = {"--lora_dir": lora_dir, "--checkpoint_dir": checkpoint_dir, "--eval_file": eval_file}
-    check_not_inside(out_dir, inputs, replaces_folder=False)  # its results may not land in what it reads
-    select = subset_selector(subset)  # a bad --subset too
-    check_lora_dir(lora_dir)
-    if quantize == "gptq.int4":
+
+    out_dir: Path = Path("out/evaluate/lora")
+    lora_dir: Path = Path("out/finetune/lora/final")
+    checkpoint_dir: Path | None = None
+    allow_different_base: bool = False
+
+
+def main(args: Args) -> dict:
+    """Evaluate the base model plus ``args.lora_dir`` (see the module docstring); returns the metrics written."""
+    launch.check_outputs(args, {"--lora_dir": args.lora_dir, "--checkpoint_dir": args.checkpoint_dir,
+                                "--eval_file": args.eval_file})  # fmt: skip
+    check_lora_dir(args.lora_dir)
+    if args.quantize == "gptq.int4":
         raise LitQAError("evaluate/lora.py does not take --quantize gptq.int4 (GPTQ calibrates on the merged weights): "
                          "merge with scripts/merge_lora.py, quantize the merged folder with scripts/quantize_gptq.py, "
                          "then run evaluate/base.py --quantize gptq.int4 --gptq_checkpoint <that output>")  # fmt: skip
-    check_quantize_args(quantize)
-    warn_if_trained_quantized(lora_dir, quantize)
-    prompt_style, no_answer = prompt_settings(lora_dir, prompt_style, no_answer)
-    questions = select(load_squad(eval_file), limit, seed)  # a bad file fails before the model loads
-    calibration = load_calibration_questions(calibration_file, eval_file, questions)
-    # A bad --na_threshold or saved threshold file fails here, before the model loads.
-    resolve_na_threshold(na_threshold, lora_dir, calibration is not None, extractive, verbose=False)
-    base = Path(read_base_record(lora_dir)["path"]) if checkpoint_dir is None else checkpoint_dir
-    device = resolve_device(device)
-    precision = inference_precision(precision, device)
+    check_quantize_args(args.quantize)
+    warn_if_trained_quantized(args.lora_dir, args.quantize)
+    run = launch.read_inputs(args, args.lora_dir)
+    base = args.checkpoint_dir or Path(read_base_record(args.lora_dir)["path"])
 
     t0 = time.perf_counter()
-    model, config, lora_config = load_lora_checkpoint(
-        lora_dir, base, "cpu" if quantize else device, weights_dtype(precision), allow_different_base
-    )
+    device = "cpu" if args.quantize else run.device  # quantized layer by layer onto run.device after merging
+    model, config, lora_config = load_lora_checkpoint(args.lora_dir, base, device, weights_dtype(run.precision),
+                                                      args.allow_different_base)  # fmt: skip
     merge_lora_weights(model)  # the sum is formed in float32 and rounded once to the weights' dtype
-    if quantize:
-        quantize_model(model, quantize, device=device)  # after merging, layer by layer onto the device
-    if load_na_head(model, lora_dir) is not None:  # trained with --na_head true: abstain by its probability
-        print(f"no-answer head on blocks {list(model.na_head.layers)} from {lora_dir}", file=sys.stderr)
-    tokenizer = Tokenizer(base)
-    check_vocab_matches(tokenizer, config.padded_vocab_size, base)
-    check_chat_template(lora_dir, prompt_style, tokenizer)
-    print(f"loaded {config.name or base} + LoRA r={lora_config.r} from {lora_dir} ({precision}, {device}, "
-          f"{quantize or 'not quantized'}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
-
-    info = dict(checkpoint_dir=str(base), lora_dir=str(lora_dir), eval_file=str(eval_file), precision=precision,
-                device=device, limit=limit, seed=seed, subset=subset, quantize=quantize,
-                weights_bytes=weights_size_bytes(model))  # fmt: skip
-    with autocast(precision, device):
-        metrics = run_evaluation(
-            model, tokenizer, questions, out_dir, prompt_style, no_answer, batch_size, max_new_tokens, info,
-            na_threshold=na_threshold, calibration_questions=calibration, extractive=extractive,
-            threshold_dir=lora_dir,
-        )
-    print(format_summary(metrics, out_dir))
-    return metrics
+    if args.quantize:
+        quantize_model(model, args.quantize, device=run.device)  # after merging, layer by layer onto the device
+    tokenizer = launch.ready_to_answer(model, config, run, base)
+    what = f"{config.name or base} + LoRA r={lora_config.r} from {args.lora_dir}"
+    launch.report_loaded(what, run, args.quantize, time.perf_counter() - t0)
+    return launch.evaluate_and_report(model, tokenizer, args, run, {"checkpoint_dir": base, "lora_dir": args.lora_dir})
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import sys
 import typing
 from collections.abc import Callable
@@ -31,21 +33,33 @@ def not_found(path: Any, wanted: str = "folder") -> str:
 def run_cli(function: Callable[..., Any], args: list[str] | None = None) -> Any:
     """Run ``function`` as a jsonargparse CLI, turning `LitQAError` into a one-line message and exit 2.
 
-    A boolean flag given bare (``--overwrite``) means true, as users expect; jsonargparse alone
-    insists on ``--overwrite true``.
+    A function whose one parameter is a dataclass (``main(args: Args)``, as the evaluate scripts') takes that
+    dataclass's fields as flat flags (``--batch_size``), documented by its docstring. A boolean flag given bare
+    (``--overwrite``) means true, as users expect; jsonargparse alone insists on ``--overwrite true``.
     """
     from jsonargparse import CLI
 
-    args = expand_bare_bool_flags(function, sys.argv[1:] if args is None else args)
+    settings = settings_class(function)
+    component = function if settings is None else settings
+    args = expand_bare_bool_flags(component, sys.argv[1:] if args is None else args)
     try:
-        return CLI(function, args=args, as_positional=False)
+        parsed = CLI(component, args=args, as_positional=False)
+        return parsed if settings is None else function(parsed)
     except LitQAError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
+def settings_class(function: Callable[..., Any]) -> type | None:
+    """The dataclass ``function`` takes as its only parameter, or None."""
+    parameters = list(inspect.signature(function).parameters)
+    hint = typing.get_type_hints(function).get(parameters[0]) if len(parameters) == 1 else None
+    return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
+
+
 def expand_bare_bool_flags(function: Callable[..., Any], args: list[str]) -> list[str]:
-    """Rewrite ``--flag`` into ``--flag=true`` for boolean parameters of ``function`` given without a value."""
+    """Rewrite ``--flag`` into ``--flag=true`` for boolean parameters of ``function`` (or fields of a dataclass)
+    given without a value."""
     hints = typing.get_type_hints(function)
     bool_flags = {f"--{name}" for name, hint in hints.items() if hint is bool}
     expanded = []

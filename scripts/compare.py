@@ -32,6 +32,7 @@ import torch
 from lit_qa.data.squad import load_squad
 from lit_qa.errors import LitQAError, run_cli
 from lit_qa.evaluation.calibration import resolve_na_threshold
+from lit_qa.evaluation.decoding import DecodingSettings
 from lit_qa.quantize.comparison import add_differences, write_outputs
 
 FORMATS = ("full", "bnb.int8", "bnb.nf4", "gptq.int4")
@@ -164,10 +165,10 @@ def worker(job: dict) -> dict:
     # Tuning per format when calibration questions are given: the saved threshold suits full precision only.
     threshold_dir = None if calibration else model_dir
     with autocast(precision, device):
-        metrics = run_evaluation(model, tokenizer, questions, Path(job["out_dir"]), prompt_style, no_answer,
-                                 job["batch_size"], job["max_new_tokens"], {"format": fmt, "precision": precision},
-                                 na_threshold=job["na_threshold"], calibration_questions=calibration,
-                                 extractive=job["extractive"], threshold_dir=threshold_dir)  # fmt: skip
+        decoding = DecodingSettings(prompt_style, no_answer, job["batch_size"], job["max_new_tokens"],
+                                    job["na_threshold"], job["extractive"])  # fmt: skip
+        metrics = run_evaluation(model, tokenizer, questions, Path(job["out_dir"]), decoding,
+                                 {"format": fmt, "precision": precision}, calibration, threshold_dir)  # fmt: skip
     tokens_per_sec = decode_speed(model, generate, device)
     peak = peak_memory_gb(torch.device(device))
     result = {"format": fmt, "precision": precision, "EM": metrics["exact"], "F1": metrics["f1"],

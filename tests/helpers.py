@@ -77,8 +77,15 @@ def load_script(relative: str) -> ModuleType:
     path = REPO / relative
     spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def evaluate_script(relative: str, **flags) -> dict:
+    """Run an evaluate script's ``main`` in this process with these flags (its ``Args``), as its command line would."""
+    script = load_script(relative)
+    return script.main(script.Args(**flags))
 
 
 def run_script(relative: str, *args: str) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHARED_SQUAD, load_script, make_tiny_checkpoint, real_smollm2, run_script
+from helpers import SHARED_SQUAD, evaluate_script, load_script, make_tiny_checkpoint, real_smollm2, run_script
 
 import lit_qa.evaluation.answering as answering
 import lit_qa.evaluation.results as results
@@ -27,9 +27,11 @@ from lit_qa.data.squad import (
     subset_selector,
 )
 from lit_qa.errors import LitQAError, run_cli
-from lit_qa.evaluation.answering import answer_questions, to_official
-from lit_qa.evaluation.results import check_evaluation_out_dir
+from lit_qa.evaluation.answering import score_questions, to_official
 from lit_qa.evaluation.bootstrap import paired_bootstrap
+from lit_qa.evaluation.decoding import DecodingSettings
+from lit_qa.evaluation.results import check_evaluation_out_dir
+from lit_qa.evaluation.run import prompt_settings
 from lit_qa.evaluation.squad_metric import evaluate_predictions, no_answer_baseline, question_scores
 from lit_qa.models.lora import LoRAConfig, apply_lora, lora_filter, lora_layers, merge_lora_weights
 from lit_qa.models.model import GPT
@@ -102,7 +104,7 @@ def paragraphs_file(path: Path, paragraphs: int = 5) -> Path:
 
 
 def record_prompts(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
-    """Let `answer_questions` decode as usual, but keep every prompt it hands to `generate`."""
+    """Let `score_questions` decode as usual, but keep every prompt it hands to `generate`."""
     seen: list[torch.Tensor] = []
     real_generate = answering.generate
 
@@ -161,15 +163,16 @@ def test_no_answer_baseline_and_fingerprint():
     assert question_ids_sha256(questions) != question_ids_sha256(questions[1:])
 
 
-# ---- answer_questions ----
+# ---- score_questions ----
 
 
 def test_batched_answers_equal_answers_alone(model: GPT, tokenizer: Tokenizer):
     questions = sample_questions()
     batches = []
-    alone = answer_questions(model, tokenizer, questions, batch_size=1, max_new_tokens=8, progress=False)
-    batched = answer_questions(model, tokenizer, questions, batch_size=4, max_new_tokens=8, progress=False,
-                               on_batch=batches.append)  # fmt: skip
+    alone = score_questions(model, tokenizer, questions, DecodingSettings(batch_size=1, max_new_tokens=8),
+                            progress=False).final  # fmt: skip
+    batched = score_questions(model, tokenizer, questions, DecodingSettings(batch_size=4, max_new_tokens=8),
+                              progress=False, on_batch=batches.append).final  # fmt: skip
     assert list(alone) == [q.id for q in questions]  # one answer per question, in file order
     assert batched == alone
     assert [len(b) for b in batches] == [4, 2]
@@ -180,7 +183,7 @@ def test_batched_answers_equal_answers_alone(model: GPT, tokenizer: Tokenizer):
 def test_prompts_are_token_identical_to_training(model, tokenizer, monkeypatch):
     seen = record_prompts(monkeypatch)
     questions = sample_questions()
-    answer_questions(model, tokenizer, questions, batch_size=2, max_new_tokens=2, progress=False)
+    score_questions(model, tokenizer, questions, DecodingSettings(batch_size=2, max_new_tokens=2), progress=False).final
     encoder = QuestionEncoder(tokenizer, max_seq_length=1024)
     training = [encoder(q).sample for q in questions]
     expected = sorted((s["input_ids"][s["labels"] == IGNORE_INDEX].tolist() for s in training), key=len, reverse=True)
@@ -198,7 +201,8 @@ def test_no_answer_string_maps_to_empty(model, tokenizer, monkeypatch):
                 for i in range(len(prompts))]  # fmt: skip
 
     monkeypatch.setattr(answering, "generate", fake_generate)
-    answers = answer_questions(model, tokenizer, sample_questions(), batch_size=2, progress=False, na_threshold=None)
+    answers = score_questions(model, tokenizer, sample_questions(), DecodingSettings(batch_size=2, na_threshold=None),
+                               progress=False).final  # fmt: skip
     assert sorted(answers.values()) == ["", "", "", "Normandy", "Normandy", "Normandy"]
 
 
@@ -207,7 +211,7 @@ def test_too_long_context_is_windowed(model, tokenizer, monkeypatch, capsys):
     question = make_question("long", "The Normans ruled. " + FILLER * 40, "The Normans")
     encoder = QuestionEncoder(tokenizer, max_seq_length=4096)
     assert len(encoder.prompt_ids(question.context, question.question)) > model.max_seq_length  # would not fit
-    answers = answer_questions(model, tokenizer, [question], max_new_tokens=16, progress=False)
+    answers = score_questions(model, tokenizer, [question], DecodingSettings(max_new_tokens=16), progress=False).final
     assert list(answers) == ["long"]
     (prompt,) = seen
     assert len(prompt) <= model.max_seq_length - 16
@@ -215,7 +219,7 @@ def test_too_long_context_is_windowed(model, tokenizer, monkeypatch, capsys):
     assert "### Context:\nThe Normans ruled. Rivers" in text and text.endswith("### Answer:\n")  # the first window
     assert "1 of 1 contexts were windowed" in capsys.readouterr().err
     with pytest.raises(LitQAError, match="leaves no room for a prompt"):
-        answer_questions(model, tokenizer, [question], max_new_tokens=model.max_seq_length, progress=False)
+        score_questions(model, tokenizer, [question], DecodingSettings(max_new_tokens=model.max_seq_length)).final
 
 
 # ---- evaluate/base.py ----
@@ -269,9 +273,9 @@ def test_evaluate_base_script_end_to_end(checkpoint_dir, tmp_path):
     assert again.stderr.startswith(f"error: {out} already holds a finished evaluation (metrics.json)")
     assert "--overwrite true" in again.stderr and "--out_dir" in again.stderr
     assert json.loads((out / "metrics.json").read_text()) == metrics
-    base_script = load_script("evaluate/base.py")
-    free = base_script.main(checkpoint_dir, eval_file=eval_file, out_dir=out, limit=4, seed=3, max_new_tokens=6,
-                            device="cpu", precision="32-true", extractive=False, overwrite=True)  # fmt: skip
+    free = evaluate_script("evaluate/base.py", checkpoint_dir=checkpoint_dir, eval_file=eval_file, out_dir=out, limit=4,
+                           seed=3, max_new_tokens=6, device="cpu", precision="32-true", extractive=False,
+                           overwrite=True)  # fmt: skip
     assert free["extractive"] is False and json.loads((out / "metrics.json").read_text()) == free
 
 
@@ -313,9 +317,9 @@ def test_evaluate_paragraph_subset_asks_every_question_of_whole_paragraphs(check
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert (metrics["subset"], metrics["limit"], metrics["seed"], metrics["num_questions"]) == ("paragraphs", 6, 2, 6)
     # The same flags draw the same paragraphs again.
-    again = load_script("evaluate/base.py").main(checkpoint_dir, eval_file=eval_file, out_dir=tmp_path / "b", limit=6,
-                                                 seed=2, subset="paragraphs", max_new_tokens=4, na_threshold=0.5,
-                                                 device="cpu", precision="32-true")  # fmt: skip
+    again = evaluate_script("evaluate/base.py", checkpoint_dir=checkpoint_dir, eval_file=eval_file,
+                            out_dir=tmp_path / "b", limit=6, seed=2, subset="paragraphs", max_new_tokens=4,
+                            na_threshold=0.5, device="cpu", precision="32-true")  # fmt: skip
     assert json.loads((tmp_path / "b" / "predictions.json").read_text()) == predictions
     assert again["question_ids_sha256"] == metrics["question_ids_sha256"] and again["subset"] == "paragraphs"
 
@@ -331,8 +335,8 @@ def test_unknown_subset_is_refused_in_one_line_before_anything_loads(tmp_path):
     for script, model_arg in (("evaluate/base.py", "checkpoint_dir"), ("evaluate/lora.py", "lora_dir"),
                               ("evaluate/adapter.py", "adapter_dir")):  # fmt: skip
         with pytest.raises(LitQAError, match="^--subset must be one of questions, paragraphs, got 'Paragraphs'$"):
-            load_script(script).main(**{model_arg: tmp_path / "no-model"}, eval_file=tmp_path / "no-eval.json",
-                                     out_dir=tmp_path / "out", subset="Paragraphs")  # fmt: skip
+            evaluate_script(script, **{model_arg: tmp_path / "no-model"}, eval_file=tmp_path / "no-eval.json",
+                            out_dir=tmp_path / "out", subset="Paragraphs")  # fmt: skip
     assert subset_selector("questions") is select_subset and subset_selector("paragraphs") is select_paragraphs
     usage = run_script("evaluate/base.py", "--help")
     assert usage.returncode == 0 and "--subset SUBSET" in usage.stdout
@@ -372,11 +376,11 @@ def test_every_evaluate_script_refuses_finished_results_before_loading(tmp_path,
     out = tmp_path / "out"
     out.mkdir()
     (out / "predictions.json").write_text("{}")
-    main = load_script(script).main
+    flags = {model_arg: tmp_path / "no-model", "eval_file": tmp_path / "no-eval.json", "out_dir": out}
     with pytest.raises(LitQAError, match="already holds a finished evaluation"):
-        main(**{model_arg: tmp_path / "no-model"}, eval_file=tmp_path / "no-eval.json", out_dir=out)
+        evaluate_script(script, **flags)
     with pytest.raises(LitQAError, match="no-"):  # with --overwrite it goes on, to the missing model or file
-        main(**{model_arg: tmp_path / "no-model"}, eval_file=tmp_path / "no-eval.json", out_dir=out, overwrite=True)
+        evaluate_script(script, **flags, overwrite=True)
 
 
 # ---- extractive decoding ----
@@ -384,9 +388,9 @@ def test_every_evaluate_script_refuses_finished_results_before_loading(tmp_path,
 
 def test_extractive_best_spans_are_spans_and_every_question_gets_a_no_answer_probability(model, tokenizer):
     questions = sample_questions()
-    free = answering.score_questions(model, tokenizer, questions, max_new_tokens=8, progress=False)
-    spans = answering.score_questions(model, tokenizer, questions, max_new_tokens=8, progress=False,
-                                       extractive=True)  # fmt: skip
+    free = answering.score_questions(model, tokenizer, questions, DecodingSettings(max_new_tokens=8), progress=False)
+    spans = answering.score_questions(model, tokenizer, questions, DecodingSettings(max_new_tokens=8, extractive=True),
+                                      progress=False)  # fmt: skip
     for scored in (free, spans):
         assert sorted(scored.na_prob) == sorted(q.id for q in questions)
         assert all(0.0 < p < 1.0 for p in scored.na_prob.values())
@@ -395,31 +399,34 @@ def test_extractive_best_spans_are_spans_and_every_question_gets_a_no_answer_pro
     assert all(spans.final[q.id] in q.context for q in questions)
     assert any(free.best_span[q.id] not in q.context for q in questions)  # the tiny model left alone rambles
     # Without a threshold the no-answer string is allowed too (mapped to "").
-    plain = answer_questions(model, tokenizer, questions, max_new_tokens=8, progress=False, na_threshold=None,
-                             extractive=True)  # fmt: skip
+    plain = score_questions(model, tokenizer, questions, DecodingSettings(max_new_tokens=8, na_threshold=None,
+                                                                          extractive=True), progress=False).final
     assert all(plain[q.id] in q.context for q in questions)
     # The library default stays free decoding.
-    assert answer_questions(model, tokenizer, questions, max_new_tokens=8, progress=False) == free.final
+    default = score_questions(model, tokenizer, questions, DecodingSettings(max_new_tokens=8), progress=False)
+    assert default.final == free.final
+
+
+def fingerprinted(**changes) -> DecodingSettings:
+    return DecodingSettings(no_answer="unanswerable", max_new_tokens=8, na_threshold=0.5, na_source="span", **changes)
 
 
 def test_extractive_is_part_of_the_resume_fingerprint(model):
     questions = sample_questions()
-    settings = [results.partial_settings(model, questions, "plain", "unanswerable", 8, 0.5, {"seed": 1}, extractive)
+    settings = [results.partial_settings(model, questions, fingerprinted(extractive=extractive), {"seed": 1})
                 for extractive in (False, True)]  # fmt: skip
     assert settings[0] != settings[1] and settings[1]["extractive"] is True
     # Free decoding keeps the fingerprint of partial files written before the flag existed.
-    assert settings[0] == results.partial_settings(model, questions, "plain", "unanswerable", 8, 0.5, {"seed": 1})
+    assert settings[0] == results.partial_settings(model, questions, fingerprinted(), {"seed": 1})
 
 
 def test_subset_kind_is_part_of_the_resume_fingerprint(model):
     questions = sample_questions()
-    settings = {kind: results.partial_settings(model, questions, "plain", "unanswerable", 8, 0.5,
-                                               {"seed": 1, "subset": kind})
+    settings = {kind: results.partial_settings(model, questions, fingerprinted(), {"seed": 1, "subset": kind})
                 for kind in ("questions", "paragraphs")}  # fmt: skip
     assert settings["questions"] != settings["paragraphs"] and settings["paragraphs"]["subset"] == "paragraphs"
     # The default keeps the fingerprint of partial files written before the flag existed.
-    assert settings["questions"] == results.partial_settings(model, questions, "plain", "unanswerable", 8, 0.5,
-                                                             {"seed": 1})  # fmt: skip
+    assert settings["questions"] == results.partial_settings(model, questions, fingerprinted(), {"seed": 1})
 
 
 # ---- evaluate/lora.py ----
@@ -451,11 +458,10 @@ def test_evaluate_lora_equals_merged_model(checkpoint_dir, tmp_path):
                         "--batch_size", "4", "--na_threshold", "0.5", *common)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "warning" not in result.stderr
-    base_module = load_script("evaluate/base.py")
-    base_module.main(merged_dir, out_dir=tmp_path / "merged_out", eval_file=eval_file, max_new_tokens=6,
-                     device="cpu", precision="32-true", batch_size=2)  # fmt: skip
-    base_module.main(checkpoint_dir, out_dir=tmp_path / "base_out", eval_file=eval_file, max_new_tokens=6,
-                     device="cpu", precision="32-true")  # fmt: skip
+    evaluate_script("evaluate/base.py", checkpoint_dir=merged_dir, out_dir=tmp_path / "merged_out",
+                    eval_file=eval_file, max_new_tokens=6, device="cpu", precision="32-true", batch_size=2)
+    evaluate_script("evaluate/base.py", checkpoint_dir=checkpoint_dir, out_dir=tmp_path / "base_out",
+                    eval_file=eval_file, max_new_tokens=6, device="cpu", precision="32-true")  # fmt: skip
 
     lora_predictions = json.loads((tmp_path / "lora_out" / "predictions.json").read_text())
     assert lora_predictions == json.loads((tmp_path / "merged_out" / "predictions.json").read_text())
@@ -469,16 +475,15 @@ def test_evaluate_lora_equals_merged_model(checkpoint_dir, tmp_path):
 
 
 def test_lora_prompt_settings_default_to_training_and_warn_on_override(tmp_path, capsys):
-    lora_script = load_script("evaluate/lora.py")
     prepare = {"prepared_by": PREPARED_BY, "format_version": FORMAT_VERSION, "prompt_style": "plain",
                "no_answer": "no answer"}  # fmt: skip
     (tmp_path / "prepare_config.json").write_text(json.dumps(prepare))
-    assert lora_script.prompt_settings(tmp_path, None, None) == ("plain", "no answer")
+    assert prompt_settings(tmp_path, None, None) == ("plain", "no answer")
     assert capsys.readouterr().err == ""
-    assert lora_script.prompt_settings(tmp_path, None, "unanswerable") == ("plain", "unanswerable")
+    assert prompt_settings(tmp_path, None, "unanswerable") == ("plain", "unanswerable")
     assert "--no_answer 'unanswerable' differs from 'no answer'" in capsys.readouterr().err
     with pytest.raises(LitQAError, match="unknown prompt style"):
-        lora_script.prompt_settings(tmp_path, "chatty", None)
+        prompt_settings(tmp_path, "chatty", None)
 
 
 # ---- scripts/compare_results.py ----
@@ -549,9 +554,9 @@ def test_compare_results_table_and_mismatch(tmp_path, capsys):
 
 def test_compare_results_interval_vs_no_answer_for_evaluated_runs(checkpoint_dir, tmp_path):
     eval_file = squad_file(tmp_path / "eval.json", sample_questions())
-    evaluate = load_script("evaluate/base.py").main
-    runs = {label: evaluate(checkpoint_dir, eval_file=eval_file, out_dir=tmp_path / label, max_new_tokens=4,
-                            device="cpu", precision="32-true", na_threshold=threshold)
+    runs = {label: evaluate_script("evaluate/base.py", checkpoint_dir=checkpoint_dir, eval_file=eval_file,
+                                   out_dir=tmp_path / label, max_new_tokens=4, device="cpu", precision="32-true",
+                                   na_threshold=threshold)
             for label, threshold in (("spans", 1.0), ("abstain", 0.0))}  # never / always abstaining  # fmt: skip
     compare = load_script("scripts/compare_results.py")
     table = compare.main([f"{label}={tmp_path / label}" for label in runs])
@@ -576,10 +581,9 @@ def test_real_smollm2_on_demo_eval(tmp_path):
         pytest.skip(f"{DEMO_EVAL} is missing")
     checkpoint = real_smollm2(tmp_path / "smol")
 
-    base_script = load_script("evaluate/base.py")
     out = tmp_path / "eval"
-    metrics = base_script.main(checkpoint, eval_file=DEMO_EVAL, out_dir=out, limit=16, batch_size=8,
-                               max_new_tokens=16, precision="32-true", device="cpu")  # fmt: skip
+    metrics = evaluate_script("evaluate/base.py", checkpoint_dir=checkpoint, eval_file=DEMO_EVAL, out_dir=out,
+                              limit=16, batch_size=8, max_new_tokens=16, precision="32-true", device="cpu")  # fmt: skip
     subset = select_subset(load_squad(DEMO_EVAL), 16)
     predictions = json.loads((out / "predictions.json").read_text())
     assert list(predictions) == [q.id for q in subset]
@@ -591,17 +595,18 @@ def test_real_smollm2_on_demo_eval(tmp_path):
 
     # Half the questions decoded one at a time is enough to catch a batching bug, at half the cost.
     model = load_model(checkpoint)[0]
-    alone = answer_questions(model, Tokenizer(checkpoint), subset[:8], batch_size=1, max_new_tokens=16, progress=False,
-                             extractive=True)  # as the script decodes by default  # fmt: skip
+    alone = score_questions(model, Tokenizer(checkpoint), subset[:8], progress=False,
+                             decoding=DecodingSettings(batch_size=1, max_new_tokens=16, extractive=True)).final
     assert alone == {q.id: predictions[q.id] for q in subset[:8]}
 
 
 def test_scoring_with_a_threshold_separates_abstaining_from_the_best_span(model, tokenizer):
     questions = sample_questions()
-    never = answering.score_questions(model, tokenizer, questions, max_new_tokens=4, progress=False, na_threshold=1.0)
-    always = answering.score_questions(model, tokenizer, questions, max_new_tokens=4, progress=False, na_threshold=0.0)
+    never = answering.score_questions(model, tokenizer, questions, DecodingSettings(max_new_tokens=4, na_threshold=1.0))
+    always = answering.score_questions(model, tokenizer, questions, DecodingSettings(max_new_tokens=4,
+                                                                                     na_threshold=0.0))
     assert set(always.final.values()) == {""}
     assert never.best_span == always.best_span == {q: a for q, a in never.final.items()}
     assert all(0.0 <= p <= 1.0 for p in never.na_prob.values()) and never.na_prob == always.na_prob
     with pytest.raises(LitQAError, match="na_threshold"):
-        answering.score_questions(model, tokenizer, questions, progress=False, na_threshold=1.5)
+        answering.score_questions(model, tokenizer, questions, DecodingSettings(na_threshold=1.5), progress=False)

@@ -17,6 +17,7 @@ from lit_qa.checkpoints.folder import load_model
 from lit_qa.data.prompts import NO_ANSWER, build_prompt
 from lit_qa.data.squad import load_squad, select_subset
 from lit_qa.evaluation.answering import score_questions
+from lit_qa.evaluation.decoding import DecodingSettings
 from lit_qa.generation.extractive import SpanDecoder, SuffixAutomaton, token_bytes
 from lit_qa.generation.generate import generate
 from lit_qa.models.config import Config
@@ -361,8 +362,8 @@ def test_real_smollm2_token_bytes_and_span_answers(tmp_path):
         assert b"".join(pieces[i] for i in ids) == (question.context + " " + question.question).encode()
 
     model = load_model(checkpoint)[0].eval()
-    kwargs = dict(max_new_tokens=12, progress=False, na_threshold=None)
-    spans = score_questions(model, tokenizer, questions[:8], extractive=True, **kwargs).final
+    kwargs = dict(max_new_tokens=12, na_threshold=None)
+    spans = score_questions(model, tokenizer, questions[:8], DecodingSettings(extractive=True, **kwargs)).final
     assert all(spans[q.id] in q.context for q in questions[:8])
-    free = score_questions(model, tokenizer, questions[:8], **kwargs).final
+    free = score_questions(model, tokenizer, questions[:8], DecodingSettings(**kwargs)).final
     assert any(free[q.id] not in q.context for q in questions[:8])  # the base model, left alone, rambles

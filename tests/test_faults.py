@@ -26,7 +26,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, load_script
+from helpers import REPO, evaluate_script
 from safetensors.torch import load_file
 from test_finetune_lora import prepared  # noqa: F401 (a module-scoped fixture: the tiny checkpoint and its data)
 from test_training import make_samples
@@ -324,9 +324,9 @@ def spy_on_generate(monkeypatch, crash_after: int | None = None) -> list[int]:
 
 
 def evaluate_in_process(checkpoint: Path, eval_file: Path, out_dir: Path, **overrides) -> dict:
-    main = load_script("evaluate/base.py").main
     settings = dict(batch_size=1, max_new_tokens=4, device="cpu", precision="32-true") | overrides
-    return main(checkpoint, eval_file=eval_file, out_dir=out_dir, **settings)
+    return evaluate_script("evaluate/base.py", checkpoint_dir=checkpoint, eval_file=eval_file, out_dir=out_dir,
+                           **settings)  # fmt: skip
 
 
 def answer_lines(out_dir: Path) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_script, make_tiny_checkpoint
+from helpers import evaluate_script, load_script, make_tiny_checkpoint
 from safetensors.torch import save_file
 from test_squad import squad_v2
 
@@ -29,7 +29,8 @@ from lit_qa.data.dataset import load_prepared
 from lit_qa.data.prepare import QuestionEncoder
 from lit_qa.data.squad import load_squad
 from lit_qa.errors import LitQAError, run_cli
-from lit_qa.evaluation.answering import answer_questions
+from lit_qa.evaluation.answering import score_questions
+from lit_qa.evaluation.decoding import DecodingSettings
 from lit_qa.evaluation.squad_metric import evaluate_predictions, exact_match, f1_score, normalize_answer
 from lit_qa.models.config import CONFIG_FILE
 from lit_qa.models.tokenizer import Tokenizer
@@ -249,8 +250,8 @@ def test_unicode_questions_and_answers_prepare_and_evaluate(checkpoint, tmp_path
 
     monkeypatch.setattr(answering, "generate", answer_perfectly)
     out = tmp_path / "out"
-    metrics = load_script("evaluate/base.py").main(checkpoint, eval_file=squad, out_dir=out, device="cpu",
-                                                   precision="32-true", na_threshold=None)  # fmt: skip
+    metrics = evaluate_script("evaluate/base.py", checkpoint_dir=checkpoint, eval_file=squad, out_dir=out,
+                              device="cpu", precision="32-true", na_threshold=None)  # fmt: skip
     assert metrics["exact"] == metrics["f1"] == 100.0
     predictions = json.loads((out / "predictions.json").read_text(encoding="utf-8"))
     assert predictions == {q.id: (q.answers[0] if q.answers else "") for q in questions}
@@ -277,7 +278,7 @@ def test_a_huge_paragraph_is_windowed_not_a_crash(checkpoint, tmp_path):
             assert "Rollo ruled" in tokenizer.decode(sample["input_ids"])
     # Evaluation windows the same paragraph to what the model can take.
     model = load_model(checkpoint)[0]
-    answers = answer_questions(model, tokenizer, load_squad(squad), max_new_tokens=4, progress=False)
+    answers = score_questions(model, tokenizer, load_squad(squad), DecodingSettings(max_new_tokens=4)).final
     assert sorted(answers) == ["h0", "h1", "n0", "n1"]
 
 

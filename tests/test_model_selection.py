@@ -47,10 +47,9 @@ def script_f1(monkeypatch, f1_values: Iterator[float]) -> list[int]:
     """Stub the answers and make the scorer return ``f1_values`` in turn; returns the list of answered counts."""
     answered: list[int] = []
 
-    def score_questions(**kwargs):
-        questions = kwargs["questions"]
+    def score_questions(model, tokenizer, questions, decoding, progress):
         answered.append(len(questions))
-        assert kwargs["extractive"] and kwargs["na_threshold"] is not None  # the calibrated, span-constrained pass
+        assert decoding.extractive and decoding.na_threshold is not None  # the calibrated, span-constrained pass
         return Answers(final={q.id: "" for q in questions}, best_span={q.id: "" for q in questions},
                        na_prob={q.id: 0.5 for q in questions},
                        na_logits={q.id: {"span": 0.0} for q in questions})  # fmt: skip

@@ -10,7 +10,6 @@ training run that saves the tuned threshold for evaluation to pick up.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import random
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHARED_SQUAD, load_script, make_tiny_checkpoint, make_tiny_tokenizer, real_smollm2
+from helpers import SHARED_SQUAD, evaluate_script, load_script, make_tiny_checkpoint, make_tiny_tokenizer, real_smollm2
 from test_evaluation import make_question, sample_questions, squad_file
 from test_extractive import tiny_model
 from test_finetune_lora import finetune, prepared  # noqa: F401 (prepared: a module-scoped fixture)
@@ -42,6 +41,7 @@ from lit_qa.evaluation.calibration import (
     resolve_na_threshold,
     roc_auc,
 )
+from lit_qa.evaluation.decoding import DecodingSettings
 from lit_qa.evaluation.run import prompt_settings
 from lit_qa.evaluation.squad_metric import evaluate_predictions, f1_score, gold_answers, normalize_answer
 from lit_qa.generation.extractive import SpanDecoder
@@ -166,9 +166,9 @@ def check_p_na_against_full_forward(model, tokenizer, questions, monkeypatch, no
         return outputs
 
     monkeypatch.setattr(answering, "generate", spy)
-    scored = score_questions(model, tokenizer, questions, no_answer=no_answer, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, progress=False, na_threshold=0.5,
-                             extractive=True)  # fmt: skip
+    decoding = DecodingSettings(no_answer=no_answer, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                extractive=True)  # fmt: skip
+    scored = score_questions(model, tokenizer, questions, decoding, progress=False)
     monkeypatch.undo()
     encoder = QuestionEncoder(tokenizer, model.max_seq_length - max_new_tokens, no_answer=no_answer)
     by_prompt = {tuple(prompt_for(encoder, q)[0].tolist()): q for q in questions}
@@ -318,7 +318,8 @@ def test_best_na_threshold_equals_brute_force_and_the_official_script():
 
 def evaluate_base(checkpoint: Path, eval_file: Path, out_dir: Path, **overrides) -> dict:
     settings = dict(max_new_tokens=4, device="cpu", precision="32-true", batch_size=4) | overrides
-    return load_script("evaluate/base.py").main(checkpoint, eval_file=eval_file, out_dir=out_dir, **settings)
+    return evaluate_script("evaluate/base.py", checkpoint_dir=checkpoint, eval_file=eval_file, out_dir=out_dir,
+                           **settings)  # fmt: skip
 
 
 def test_na_probs_file_is_in_the_official_format_and_metrics_name_the_oracle(checkpoint, tmp_path):
@@ -409,11 +410,11 @@ def test_auto_is_the_default_of_the_adapter_scripts(checkpoint, tmp_path, method
         folder = save_adapter_checkpoint(tmp_path / "adapter", apply_adapter(model, config), config, checkpoint,
                                          extra=extra)  # fmt: skip
     script = load_script(f"evaluate/{method}.py")
-    assert inspect.signature(script.main).parameters["na_threshold"].default == "auto"
+    assert script.Args().na_threshold == "auto"
     eval_file = squad_file(tmp_path / "eval.json", sample_questions())
     saved_threshold(folder, 0.3)
-    metrics = script.main(folder, eval_file=eval_file, out_dir=tmp_path / "out", max_new_tokens=4, device="cpu",
-                          precision="32-true")  # fmt: skip
+    metrics = script.main(script.Args(eval_file=eval_file, out_dir=tmp_path / "out", max_new_tokens=4, device="cpu",
+                                      precision="32-true", **{f"{method}_dir": folder}))  # fmt: skip
     assert metrics["na_threshold"] == 0.3 and metrics["na_threshold_source"].startswith("saved: ")
 
 
@@ -461,8 +462,8 @@ def test_training_saves_the_tuned_threshold_in_best_and_final_for_evaluation(pre
     assert not list(run.glob(f"step-*/{NA_THRESHOLD_FILE}"))  # resume checkpoints do not need one
 
     out = tmp_path / "eval"
-    result = load_script("evaluate/lora.py").main(run / "final", eval_file=train_file, out_dir=out, limit=8,
-                                                  max_new_tokens=4, precision="32-true", device="cpu")  # fmt: skip
+    result = evaluate_script("evaluate/lora.py", lora_dir=run / "final", eval_file=train_file, out_dir=out, limit=8,
+                             max_new_tokens=4, precision="32-true", device="cpu")  # fmt: skip
     saved = json.loads((run / "final" / NA_THRESHOLD_FILE).read_text())
     assert result["na_threshold"] == saved["threshold"]
     assert result["na_threshold_source"] == f"saved: {run / 'final' / NA_THRESHOLD_FILE}"

@@ -30,6 +30,7 @@ from lit_qa.errors import LitQAError
 from lit_qa.evaluation.answering import score_questions
 from lit_qa.evaluation.answers import Answers
 from lit_qa.evaluation.calibration import best_na_rule, roc_auc, tune_na_rules
+from lit_qa.evaluation.decoding import DecodingSettings
 from lit_qa.evaluation.squad_metric import evaluate_predictions
 from lit_qa.generation.generate import generate
 from lit_qa.models.config import Config
@@ -179,7 +180,7 @@ def test_saving_and_loading_the_head_reproduces_p_na_exactly(tmp_path, tokenizer
     attach_na_head(model, NAHeadConfig(layers=[1], hidden_size=4))
     for parameter in model.na_head.parameters():
         torch.nn.init.normal_(parameter, std=1.0)
-    before = score_questions(model, tokenizer, questions, extractive=True, progress=False)
+    before = score_questions(model, tokenizer, questions, DecodingSettings(extractive=True), progress=False)
     assert all(set(logits) == {"head", "span"} for logits in before.na_logits.values())
     assert before.na_prob == before.with_source("head", questions).na_prob  # the head's rule by default
     for name, content in na_head_files(model).items():
@@ -188,7 +189,7 @@ def test_saving_and_loading_the_head_reproduces_p_na_exactly(tmp_path, tokenizer
 
     fresh = tiny_model(seed=1, tokenizer=tokenizer)
     assert load_na_head(fresh, tmp_path) is not None and not fresh.na_head.training
-    after = score_questions(fresh, tokenizer, questions, extractive=True, progress=False)
+    after = score_questions(fresh, tokenizer, questions, DecodingSettings(extractive=True), progress=False)
     assert after.na_logits == before.na_logits and after.na_prob == before.na_prob and after.final == before.final
     assert len(set(before.na_prob.values())) > 1
 

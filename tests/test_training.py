@@ -75,9 +75,9 @@ def test_a_tiny_model_overfits_a_tiny_set(tmp_path):
                      lr_schedule="constant", save_interval=1000)  # fmt: skip
     fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
     torch.manual_seed(0)
-    before = validation.validate(fabric, GPT(Config.from_name("tiny-gqa")), samples, 4, max_batches=2)
+    before = validation.validation_metrics(fabric, GPT(Config.from_name("tiny-gqa")), samples, 4, max_batches=2)["loss"]
     model = run(tmp_path, args, samples=samples)
-    after = validation.validate(fabric, model, samples, 4, max_batches=2)
+    after = validation.validation_metrics(fabric, model, samples, 4, max_batches=2)["loss"]
     assert before > 4.0 and after < 0.2
 
 

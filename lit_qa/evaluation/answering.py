@@ -23,6 +23,7 @@ from lit_qa.data.prompts import NO_ANSWER
 from lit_qa.data.squad import Question
 from lit_qa.errors import LitQAError
 from lit_qa.evaluation.answers import Answers, check_na_source, default_na_source, na_logit, sigmoid
+from lit_qa.evaluation.decoding import DecodingSettings
 from lit_qa.generation.extractive import SpanDecoder
 from lit_qa.generation.generate import generate
 from lit_qa.models.model import GPT
@@ -59,106 +60,62 @@ def prompt_for(encoder: QuestionEncoder, question: Question) -> tuple[torch.Tens
     return windowed, True
 
 
-def answer_questions(
-    model: GPT,
-    tokenizer: Tokenizer,
-    questions: list[Question],
-    prompt_style: str = "plain",
-    no_answer: str = NO_ANSWER,
-    batch_size: int = 8,
-    max_new_tokens: int = 32,
-    progress: bool = True,
-    on_batch: Callable[[dict[str, str]], None] | None = None,
-    na_threshold: float | None = 0.5,
-    extractive: bool = False,
-) -> dict[str, str]:
-    """Answer questions by greedy decoding, in batches of similar prompt length.
-
-    Args:
-        model, tokenizer, questions, ...: See `score_questions`.
-
-    Returns:
-        Question id to answer text, ``""`` meaning "no answer".
-    """
-    return score_questions(model, tokenizer, questions, prompt_style, no_answer, batch_size, max_new_tokens,
-                           progress, on_batch, na_threshold, extractive=extractive).final  # fmt: skip
-
-
 def score_questions(
     model: GPT,
     tokenizer: Tokenizer,
     questions: list[Question],
-    prompt_style: str = "plain",
-    no_answer: str = NO_ANSWER,
-    batch_size: int = 8,
-    max_new_tokens: int = 32,
+    decoding: DecodingSettings = DecodingSettings(),
     progress: bool = True,
     on_batch: Callable[[dict[str, str]], None] | None = None,
-    na_threshold: float | None = 0.5,
     result: Answers | None = None,
-    extractive: bool = False,
-    na_source: str | None = None,
 ) -> Answers:
     """Answer questions by greedy decoding, and score how likely each is to have no answer.
 
-    Without ``na_threshold`` this is plain greedy decoding: the model says the no-answer string or an answer as
-    it likes. With it, each question gets one decoding pass that gives its best span (the no-answer string
-    forbidden) and p_na = sigmoid(s_na - s_span) (module docstring); the model abstains when p_na >=
-    ``na_threshold``. The best value for F1 is tuned on held-out data (`best_na_threshold`).
+    Without ``decoding.na_threshold`` this is plain greedy decoding: the model says the no-answer string or an answer
+    as it likes. With it, each question gets one decoding pass that gives its best span (the no-answer string
+    forbidden; with ``decoding.extractive`` a substring of the context) and p_na by ``decoding.na_source`` (module
+    docstring); the model abstains when p_na >= the threshold. The best value for F1 is tuned on held-out data
+    (`lit_qa.evaluation.calibration`). Every rule's logits are kept in ``na_logits`` either way (the span score's
+    costs one forward of the no-answer string's few tokens through the KV cache; the head's, nothing: it reads the
+    prefill).
 
     Args:
         model: The model, in eval mode. A prompt longer than ``model.max_seq_length - max_new_tokens`` is
             windowed to fit (the paragraph's first window, see `prompt_for`) instead of failing.
         tokenizer: Its tokenizer.
         questions: The questions to answer.
-        prompt_style: The prompt template the model was trained with.
-        no_answer: The text the model was trained to say when there is no answer; mapped to ``""``.
-        batch_size: Questions decoded together. Each row decodes exactly as it would alone.
-        max_new_tokens: Longest answer in tokens. A span cut at this length is scored without its EOS.
+        decoding: The prompt and decoding settings (`DecodingSettings`; ``na_threshold`` a number or None).
         progress: Show a progress bar (in questions) on stderr.
         on_batch: Called with each batch's final ``{id: answer}``, e.g. to save partial results.
-        na_threshold: Abstain when p_na >= this (in [0, 1]); None for plain greedy decoding.
         result: Answers known already (from an interrupted run): those questions are skipped, and the new
             answers are added to this object.
-        extractive: Span-constrained decoding (`lit_qa.generation.extractive`): every answer is a substring of its
-            question's context or the no-answer string. With ``na_threshold`` the best span may only be a
-            substring of the context; without ``extractive`` only the no-answer string's first token is forbidden.
-        na_source: The rule p_na is read from (`NA_SOURCES`); None: `default_na_source`. Every rule's logits are
-            kept in ``na_logits`` either way (the span score's costs one forward of the no-answer string's few
-            tokens through the KV cache; the head's, nothing: it reads the prefill).
 
     Returns:
-        The final answers, and with ``na_threshold`` the best spans, p_na and every rule's logits.
+        The final answers, and with a threshold the best spans, p_na and every rule's logits.
 
     Raises:
-        LitQAError: If the arguments are out of range, or a question cannot fit the model even windowed.
+        LitQAError: If a setting is out of range, or a question cannot fit the model even windowed.
     """
-    probe, targets, max_prompt_length = check_decoding(model, tokenizer, no_answer, batch_size, max_new_tokens,
-                                                       na_threshold)  # fmt: skip
-    na_source = na_source or default_na_source(model)
+    probe, targets, max_prompt_length = check_decoding(model, tokenizer, decoding)
+    na_source = decoding.na_source or default_na_source(model)
     check_na_source(na_source, getattr(model, "na_head", None) is not None)
     # The encoder's length limit only drives windowing, where the prompt alone must fit (no answer tokens).
-    encoder = QuestionEncoder(tokenizer, max_prompt_length, prompt_style, no_answer)
+    encoder = QuestionEncoder(tokenizer, max_prompt_length, decoding.prompt_style, decoding.no_answer)
     result = result if result is not None else Answers(final={})
     todo = [q for q in questions if q.id not in result.final]
     prompts = {q.id: prompt_for(encoder, q) for q in todo}
     if windowed := sum(was_windowed for _, was_windowed in prompts.values()):
         print(f"{windowed} of {len(todo)} contexts were windowed to fit {max_prompt_length} tokens",
               file=sys.stderr)  # fmt: skip
-    # Questions about one paragraph together, so that a batch prefills the paragraph once for all of them
-    # (`lit_qa.generation.prefixes`); longest paragraphs first: a batch pads to its longest prompt, so similar
-    # lengths waste little, and an out-of-memory error shows up in the first batch rather than at the end.
-    longest = {}
-    for q in todo:
-        longest[q.context] = max(longest.get(q.context, 0), len(prompts[q.id][0]))
-    order = sorted(todo, key=lambda q: (-longest[q.context], q.context, -len(prompts[q.id][0])))
-    spans = SpanDecoder(tokenizer, no_answer) if extractive and todo else None
+    spans = SpanDecoder(tokenizer, decoding.no_answer) if decoding.extractive and todo else None
+    order, batch_size = paragraph_order(todo, prompts), decoding.batch_size
     with tqdm(total=len(order), desc="answering", unit="q", disable=not progress, mininterval=1.0) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             batch_prompts = [prompts[q.id][0] for q in batch]
-            batch_answers = answer_batch(model, tokenizer, batch, batch_prompts, spans, probe, targets, no_answer,
-                                         max_new_tokens, na_threshold, na_source, result)  # fmt: skip
+            batch_answers = answer_batch(model, tokenizer, batch, batch_prompts, spans, probe, targets,
+                                         decoding.no_answer, decoding.max_new_tokens, decoding.na_threshold,
+                                         na_source, result)  # fmt: skip
             result.final.update(batch_answers)
             if on_batch is not None:
                 on_batch(batch_answers)
@@ -168,28 +125,35 @@ def score_questions(
     return result
 
 
+def paragraph_order(questions: list[Question], prompts: dict[str, tuple[torch.Tensor, bool]]) -> list[Question]:
+    """The order to answer in: questions about one paragraph together, so that a batch prefills the paragraph once
+    for all of them (`lit_qa.generation.prefixes`); longest paragraphs first: a batch pads to its longest prompt,
+    so similar lengths waste little, and an out-of-memory error shows up in the first batch rather than at the end.
+    """
+    longest = {}
+    for q in questions:
+        longest[q.context] = max(longest.get(q.context, 0), len(prompts[q.id][0]))
+    return sorted(questions, key=lambda q: (-longest[q.context], q.context, -len(prompts[q.id][0])))
+
+
 def check_decoding(
-    model: GPT,
-    tokenizer: Tokenizer,
-    no_answer: str,
-    batch_size: int,
-    max_new_tokens: int,
-    na_threshold: float | None,
+    model: GPT, tokenizer: Tokenizer, decoding: DecodingSettings
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
     """Check `score_questions`' decoding settings.
 
     Returns:
-        The no-answer probe and its targets (`no_answer_ids`; None without ``na_threshold``), and the longest
-        prompt that leaves room for the answer (and for the probe, scored in the cache slots the answer uses later).
+        The no-answer probe and its targets (`no_answer_ids`; None without a threshold), and the longest prompt
+        that leaves room for the answer (and for the probe, scored in the cache slots the answer uses later).
 
     Raises:
         LitQAError: If a setting is out of range or leaves no room for a prompt.
     """
+    batch_size, max_new_tokens, na_threshold = decoding.batch_size, decoding.max_new_tokens, decoding.na_threshold
     if batch_size < 1 or max_new_tokens < 1:
         raise LitQAError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
-    if na_threshold is not None and not 0.0 <= na_threshold <= 1.0:
-        raise LitQAError(f"--na_threshold must be in [0, 1], got {na_threshold}")
-    probe, targets = (None, None) if na_threshold is None else no_answer_ids(tokenizer, no_answer)
+    if na_threshold is not None and (isinstance(na_threshold, str) or not 0.0 <= na_threshold <= 1.0):
+        raise LitQAError(f"--na_threshold must be in [0, 1], got {na_threshold!r}")
+    probe, targets = (None, None) if na_threshold is None else no_answer_ids(tokenizer, decoding.no_answer)
     room = max_new_tokens if probe is None else max(max_new_tokens, len(probe))
     max_prompt_length = model.max_seq_length - room
     if max_prompt_length < 1:

@@ -22,6 +22,7 @@ import torch
 from lit_qa.data.squad import Question, question_ids_sha256
 from lit_qa.errors import LitQAError
 from lit_qa.evaluation.answers import NA_METHODS, Answers
+from lit_qa.evaluation.decoding import DecodingSettings
 from lit_qa.evaluation.squad_metric import question_scores
 
 PREDICTIONS_FILE = "predictions.json"
@@ -60,25 +61,18 @@ def question_scores_record(questions: list[Question], predictions: dict[str, str
 
 
 def partial_settings(
-    model: torch.nn.Module,
-    questions: list[Question],
-    prompt_style: str,
-    no_answer: str,
-    max_new_tokens: int,
-    na_threshold: float | None,
-    info: dict[str, Any] | None,
-    extractive: bool = False,
-    na_source: str = "span",
+    model: torch.nn.Module, questions: list[Question], decoding: DecodingSettings, info: dict[str, Any] | None
 ) -> dict[str, Any]:
     """What a partial answers file must have been written with to be resumed: the same questions, weights,
     prompt and decoding settings, and run settings (``info``). The batch size is left out: it does not change
     the answers, and a smaller one is the usual fix for an out-of-memory crash."""
     settings = {"question_ids_sha256": question_ids_sha256(questions), "weights": weights_sample_sha256(model),
-                "prompt_style": prompt_style, "no_answer": no_answer, "max_new_tokens": max_new_tokens,
-                "na_threshold": na_threshold, **(info or {})}  # fmt: skip
-    if na_threshold is not None:  # answers abstained by another rule (the first token's probability) never mix in
-        settings["na_method"] = NA_METHODS[na_source]
-    if extractive:  # only then: free-decoding partial files written before the flag existed still resume
+                "prompt_style": decoding.prompt_style, "no_answer": decoding.no_answer,
+                "max_new_tokens": decoding.max_new_tokens, "na_threshold": decoding.na_threshold,
+                **(info or {})}  # fmt: skip
+    if decoding.na_threshold is not None:  # answers abstained by another rule never mix in
+        settings["na_method"] = NA_METHODS[decoding.na_source]
+    if decoding.extractive:  # only then: free-decoding partial files written before the flag existed still resume
         settings["extractive"] = True
     if settings.get("subset") == "questions":  # the default: partial files from before --subset still resume
         del settings["subset"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from lit_qa.evaluation.calibration import (
     rule_comparison,
     tune_na_rules,
 )
+from lit_qa.evaluation.decoding import DecodingSettings
 from lit_qa.evaluation.results import (
     BEST_SPANS_FILE,
     METRICS_FILE,
@@ -55,14 +57,9 @@ def run_evaluation(
     tokenizer: Tokenizer,
     questions: list[Question],
     out_dir: Path,
-    prompt_style: str = "plain",
-    no_answer: str = NO_ANSWER,
-    batch_size: int = 8,
-    max_new_tokens: int = 32,
+    decoding: DecodingSettings = DecodingSettings(),
     info: dict[str, Any] | None = None,
-    na_threshold: float | str | None = 0.5,
     calibration_questions: list[Question] | None = None,
-    extractive: bool = False,
     threshold_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Answer, score and write ``predictions.json``, ``metrics.json``, ``question_scores.json`` and (with a
@@ -74,15 +71,13 @@ def run_evaluation(
     answers of two different runs are never mixed.
 
     Args:
-        model, tokenizer, questions, prompt_style, no_answer, batch_size, max_new_tokens: See
-            `lit_qa.evaluation.answering.score_questions`.
-        na_threshold: See `resolve_na_threshold`: a float in [0, 1], "off" or None (plain greedy decoding),
-            "auto" (the threshold saved in ``threshold_dir``, else tuned for F1 on ``calibration_questions``,
-            else 0.5).
-        calibration_questions: Held-out questions (never the evaluation set) to tune the threshold on, for "auto".
-        extractive: Span-constrained decoding (see ``score_questions``); the evaluate scripts turn it on by default.
+        model, tokenizer, questions: See `lit_qa.evaluation.answering.score_questions`.
         out_dir: Folder for the files (created if needed).
+        decoding: The decoding settings. Its ``na_threshold`` may also be a request (`resolve_na_threshold`):
+            "auto" (the threshold saved in ``threshold_dir``, else tuned for F1 on ``calibration_questions``,
+            else 0.5) or "off" (plain greedy decoding, as None).
         info: Run settings to record in ``metrics.json`` (paths, precision, limit, seed, subset, ...).
+        calibration_questions: Held-out questions (never the evaluation set) to tune the threshold on, for "auto".
         threshold_dir: The fine-tuned weights' folder, where training saves ``na_threshold.json``.
 
     Returns:
@@ -93,20 +88,10 @@ def run_evaluation(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    na_threshold, na_record = resolve_na_threshold(na_threshold, threshold_dir, bool(calibration_questions), extractive)
-    na_source = na_record.pop("na_source", None) or default_na_source(model)
-    tuned = {}
-    if na_threshold == "calibrate":
-        na_source, na_threshold, tuned = calibrate(model, tokenizer, calibration_questions, prompt_style, no_answer,
-                                                   batch_size, max_new_tokens, extractive, na_record)  # fmt: skip
-    if na_threshold is not None:
-        na_record.update(na_source=na_source, na_method=NA_METHODS[na_source])
-    settings = partial_settings(model, questions, prompt_style, no_answer, max_new_tokens, na_threshold, info,
-                                extractive, na_source)  # fmt: skip
+    decoding, na_record, tuned = decide_na_rule(model, tokenizer, decoding, calibration_questions, threshold_dir)
+    settings = partial_settings(model, questions, decoding, info)
     start = time.perf_counter()
-    scored, resumed = answer_resumably(model, tokenizer, questions, out_dir / PARTIAL_FILE, settings, prompt_style,
-                                       no_answer, batch_size, max_new_tokens, na_threshold, extractive,
-                                       na_source)  # fmt: skip
+    scored, resumed = answer_resumably(model, tokenizer, questions, out_dir / PARTIAL_FILE, settings, decoding)
     seconds = time.perf_counter() - start
     metrics = {
         **evaluate_predictions(questions, scored.final),
@@ -116,28 +101,50 @@ def run_evaluation(
         "seconds": round(seconds, 3),
         "questions_per_second": round((len(questions) - resumed) / max(seconds, 1e-9), 3),
         **({"resumed_answers": resumed} if resumed else {}),
-        "prompt_style": prompt_style,
-        "no_answer": no_answer,
-        "batch_size": batch_size,
-        "max_new_tokens": max_new_tokens,
-        "na_threshold": na_threshold,
+        "prompt_style": decoding.prompt_style,
+        "no_answer": decoding.no_answer,
+        "batch_size": decoding.batch_size,
+        "max_new_tokens": decoding.max_new_tokens,
+        "na_threshold": decoding.na_threshold,
         **na_record,
-        "extractive": extractive,
+        "extractive": decoding.extractive,
         **(info or {}),
     }
-    write_results(out_dir, questions, scored, metrics, na_threshold is not None, tuned)
+    write_results(out_dir, questions, scored, metrics, decoding.na_threshold is not None, tuned)
     return metrics
+
+
+def decide_na_rule(
+    model: GPT,
+    tokenizer: Tokenizer,
+    decoding: DecodingSettings,
+    calibration_questions: list[Question] | None,
+    threshold_dir: Path | None,
+) -> tuple[DecodingSettings, dict[str, Any], dict[str, tuple[float, float]]]:
+    """Resolve ``decoding.na_threshold`` (a number, "auto", "off" or None) and the no-answer rule: the threshold
+    saved in ``threshold_dir``, else tuned on ``calibration_questions`` (one decoding pass), else 0.5.
+
+    Returns:
+        The settings to decode with (a number or None, and the rule), what to record of where they came from in
+        ``metrics.json``, and every rule's (threshold, F1) when tuned here (`tune_na_rules`; else empty).
+    """
+    extractive = decoding.extractive
+    na_threshold, na_record = resolve_na_threshold(decoding.na_threshold, threshold_dir, bool(calibration_questions),
+                                                   extractive)  # fmt: skip
+    na_source = na_record.pop("na_source", None) or decoding.na_source or default_na_source(model)
+    tuned = {}
+    if na_threshold == "calibrate":
+        na_source, na_threshold, tuned = calibrate(model, tokenizer, calibration_questions, decoding, na_record)
+    if na_threshold is not None:
+        na_record.update(na_source=na_source, na_method=NA_METHODS[na_source])
+    return replace(decoding, na_threshold=na_threshold, na_source=na_source), na_record, tuned
 
 
 def calibrate(
     model: GPT,
     tokenizer: Tokenizer,
     calibration_questions: list[Question],
-    prompt_style: str,
-    no_answer: str,
-    batch_size: int,
-    max_new_tokens: int,
-    extractive: bool,
+    decoding: DecodingSettings,
     na_record: dict[str, Any],
 ) -> tuple[str, float, dict[str, tuple[float, float]]]:
     """Tune the no-answer rule and threshold for F1 on held-out questions (one decoding pass), recording how in
@@ -146,12 +153,14 @@ def calibrate(
     Returns:
         The rule, its threshold and every rule's (threshold, F1) (`tune_na_rules`).
     """
-    calibrated = score_questions(model, tokenizer, calibration_questions, prompt_style, no_answer, batch_size,
-                                 max_new_tokens, na_threshold=1.0, extractive=extractive)  # fmt: skip
+    calibrated = score_questions(model, tokenizer, calibration_questions, replace(decoding, na_threshold=1.0))
     tuned = tune_na_rules(calibration_questions, calibrated)
     na_source, na_threshold, calibration_f1 = best_na_rule(calibration_questions, calibrated)
-    na_record.update(calibration_questions=len(calibration_questions), calibration_f1=round(calibration_f1, 3),
-                     calibration_always_abstain_f1=round(no_answer_baseline(calibration_questions)["f1"], 3))
+    na_record.update(
+        calibration_questions=len(calibration_questions),
+        calibration_f1=round(calibration_f1, 3),
+        calibration_always_abstain_f1=round(no_answer_baseline(calibration_questions)["f1"], 3),
+    )
     print(f"no-answer rule {na_source}, threshold {na_threshold:.4f} (F1 {calibration_f1:.2f} on "
           f"{len(calibration_questions)} calibration questions)", file=sys.stderr)  # fmt: skip
     return na_source, na_threshold, tuned
@@ -163,13 +172,7 @@ def answer_resumably(
     questions: list[Question],
     partial_path: Path,
     settings: dict[str, Any],
-    prompt_style: str,
-    no_answer: str,
-    batch_size: int,
-    max_new_tokens: int,
-    na_threshold: float | None,
-    extractive: bool,
-    na_source: str,
+    decoding: DecodingSettings,
 ) -> tuple[Answers, int]:
     """`score_questions`, resuming from the answers ``partial_path`` holds (if written with ``settings``) and
     appending each new batch to it as soon as it is answered.
@@ -189,9 +192,7 @@ def answer_resumably(
             partial.write("".join(partial_line(scored, qid) for qid in batch_answers))
             partial.flush()  # in the OS's hands now: a killed process loses nothing
 
-        score_questions(model, tokenizer, questions, prompt_style, no_answer, batch_size, max_new_tokens,
-                        on_batch=save_partial, na_threshold=na_threshold, result=scored,
-                        extractive=extractive, na_source=na_source)  # fmt: skip
+        score_questions(model, tokenizer, questions, decoding, on_batch=save_partial, result=scored)
     return scored, resumed
 
 

@@ -23,6 +23,7 @@ from lit_qa.data.squad import Question
 from lit_qa.errors import LitQAError
 from lit_qa.evaluation.answering import score_questions
 from lit_qa.evaluation.calibration import apply_na_threshold, best_na_rule
+from lit_qa.evaluation.decoding import DecodingSettings
 from lit_qa.evaluation.squad_metric import evaluate_predictions
 from lit_qa.generation.generate import generate
 from lit_qa.models.na_head import na_loss_sum
@@ -48,18 +49,11 @@ class ValQuestions:
     no_answer: str
     source: str = "the validation split"
 
-
-def validate(
-    fabric: L.Fabric,
-    model: torch.nn.Module,
-    val_data: list[dict[str, Any]],
-    micro_batch_size: int,
-    max_batches: int,
-    pad_multiple: int = 64,
-    pack: bool = False,
-) -> float:
-    """Mean token loss over the first ``max_batches`` validation micro-batches (the same every time)."""
-    return validation_metrics(fabric, model, val_data, micro_batch_size, max_batches, pad_multiple, pack)["loss"]
+    def decoding(self, eval_args: EvalArgs) -> DecodingSettings:
+        """The F1 pass's settings: extractive greedy decoding that never abstains (threshold 1.0), so every
+        question's best span and p_na are kept and the threshold is tuned on them afterwards."""
+        return DecodingSettings(self.prompt_style, self.no_answer, eval_args.f1_batch_size, eval_args.max_new_tokens,
+                                na_threshold=1.0, extractive=True)  # fmt: skip
 
 
 @torch.no_grad()
@@ -204,10 +198,7 @@ def generation_metrics(
     questions = val_questions.questions
     try:
         with fabric.autocast(), quiet:
-            scored = score_questions(model=module, tokenizer=tokenizer, questions=questions,
-                                     prompt_style=val_questions.prompt_style, no_answer=val_questions.no_answer,
-                                     batch_size=eval_args.f1_batch_size, max_new_tokens=eval_args.max_new_tokens,
-                                     progress=False, na_threshold=1.0, extractive=True)  # fmt: skip
+            scored = score_questions(module, tokenizer, questions, val_questions.decoding(eval_args), progress=False)
     finally:
         module.train(was_training)
     source, threshold, _ = best_na_rule(questions, scored)
@@ -242,7 +233,8 @@ def first_validation(fabric: L.Fabric, model: torch.nn.Module, val_data: list[di
         run_validation(fabric, model, val_data, val_questions, tokenizer, train_args, eval_args, progress)
         return
     with rng_kept(fabric.device):
-        validate(fabric, model, val_data, train_args.micro_batch_size, 2, train_args.pad_multiple, train_args.pack)
+        validation_metrics(fabric, model, val_data, train_args.micro_batch_size, 2, train_args.pad_multiple,
+                           train_args.pack)  # fmt: skip
         if val_questions is not None:
             first_two = replace(val_questions, questions=val_questions.questions[:2])
             generation_metrics(fabric, model, tokenizer, first_two, eval_args)
