@@ -6,25 +6,12 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
 import torch
-from helpers import make_tiny_checkpoint, run_script
+from helpers import run_script
 from safetensors.torch import load_file
-from test_finetune_lora import squad_file
+from test_finetune_lora import prepared  # noqa: F401 (a module-scoped fixture: the tiny checkpoint and its data)
 
 from lit_qa.checkpoints.folder import load_model
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("full")
-    checkpoint = make_tiny_checkpoint(root)
-    train_file = squad_file(root / "train.json", articles=8)
-    data_dir = root / "data"
-    result = run_script("scripts/prepare_squad.py", "--train_file", str(train_file), "--out_dir", str(data_dir),
-                        "--checkpoint_dir", str(checkpoint), "--max_seq_length", "128", "--val_fraction", "0.25")  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return checkpoint, data_dir, train_file
 
 
 def finetune_full(out_dir, checkpoint, data_dir, *extra):
@@ -37,8 +24,8 @@ def finetune_full(out_dir, checkpoint, data_dir, *extra):
     )  # fmt: skip
 
 
-def test_full_finetune_writes_a_checkpoint_that_evaluation_loads(prepared, tmp_path):
-    checkpoint, data_dir, train_file = prepared
+def test_full_finetune_writes_a_checkpoint_that_evaluation_loads(prepared, tmp_path):  # noqa: F811
+    _, checkpoint, data_dir, train_file = prepared
     result = finetune_full(tmp_path / "run", checkpoint, data_dir)
     assert result.returncode == 0, result.stderr
     final = tmp_path / "run" / "final"
@@ -58,11 +45,11 @@ def test_full_finetune_writes_a_checkpoint_that_evaluation_loads(prepared, tmp_p
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["total"] == 32
 
 
-def test_two_process_fsdp_matches_one_process_and_resumes_from_shards(prepared, tmp_path):
+def test_two_process_fsdp_matches_one_process_and_resumes_from_shards(prepared, tmp_path):  # noqa: F811
     """FSDP2 shards weights, gradients and AdamW states over 2 processes: same weights as 1 process; a run
     resumed from its sharded step-2 checkpoint ends exactly where the uninterrupted one did; the
     consolidated checkpoint loads in one process."""
-    checkpoint, data_dir, _ = prepared
+    _, checkpoint, data_dir, _ = prepared
     assert finetune_full(tmp_path / "one", checkpoint, data_dir).returncode == 0
     run = tmp_path / "fsdp"
     args = ("--devices", "2", "--strategy", "fsdp")
@@ -83,7 +70,7 @@ def test_two_process_fsdp_matches_one_process_and_resumes_from_shards(prepared, 
     load_model(run / "final")  # consolidated: a plain single-process checkpoint
 
 
-def test_torchrun_and_fabric_run_launch_the_same_training(prepared, tmp_path):
+def test_torchrun_and_fabric_run_launch_the_same_training(prepared, tmp_path):  # noqa: F811
     """Processes started by torchrun or by `fabric run` (instead of by the script) train the same weights."""
     import os
     import subprocess
@@ -91,7 +78,7 @@ def test_torchrun_and_fabric_run_launch_the_same_training(prepared, tmp_path):
 
     from helpers import REPO
 
-    checkpoint, data_dir, _ = prepared
+    _, checkpoint, data_dir, _ = prepared
     bin_dir = os.path.dirname(sys.executable)
     script_args = ["finetune/full.py", "--data_dir", str(data_dir), "--checkpoint_dir", str(checkpoint),
                    "--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--train.max_steps", "2",

@@ -148,46 +148,28 @@ class Config:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
-def _llama1(n_layer: int, n_head: int, n_embd: int, intermediate_size: int) -> dict[str, Any]:
-    return dict(
-        block_size=2048, vocab_size=32000, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-        intermediate_size=intermediate_size, norm_eps=1e-6,
-    )  # fmt: skip
-
-
-_LLAMA31_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
+# What the models of a family share; each entry below adds its own sizes.
+_LLAMA1 = dict(block_size=2048, vocab_size=32000, norm_eps=1e-6)
+_LLAMA31 = dict(block_size=131072, vocab_size=128256, n_query_groups=8, rope_base=500000.0,
+                rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192))  # fmt: skip
+_SMOLLM2 = dict(block_size=8192, vocab_size=49152, rope_base=100000.0, tie_embeddings=True)
 
 # Only LLaMA-architecture models. Values are from each model's params.json / config.json.
 configs: dict[str, dict[str, Any]] = {
-    "LLaMA-7B": _llama1(32, 32, 4096, 11008),
-    "LLaMA-13B": _llama1(40, 40, 5120, 13824),
-    "LLaMA-30B": _llama1(60, 52, 6656, 17920),
-    "LLaMA-65B": _llama1(80, 64, 8192, 22016),
+    "LLaMA-7B": dict(_LLAMA1, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008),
+    "LLaMA-13B": dict(_LLAMA1, n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824),
+    "LLaMA-30B": dict(_LLAMA1, n_layer=60, n_head=52, n_embd=6656, intermediate_size=17920),
+    "LLaMA-65B": dict(_LLAMA1, n_layer=80, n_head=64, n_embd=8192, intermediate_size=22016),
     "Llama-2-7b": dict(block_size=4096, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008),
     "Llama-2-13b": dict(block_size=4096, n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824),
     "Llama-2-70b": dict(
         block_size=4096, n_layer=80, n_head=64, n_query_groups=8, n_embd=8192, intermediate_size=28672
     ),
-    "Llama-3.1-8B": dict(
-        block_size=131072, vocab_size=128256, n_layer=32, n_head=32, n_query_groups=8, n_embd=4096,
-        intermediate_size=14336, rope_base=500000.0, rope_scaling=_LLAMA31_ROPE,
-    ),  # fmt: skip
-    "Llama-3.1-70B": dict(
-        block_size=131072, vocab_size=128256, n_layer=80, n_head=64, n_query_groups=8, n_embd=8192,
-        intermediate_size=28672, rope_base=500000.0, rope_scaling=_LLAMA31_ROPE,
-    ),  # fmt: skip
-    "SmolLM2-135M": dict(
-        block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_query_groups=3, n_embd=576,
-        intermediate_size=1536, rope_base=100000.0, tie_embeddings=True,
-    ),  # fmt: skip
-    "SmolLM2-360M": dict(
-        block_size=8192, vocab_size=49152, n_layer=32, n_head=15, n_query_groups=5, n_embd=960,
-        intermediate_size=2560, rope_base=100000.0, tie_embeddings=True,
-    ),  # fmt: skip
-    "SmolLM2-1.7B": dict(
-        block_size=8192, vocab_size=49152, n_layer=24, n_head=32, n_embd=2048,
-        intermediate_size=8192, rope_base=130000.0, tie_embeddings=True,
-    ),  # fmt: skip
+    "Llama-3.1-8B": dict(_LLAMA31, n_layer=32, n_head=32, n_embd=4096, intermediate_size=14336),
+    "Llama-3.1-70B": dict(_LLAMA31, n_layer=80, n_head=64, n_embd=8192, intermediate_size=28672),
+    "SmolLM2-135M": dict(_SMOLLM2, n_layer=30, n_head=9, n_query_groups=3, n_embd=576, intermediate_size=1536),
+    "SmolLM2-360M": dict(_SMOLLM2, n_layer=32, n_head=15, n_query_groups=5, n_embd=960, intermediate_size=2560),
+    "SmolLM2-1.7B": dict(_SMOLLM2, n_layer=24, n_head=32, n_embd=2048, intermediate_size=8192, rope_base=130000.0),
     # Tiny random configs for tests: multi-head, grouped-query and tied-embedding variants.
     "tiny-mha": dict(block_size=128, vocab_size=100, n_layer=2, n_head=4, n_embd=32, intermediate_size=64),
     "tiny-gqa": dict(

@@ -213,15 +213,9 @@ class Block(nn.Module):
         self.norm_2 = RMSNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = LLaMAMLP(config)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        input_pos: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), cos, sin, mask, input_pos)
+    def forward(self, x: torch.Tensor, *attention_args: torch.Tensor | None) -> torch.Tensor:
+        """``attention_args`` go to the attention as they are: `CausalSelfAttention.forward`'s after ``x``."""
+        x = x + self.attn(self.norm_1(x), *attention_args)
         return x + self.mlp(self.norm_2(x))
 
 

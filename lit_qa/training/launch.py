@@ -2,8 +2,8 @@
 """What every fine-tuning script does before and around the loop: check the output folder, build Fabric,
 load the prepared data and the base model, build the optimizer.
 
-The scripts in ``finetune/`` call these in order and differ only in what they make trainable and what they
-save; the loop itself is `lit_qa.training.loop.fit`.
+`lit_qa.training.finetune` calls these in order for every script in ``finetune/``, which differ only in what they
+make trainable and what they save; the loop itself is `lit_qa.training.loop.fit`.
 """
 
 from __future__ import annotations
