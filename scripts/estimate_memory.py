@@ -24,9 +24,9 @@ from lit_qa.training.memory import (
     GB,
     MemoryEstimate,
     TrainingSetup,
-    count_parameters,
     estimate_memory,
     largest_micro_batch,
+    parameter_counts,
 )
 
 
@@ -86,7 +86,7 @@ def main(
         adapter_start_layer=adapter_start_layer, answer_tokens=answer_tokens, accelerator=accelerator,
     )  # fmt: skip
     estimate = estimate_memory(config, setup)
-    counts = count_parameters(config, setup)
+    counts = parameter_counts(config, setup)
     per_sample = (estimate_memory(config, replace(setup, micro_batch_size=2)).activations
                   - estimate_memory(config, replace(setup, micro_batch_size=1)).activations)  # fmt: skip
 

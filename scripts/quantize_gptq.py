@@ -32,7 +32,7 @@ from lit_qa.files import check_out_dir
 from lit_qa.models.config import Config
 from lit_qa.models.tokenizer import Tokenizer
 from lit_qa.quantize.gptq import GPTQConfig
-from lit_qa.quantize.gptq_model import packed_size, quantize_model, summarize
+from lit_qa.quantize.gptq_model import gptq_quantize_model, packed_size, summarize
 
 
 def main(
@@ -84,7 +84,7 @@ def main(
     if export_hf is not None:
         check_out_dir(export_hf, overwrite)
         check_not_inside(export_hf, {"--checkpoint_dir": checkpoint_dir, "--calibration": calibration, "--out_dir": out_dir}, "--export_hf")
-    device = resolve_device(device)
+    device = available_device(device)
 
     model_config = Config.from_checkpoint(checkpoint_dir)
     # Calibration data first: a bad file should fail before a large model is loaded.
@@ -99,7 +99,7 @@ def main(
     print(f"GPTQ {config} on {device}", file=sys.stderr)
 
     start = time.perf_counter()
-    packed, reports = quantize_model(model, samples, config, device)
+    packed, reports = gptq_quantize_model(model, samples, config, device)
     seconds = time.perf_counter() - start
 
     state = gptq_state_dict(model, packed)
@@ -120,7 +120,7 @@ def main(
     return Path(out_dir)
 
 
-def resolve_device(device: str) -> torch.device:
+def available_device(device: str) -> torch.device:
     """``auto`` means CUDA when available; anything else must name a device this machine has."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
