@@ -271,7 +271,8 @@ def block_activation_bytes(config: Config, setup: TrainingSetup, adapted: bool =
     if adapted:
         total += a * H + 4 * nh
     if setup.method == "adapter_v2":
-        total += (4 if setup.precision.endswith("-mixed") else a) * sum(o for _, o in block_linear_shapes(config).values())
+        outputs = sum(o for _, o in block_linear_shapes(config).values())
+        total += (4 if setup.precision.endswith("-mixed") else a) * outputs
     return total
 
 
