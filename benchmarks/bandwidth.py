@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.utils import best_time, describe_machine, print_table, write_json
+from benchmarks.utils import best_time, describe_machine, print_table, write_results
 from lit_qa.checkpoints.convert_hf import convert_lit_to_hf
 from lit_qa.checkpoints.folder import load_model
 from lit_qa.errors import run_cli
@@ -82,7 +82,7 @@ def main(
     machine = describe_machine()
     print(f"prompt {prompt_length} + {new_tokens} new tokens, {machine}")
     print_table(rows)
-    write_json(out, {"machine": machine, "bandwidth_gb_s": bandwidth, "rows": rows})
+    write_results(out, {"machine": machine, "bandwidth_gb_s": bandwidth, "rows": rows})
 
 
 def measure_bandwidth(size_gb: float, repeats: int) -> float:

@@ -21,8 +21,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks.utils import describe_machine, print_table, write_json
-from lit_qa.checkpoints.lora import load_lora_checkpoint, read_base_record
+from benchmarks.utils import describe_machine, print_table, write_results
+from lit_qa.checkpoints.lora import load_lora_checkpoint, read_lora_base_record
 from lit_qa.checkpoints.na_head import load_na_head
 from lit_qa.data.squad import Question, load_squad, select_paragraphs
 from lit_qa.errors import LitQAError, run_cli
@@ -93,8 +93,8 @@ def main(
     hindsight = max(best_na_rule(questions, evaluated)[2], 0.0)
     print_table(rows)
     print(f"best rule and threshold in hindsight on the evaluation questions: F1 {hindsight:.2f}")
-    write_json(out, {"machine": describe_machine(), "lora_dir": str(lora_dir), "eval_questions": len(questions),
-                     "draws": draws, "rows": rows, "hindsight_f1": hindsight})  # fmt: skip
+    write_results(out, {"machine": describe_machine(), "lora_dir": str(lora_dir), "eval_questions": len(questions),
+                        "draws": draws, "rows": rows, "hindsight_f1": hindsight})  # fmt: skip
     return rows
 
 
@@ -102,7 +102,7 @@ def answer(lora_dir: Path, questions: list[Question], batch_size: int, max_new_t
            precision: str) -> tuple[Answers, Answers]:  # fmt: skip
     """Every question answered once by the merged adapter and its head, extractively, every rule's score kept
     (the same `Answers` twice: tuning and scoring read different questions of it)."""
-    base = Path(read_base_record(lora_dir)["path"])
+    base = Path(read_lora_base_record(lora_dir)["path"])
     precision = inference_precision(precision, "cpu")
     model, _, _ = load_lora_checkpoint(lora_dir, base, "cpu", weights_dtype(precision))
     merge_lora_weights(model)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.packing import real_tokens
-from benchmarks.utils import describe_machine, print_table, read_demo_config, write_json
+from benchmarks.utils import describe_machine, print_table, read_demo_config, write_results
 from lit_qa.checkpoints.folder import load_model
 from lit_qa.data.dataset import load_prepared, mark_unanswerable, read_prepare_config
 from lit_qa.data.packing import forward_passes
@@ -174,8 +174,8 @@ def main(
     costs["share of the demo's training minutes spent validating (%)"] = round(
         100 * validating / (steps_in_run * step_seconds + validating), 1)  # fmt: skip
     print(costs)
-    write_json(out, {"machine": describe_machine(), "precision": precision, "steps": steps, "rows": rows,
-                     "costs": costs})  # fmt: skip
+    write_results(out, {"machine": describe_machine(), "precision": precision, "steps": steps, "rows": rows,
+                        "costs": costs})  # fmt: skip
 
 
 if __name__ == "__main__":

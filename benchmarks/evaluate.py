@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.utils import describe_machine, print_table, write_json
+from benchmarks.utils import describe_machine, print_table, write_results
 from lit_qa.checkpoints.convert_hf import convert_lit_to_hf
 from lit_qa.checkpoints.folder import load_model
 from lit_qa.data.prepare import QuestionEncoder
@@ -158,13 +158,13 @@ def main(
     for qid in differ[:5]:
         print(f"  {qid}: lit-qa {ours['predictions'][qid]!r} vs transformers {theirs['predictions'][qid]!r}")
     differ_answers = {qid: [ours["predictions"][qid], theirs["predictions"][qid]] for qid in differ}
-    write_json(out, {"machine": machine, "config": config.name, "dtype": dtype, "device": device, "quantize": quantize,
-                     "peer_dtype": peer_dtype or dtype,
-                     "eval_file": str(eval_file), "num_questions": len(questions), "num_paragraphs": paragraphs,
-                     "whole_paragraphs": whole_paragraphs,
-                     "question_ids_sha256": question_ids_sha256(questions),
-                     "batch_size": batch_size, "max_new_tokens": max_new_tokens, "rows": rows,
-                     "identical": len(questions) - len(differ), "differ": differ_answers})  # fmt: skip
+    write_results(out, {"machine": machine, "config": config.name, "dtype": dtype, "device": device, "quantize": quantize,
+                        "peer_dtype": peer_dtype or dtype,
+                        "eval_file": str(eval_file), "num_questions": len(questions), "num_paragraphs": paragraphs,
+                        "whole_paragraphs": whole_paragraphs,
+                        "question_ids_sha256": question_ids_sha256(questions),
+                        "batch_size": batch_size, "max_new_tokens": max_new_tokens, "rows": rows,
+                        "identical": len(questions) - len(differ), "differ": differ_answers})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.utils import describe_machine, print_table, write_json
+from benchmarks.utils import describe_machine, print_table, write_results
 from lit_qa.checkpoints.folder import load_model
 from lit_qa.checkpoints.lora import load_lora_checkpoint
 from lit_qa.data.squad import load_squad, question_ids_sha256, select_subset
@@ -151,7 +151,7 @@ def main(
                "max_new_tokens": max_new_tokens, "na_threshold": na_threshold,
                "trie_seconds": trie_seconds, "rows": rows,
                "differ": {qid: [free[qid], spans[qid]] for qid in differ}}  # fmt: skip
-    write_json(out, payload)
+    write_results(out, payload)
     return payload
 
 

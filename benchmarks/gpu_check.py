@@ -47,7 +47,7 @@ import torch
 
 from benchmarks.bandwidth import decode_step_seconds
 from benchmarks.train import flops_per_token
-from benchmarks.utils import describe_machine, print_table, write_json
+from benchmarks.utils import describe_machine, print_table, write_results
 from lit_qa.data.dataset import collate
 from lit_qa.data.packing import collate_packed
 from lit_qa.data.squad import load_squad, select_subset
@@ -523,9 +523,9 @@ def report(results: list[Check], context: Context, device_name: str) -> None:
     machine = describe_machine()
     print(f"\n{device_name}, {context.sizes.big_config.name}, {'dry run' if context.dry_run else 'GPU run'}, {machine}")
     print_table(rows)
-    write_json(context.out_dir / "gpu_check.json", {"device": device_name, "dry_run": context.dry_run,
-               "datasheet": context.datasheet, "machine": machine, "big_config": context.sizes.big_config.name,
-               "checks": [asdict(r) for r in results]})  # fmt: skip
+    write_results(context.out_dir / "gpu_check.json", {"device": device_name, "dry_run": context.dry_run,
+                  "datasheet": context.datasheet, "machine": machine, "big_config": context.sizes.big_config.name,
+                  "checks": [asdict(r) for r in results]})  # fmt: skip
     lines = [f"GPU check on {device_name} ({context.sizes.big_config.name}{', dry run' if context.dry_run else ''})",
              "", "| check | status | figure | detail | seconds |", "|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r.name} | {r.status} | {r.figure} | {r.detail} | {r.seconds:.0f} |" for r in results]

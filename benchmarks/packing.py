@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.utils import describe_machine, print_table, read_demo_config, write_json
+from benchmarks.utils import describe_machine, print_table, read_demo_config, write_results
 from lit_qa.checkpoints.folder import load_model
 from lit_qa.data.dataset import IGNORE_INDEX, collate, load_prepared, mark_unanswerable, read_prepare_config
 from lit_qa.data.packing import collate_packed, forward_passes
@@ -106,7 +106,7 @@ def main(
         results["gradients"] = gradient_check(checkpoint_dir, first[:12], lora, max_length)
     if "7b" in parts:
         results["7b"] = big_part(data, batches, train_args, dtype, max_length)
-    write_json(out, results)
+    write_results(out, results)
 
 
 def global_batches(data: list[dict], train_args: TrainArgs, count: int) -> list[list[int]]:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.utils import describe_machine, print_table, write_json
+from benchmarks.utils import describe_machine, print_table, write_results
 from lit_qa.checkpoints.folder import load_model
 from lit_qa.data.dataset import collate
 from lit_qa.data.prepare import QuestionEncoder
@@ -227,8 +227,8 @@ def main(
     print(f"{config.name}, {precision} on {device}, micro batch {micro_batch_size} x {seq_length} tokens, "
           f"{steps} timed steps; matmul peak {peak:.2f} TFLOP/s; {machine}")  # fmt: skip
     print_table(rows)
-    write_json(out, {"machine": machine, "config": config.name, "precision": precision, "device": device,
-                     "matmul_peak_tflops": peak, "rows": rows, "results": results})  # fmt: skip
+    write_results(out, {"machine": machine, "config": config.name, "precision": precision, "device": device,
+                        "matmul_peak_tflops": peak, "rows": rows, "results": results})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def print_table(rows: list[dict[str, object]]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
-def write_json(path: Path, payload: dict[str, object]) -> None:
+def write_results(path: Path, payload: dict[str, object]) -> None:
     """Write a benchmark's results (`lit_qa.files.write_json`) and say where."""
     path.parent.mkdir(parents=True, exist_ok=True)
     files.write_json(path, payload)

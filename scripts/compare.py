@@ -85,7 +85,40 @@ def main(
         max_new_tokens: Longest answer.
         overwrite: Redo formats whose results already exist in ``out_dir``.
     """
-    from lit_qa.quantize import QUANTIZE_CHOICES
+    check_args(formats, gptq_checkpoint, calibration, calibration_file, na_threshold, extractive)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = merge_lora(checkpoint_dir, lora_dir, out_dir, overwrite)
+    gptq_seconds = None
+    if "gptq.int4" in formats and gptq_checkpoint is None:
+        gptq_checkpoint, gptq_seconds = quantize_gptq(model_dir, out_dir, calibration, group_size, act_order,
+                                                      n_samples, overwrite)  # fmt: skip
+    rows = []
+    for fmt in formats:
+        result_file = out_dir / fmt / "compare_result.json"
+        if overwrite or not result_file.is_file():
+            job = dict(format=fmt, model_dir=str(model_dir), prompt_dir=str(lora_dir or checkpoint_dir),
+                       eval_file=str(eval_file), out_dir=str(out_dir / fmt), limit=limit, seed=seed,
+                       gptq_checkpoint=str(gptq_checkpoint), na_threshold=na_threshold,
+                       calibration_file=str(calibration_file) if calibration_file else None, precision=precision,
+                       batch_size=batch_size, max_new_tokens=max_new_tokens, extractive=extractive)  # fmt: skip
+            run(["scripts/compare.py", "--worker", json.dumps(job)])
+        rows.append(json.loads(result_file.read_text()))
+    table = add_differences(rows)
+    write_outputs(out_dir, table, {"gptq_quantization_seconds": gptq_seconds, "eval_file": str(eval_file),
+                                   "limit": limit, "lora_dir": str(lora_dir) if lora_dir else None})  # fmt: skip
+    return table
+
+
+def check_args(
+    formats: tuple[str, ...],
+    gptq_checkpoint: Path | None,
+    calibration: Path | None,
+    calibration_file: Path | None,
+    na_threshold: float | str | None,
+    extractive: bool,
+) -> None:
+    """Refuse bad flags before anything is merged, quantized or evaluated."""
+    from lit_qa.quantize.modes import QUANTIZE_CHOICES
 
     unknown = [f for f in formats if f != "full" and f not in QUANTIZE_CHOICES]
     if unknown:
@@ -95,38 +128,33 @@ def main(
     if calibration_file is not None:
         load_squad(calibration_file)  # a bad file fails before anything is merged or quantized
     resolve_na_threshold(na_threshold, None, calibration_file is not None, extractive, verbose=False)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_dir, prompt_dir = checkpoint_dir, lora_dir or checkpoint_dir
-    if lora_dir is not None:
-        model_dir = out_dir / "merged"
-        if overwrite or not model_dir.is_dir():
-            run(["scripts/merge_lora.py", "--lora_dir", lora_dir, "--out_dir", model_dir,
-                 "--base_checkpoint_dir", checkpoint_dir, "--overwrite", "true"])  # fmt: skip
-    gptq_seconds = None
-    if "gptq.int4" in formats and gptq_checkpoint is None:
-        gptq_checkpoint = out_dir / "gptq-int4"
-        if overwrite or not gptq_checkpoint.is_dir():
-            start = time.perf_counter()
-            run(["scripts/quantize_gptq.py", "--checkpoint_dir", model_dir, "--out_dir", gptq_checkpoint,
-                 "--calibration", calibration, "--group_size", group_size, "--act_order", act_order,
-                 "--n_samples", n_samples, "--overwrite", "true"])  # fmt: skip
-            gptq_seconds = time.perf_counter() - start
 
-    rows = []
-    for fmt in formats:
-        result_file = out_dir / fmt / "compare_result.json"
-        if overwrite or not result_file.is_file():
-            job = dict(format=fmt, model_dir=str(model_dir), prompt_dir=str(prompt_dir), eval_file=str(eval_file),
-                       out_dir=str(out_dir / fmt), limit=limit, seed=seed, gptq_checkpoint=str(gptq_checkpoint),
-                       na_threshold=na_threshold, calibration_file=str(calibration_file) if calibration_file else None,
-                       precision=precision, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                       extractive=extractive)  # fmt: skip
-            run(["scripts/compare.py", "--worker", json.dumps(job)])
-        rows.append(json.loads(result_file.read_text()))
-    table = add_differences(rows)
-    write_outputs(out_dir, table, {"gptq_quantization_seconds": gptq_seconds, "eval_file": str(eval_file),
-                                   "limit": limit, "lora_dir": str(lora_dir) if lora_dir else None})  # fmt: skip
-    return table
+
+def merge_lora(checkpoint_dir: Path, lora_dir: Path | None, out_dir: Path, overwrite: bool) -> Path:
+    """The model every format starts from: ``checkpoint_dir``, or with ``lora_dir`` merged into it
+    (``out_dir/merged``, made by ``scripts/merge_lora.py`` unless already there)."""
+    if lora_dir is None:
+        return checkpoint_dir
+    model_dir = out_dir / "merged"
+    if overwrite or not model_dir.is_dir():
+        run(["scripts/merge_lora.py", "--lora_dir", lora_dir, "--out_dir", model_dir,
+             "--base_checkpoint_dir", checkpoint_dir, "--overwrite", "true"])  # fmt: skip
+    return model_dir
+
+
+def quantize_gptq(
+    model_dir: Path, out_dir: Path, calibration: Path, group_size: int, act_order: bool, n_samples: int, overwrite: bool
+) -> tuple[Path, float | None]:
+    """``out_dir/gptq-int4``, quantized from ``model_dir`` by ``scripts/quantize_gptq.py`` unless already there, and
+    the seconds that took (None when it was there)."""
+    gptq_checkpoint = out_dir / "gptq-int4"
+    if not overwrite and gptq_checkpoint.is_dir():
+        return gptq_checkpoint, None
+    start = time.perf_counter()
+    run(["scripts/quantize_gptq.py", "--checkpoint_dir", model_dir, "--out_dir", gptq_checkpoint,
+         "--calibration", calibration, "--group_size", group_size, "--act_order", act_order,
+         "--n_samples", n_samples, "--overwrite", "true"])  # fmt: skip
+    return gptq_checkpoint, time.perf_counter() - start
 
 
 def run(args: list) -> None:
@@ -146,7 +174,7 @@ def worker(job: dict) -> dict:
     from lit_qa.generation.generate import generate
     from lit_qa.models.tokenizer import Tokenizer
     from lit_qa.precision import autocast, inference_precision, resolve_device, weights_dtype
-    from lit_qa.quantize import weights_size_bytes
+    from lit_qa.quantize.modes import weights_size_bytes
     from lit_qa.training.loop import peak_memory_gb
 
     fmt = job["format"]

@@ -24,9 +24,9 @@ from lit_qa.training.memory import (
     GB,
     MemoryEstimate,
     TrainingSetup,
-    count_parameters,
     estimate_memory,
     largest_micro_batch,
+    parameter_counts,
 )
 
 
@@ -86,39 +86,55 @@ def main(
         adapter_start_layer=adapter_start_layer, answer_tokens=answer_tokens, accelerator=accelerator,
     )  # fmt: skip
     estimate = estimate_memory(config, setup)
-    counts = count_parameters(config, setup)
+    print_setup(config.name or str(checkpoint_dir), config, setup)
+    print_estimate(config, setup, estimate)
+    if gpu_memory_gb is not None:
+        print_fit(config, setup, estimate, gpu_memory_gb)
+    return estimate
+
+
+def print_setup(name: str, config: Config, setup: TrainingSetup) -> None:
+    """The run described in one line, and its parameter counts."""
+    detail = f" (r={setup.lora_r} on {','.join(setup.lora_targets)})" if setup.method in ("lora", "qlora") else ""
+    checkpointing = "activation checkpointing" if setup.activation_checkpointing else "no activation checkpointing"
+    print(f"{name}: {setup.method}{detail}, {setup.precision}, micro batch {setup.micro_batch_size} x "
+          f"{setup.seq_length} tokens, {setup.devices} device(s) x {setup.num_nodes} node(s), {setup.strategy}, "
+          f"{checkpointing}")  # fmt: skip
+    counts = parameter_counts(config, setup)
+    print(f"parameters: {count_text(counts.total)}, trainable {count_text(counts.trainable)}")
+
+
+def print_estimate(config: Config, setup: TrainingSetup, estimate: MemoryEstimate) -> None:
+    """The table of memory per GPU (per process on CPU) by what holds it, with a note on each row."""
     per_sample = (estimate_memory(config, replace(setup, micro_batch_size=2)).activations
                   - estimate_memory(config, replace(setup, micro_batch_size=1)).activations)  # fmt: skip
-
-    detail = f" (r={lora_r} on {','.join(targets)})" if method in ("lora", "qlora") else ""
-    checkpointing = "activation checkpointing" if activation_checkpointing else "no activation checkpointing"
-    print(f"{config.name or checkpoint_dir}: {method}{detail}, {precision}, micro batch {micro_batch_size} x "
-          f"{seq_length} tokens, {devices} device(s) x {num_nodes} node(s), {strategy}, {checkpointing}")  # fmt: skip
-    print(f"parameters: {count_text(counts.total)}, trainable {count_text(counts.trainable)}")
     transient = []
     if setup.sharded:
         transient.append("FSDP: 2 gathered blocks, 1 block's gradients, the gathered embedding and head")
-    if method == "qlora":
+    if setup.method == "qlora":
         transient.append("one dequantized weight")
+    cuda = setup.accelerator == "cuda"
+    overhead = "CUDA context, workspaces, allocator slack" if cuda else "process baseline RSS"
     rows = [
         ("weights", estimate.weights, f"sharded over {setup.world_size}" if setup.sharded else ""),
         ("gradients", estimate.gradients, "x2 for DDP's buckets" if setup.world_size > 1 and not setup.sharded else ""),
         ("optimizer states", estimate.optimizer, "AdamW"),
         ("activations", estimate.activations, f"{per_sample / GB:.2f} GB per sample"),
         ("transient", estimate.transient, "; ".join(transient)),
-        ("overhead", estimate.overhead, "CUDA context, workspaces, allocator slack" if accelerator == "cuda"
-         else "process baseline RSS"),
+        ("overhead", estimate.overhead, overhead),
         ("total", estimate.total, ""),
     ]  # fmt: skip
-    print(f"memory per {'GPU' if accelerator == 'cuda' else 'process'} (GB = 1e9 bytes):")
+    print(f"memory per {'GPU' if cuda else 'process'} (GB = 1e9 bytes):")
     for name, value, note in rows:
         print(f"  {name:18}{value / GB:9.2f} GB" + (f"   ({note})" if note else ""))
-    if gpu_memory_gb is not None:
-        fits = "yes" if estimate.total <= gpu_memory_gb * GB else "no"
-        best = largest_micro_batch(config, setup, gpu_memory_gb * GB)
-        best_text = str(best) if best else "none (not even micro batch 1)"
-        print(f"fits in {gpu_memory_gb:g} GB: {fits}; largest micro batch that fits: {best_text}")
-    return estimate
+
+
+def print_fit(config: Config, setup: TrainingSetup, estimate: MemoryEstimate, gpu_memory_gb: float) -> None:
+    """Whether the run fits in ``gpu_memory_gb``, and the largest micro batch that does."""
+    fits = "yes" if estimate.total <= gpu_memory_gb * GB else "no"
+    best = largest_micro_batch(config, setup, gpu_memory_gb * GB)
+    best_text = str(best) if best else "none (not even micro batch 1)"
+    print(f"fits in {gpu_memory_gb:g} GB: {fits}; largest micro batch that fits: {best_text}")
 
 
 def count_text(count: int) -> str:

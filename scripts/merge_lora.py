@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lit_qa.checkpoints.convert_hf import tokenizer_files
 from lit_qa.checkpoints.folder import check_not_inside, save_checkpoint
-from lit_qa.checkpoints.lora import load_lora_checkpoint, read_base_record
+from lit_qa.checkpoints.lora import load_lora_checkpoint, read_lora_base_record
 from lit_qa.checkpoints.na_head import NA_HEAD_FILES, load_na_head
 from lit_qa.data.dataset import CONFIG_FILE as PREPARE_CONFIG_FILE
 from lit_qa.errors import run_cli
@@ -52,7 +52,7 @@ def main(
             (e.g. the same model re-converted in another dtype); the architecture must still match.
     """
     check_out_dir(out_dir, overwrite)  # fail before loading anything
-    base = Path(read_base_record(lora_dir)["path"]) if base_checkpoint_dir is None else base_checkpoint_dir
+    base = Path(read_lora_base_record(lora_dir)["path"]) if base_checkpoint_dir is None else base_checkpoint_dir
     check_not_inside(out_dir, {"--lora_dir": lora_dir, "--base_checkpoint_dir": base})
     model, _, lora_config = load_lora_checkpoint(lora_dir, base, allow_different_base=allow_different_base)
     untied = merge_lora_weights(model)

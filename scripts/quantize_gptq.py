@@ -32,7 +32,7 @@ from lit_qa.files import check_out_dir
 from lit_qa.models.config import Config
 from lit_qa.models.tokenizer import Tokenizer
 from lit_qa.quantize.gptq import GPTQConfig
-from lit_qa.quantize.gptq_model import packed_size, quantize_model, summarize
+from lit_qa.quantize.gptq_model import LayerReport, gptq_quantize_model, packed_size, summarize
 
 
 def main(
@@ -78,13 +78,8 @@ def main(
     config = GPTQConfig(bits, group_size, sym, act_order, damp_percent, true_sequential)
     if n_samples <= 0 or seq_length <= 1:
         raise LitQAError(f"n_samples ({n_samples}) must be positive and seq_length ({seq_length}) at least 2")
-    check_checkpoint_dir(checkpoint_dir)
-    check_out_dir(out_dir, overwrite)
-    check_not_inside(out_dir, {"--checkpoint_dir": checkpoint_dir, "--calibration": calibration})
-    if export_hf is not None:
-        check_out_dir(export_hf, overwrite)
-        check_not_inside(export_hf, {"--checkpoint_dir": checkpoint_dir, "--calibration": calibration, "--out_dir": out_dir}, "--export_hf")
-    device = resolve_device(device)
+    check_folders(checkpoint_dir, out_dir, calibration, export_hf, overwrite)
+    device = available_device(device)
 
     model_config = Config.from_checkpoint(checkpoint_dir)
     # Calibration data first: a bad file should fail before a large model is loaded.
@@ -99,7 +94,7 @@ def main(
     print(f"GPTQ {config} on {device}", file=sys.stderr)
 
     start = time.perf_counter()
-    packed, reports = quantize_model(model, samples, config, device)
+    packed, reports = gptq_quantize_model(model, samples, config, device)
     seconds = time.perf_counter() - start
 
     state = gptq_state_dict(model, packed)
@@ -108,19 +103,39 @@ def main(
     if export_hf is not None:
         export_hf_gptq(out_dir, export_hf, overwrite)
 
+    print_report(reports, packed, seconds, [out_dir] if export_hf is None else [out_dir, export_hf])
+    return Path(out_dir)
+
+
+def check_folders(
+    checkpoint_dir: Path, out_dir: Path, calibration: Path, export_hf: Path | None, overwrite: bool
+) -> None:
+    """Refuse a missing checkpoint, and output folders that are not empty (without ``overwrite``) or that lie inside
+    an input, before anything is loaded."""
+    check_checkpoint_dir(checkpoint_dir)
+    check_out_dir(out_dir, overwrite)
+    check_not_inside(out_dir, {"--checkpoint_dir": checkpoint_dir, "--calibration": calibration})
+    if export_hf is not None:
+        check_out_dir(export_hf, overwrite)
+        inputs = {"--checkpoint_dir": checkpoint_dir, "--calibration": calibration, "--out_dir": out_dir}
+        check_not_inside(export_hf, inputs, "--export_hf")
+
+
+def print_report(
+    reports: list[LayerReport], packed: dict[str, dict[str, torch.Tensor]], seconds: float, written: list[Path]
+) -> None:
+    """Each layer's error (`summarize`), the time taken, the packed size against float16, and the folders written."""
     print(summarize(reports))
     size, fp16 = packed_size(packed)
     gptq_seconds = sum(r.seconds for r in reports)
     print(f"quantized {len(reports)} linear layers in {seconds:.1f} s ({gptq_seconds:.1f} s in GPTQ itself)")
     print(f"quantized weights: {size / 1e6:.2f} MB vs {fp16 / 1e6:.2f} MB in float16 ({fp16 / size:.2f}x smaller)")
-    for folder in (out_dir, export_hf):
-        if folder is not None:
-            total = sum(p.stat().st_size for p in Path(folder).iterdir())
-            print(f"wrote {folder} ({total / 1e6:.1f} MB)")
-    return Path(out_dir)
+    for folder in written:
+        total = sum(p.stat().st_size for p in Path(folder).iterdir())
+        print(f"wrote {folder} ({total / 1e6:.1f} MB)")
 
 
-def resolve_device(device: str) -> torch.device:
+def available_device(device: str) -> torch.device:
     """``auto`` means CUDA when available; anything else must name a device this machine has."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -338,7 +338,7 @@ def test_quantized_base_keeps_the_adapter_in_full_precision(tmp_path, version, q
     from lit_qa.checkpoints.gptq import gptq_state_dict, save_gptq_checkpoint
     from lit_qa.quantize.bnb import is_bnb_layer
     from lit_qa.quantize.gptq import GPTQConfig
-    from lit_qa.quantize.gptq_model import quantize_model
+    from lit_qa.quantize.gptq_model import gptq_quantize_model
     from lit_qa.quantize.int4 import Int4Linear
 
     # 64 wide: bitsandbytes' CPU 4-bit kernels need rows of whole 64-weight blocks.
@@ -350,7 +350,7 @@ def test_quantized_base_keeps_the_adapter_in_full_precision(tmp_path, version, q
         calibration = [torch.randint(0, base_model.config.vocab_size, (48,)) for _ in range(8)]
         quantized_base = GPT(base_model.config).eval()
         quantized_base.load_state_dict(base_model.state_dict())
-        packed, _ = quantize_model(quantized_base, calibration, GPTQConfig(group_size=32), progress=False)
+        packed, _ = gptq_quantize_model(quantized_base, calibration, GPTQConfig(group_size=32), progress=False)
         gptq_dir = save_gptq_checkpoint(tmp_path / "gptq", base_model.config, gptq_state_dict(quantized_base, packed),
                                         GPTQConfig(group_size=32).to_quantize_config())  # fmt: skip
     adapter_config = AdapterConfig(version=version, prompt_length=4, start_layer=1)

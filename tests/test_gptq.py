@@ -22,7 +22,7 @@ from lit_qa.checkpoints.gptq import (
 from lit_qa.errors import LitQAError, run_cli
 from lit_qa.generation.generate import generate
 from lit_qa.quantize.gptq import GPTQConfig, gptq_quantize, relative_error, round_to_nearest
-from lit_qa.quantize.gptq_model import quantize_model
+from lit_qa.quantize.gptq_model import gptq_quantize_model
 from lit_qa.quantize.int4 import Int4Linear, dequantize, pack, unpack
 
 
@@ -251,7 +251,7 @@ def test_act_order_asymmetric_model_quantization(tmp_path):
         expected = model(idx)
     calibration = [torch.randint(0, 400, (n,)) for n in (64, 40, 64, 50)]
     gptq_config = GPTQConfig(group_size=-1, sym=False, act_order=True, true_sequential=False)
-    packed, reports = quantize_model(model, calibration, gptq_config, progress=False)
+    packed, reports = gptq_quantize_model(model, calibration, gptq_config, progress=False)
     assert len(packed) == len(reports) == 7 * config.n_layer
     assert all(r.error < r.rtn_error for r in reports)
     assert not all(torch.equal(a, b) for a, b in zip(original, model.parameters()))  # weights now dequantized

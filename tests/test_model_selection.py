@@ -115,7 +115,7 @@ def test_best_keeps_the_step_with_the_highest_validation_f1(tmp_path, monkeypatc
     assert_best_is_step(tmp_path, 5, 50.0)
     assert not torch.equal(saved_lora(tmp_path / BEST_DIR)["transformer.h.0.attn.q_proj.lora_B"],
                            saved_lora(tmp_path / "step-000006")["transformer.h.0.attn.q_proj.lora_B"])  # fmt: skip
-    assert progress["best"]["step"] == 5 and progress["val"]["f1"] == 40.0
+    assert progress.best["step"] == 5 and progress.val["f1"] == 40.0
     assert answered == [2] + [4] * 6  # the start's check, then every validation
     out = capsys.readouterr().out
     # A tie (step 4's 30 = step 2's) keeps the earlier step.
@@ -131,7 +131,7 @@ def test_resume_keeps_the_best_so_far(tmp_path, monkeypatch):
     assert_best_is_step(tmp_path, 2, 50.0)
     progress = fit_tiny(tmp_path, EVAL, resume=True)
     # Forgetting step 2's 50 would make step 4's 30 (and then 40, 45) the best.
-    assert progress["best"]["step"] == 2
+    assert progress.best["step"] == 2
     assert_best_is_step(tmp_path, 2, 50.0)
 
 
@@ -140,8 +140,8 @@ def test_off_means_no_best_and_no_generation(tmp_path, monkeypatch):
     stale = tmp_path / BEST_DIR
     stale.mkdir(parents=True)  # left by another run: a fresh start removes it
     progress = fit_tiny(tmp_path, EvalArgs(interval=1, max_batches=1, num_samples=0), max_steps=2)
-    assert answered == [] and not stale.exists() and progress["best"] is None
-    assert set(progress["val"]) == {"loss"}
+    assert answered == [] and not stale.exists() and progress.best is None
+    assert set(progress.val) == {"loss"}
 
 
 def test_best_by_validation_loss(tmp_path, monkeypatch, capsys):
@@ -150,7 +150,7 @@ def test_best_by_validation_loss(tmp_path, monkeypatch, capsys):
     printed = re.findall(r"step (\d+): val loss ([\d.]+)", capsys.readouterr().out)
     losses = {int(step): float(loss) for step, loss in printed}
     best = json.loads((tmp_path / BEST_DIR / BEST_FILE).read_text())
-    assert best["metric"] == "loss" and best["step"] == min(losses, key=losses.get) == progress["best"]["step"]
+    assert best["metric"] == "loss" and best["step"] == min(losses, key=losses.get) == progress.best["step"]
 
 
 def test_missing_validation_file_is_one_clear_error(tmp_path):

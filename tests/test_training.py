@@ -24,6 +24,7 @@ from lit_qa.training.args import EvalArgs, TrainArgs
 from lit_qa.training.batches import epoch_global_batches, split_global_batch
 from lit_qa.training.loop import fit
 from lit_qa.training.optimizer import lr_factor
+from lit_qa.training.progress import Progress
 from lit_qa.training.resume import latest_checkpoint
 
 TOKENIZER = SimpleNamespace(eos_id=1, eos_ids={1}, decode=lambda ids: " ".join(map(str, ids.tolist())))
@@ -205,6 +206,18 @@ def test_half_written_checkpoint_is_never_the_latest(tmp_path):
     with pytest.raises(LitQAError, match="no checkpoint"):
         checkpointing.find_resume_checkpoint(tmp_path / "empty", True)
     assert checkpointing.find_resume_checkpoint(tmp_path / "empty", "auto") is None
+
+
+def test_progress_is_recorded_as_the_plain_dict_checkpoints_always_held():
+    """A checkpoint written before `Progress` existed (a dict of these keys, in this order) resumes, and a new one
+    holds the same dict; a key of a later version is ignored, a missing one keeps its default."""
+    best = {"step": 2, "criterion": "val loss on 1 batches", "metric": "loss", "value": 1.4, "val": {"loss": 1.4}}
+    saved = {"step": 3, "epoch": 1, "step_in_epoch": 0, "tokens": 96, "val_loss": 1.5, "val": {"loss": 1.5},
+             "best": best}  # fmt: skip
+    progress = Progress.from_state(saved)
+    assert progress.best_step == 2 and progress.val == {"loss": 1.5}
+    assert progress.to_state() == saved and list(progress.to_state()) == list(saved)
+    assert Progress.from_state({"step": 2, "from_a_later_version": 1}) == Progress(step=2)
 
 
 def test_epoch_order_is_deterministic_covers_every_sample_and_groups_lengths():

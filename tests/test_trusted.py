@@ -112,7 +112,7 @@ def test_crafted_training_state_is_refused(tmp_path):
     model, optimizer = small_run()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     with pytest.raises(LitQAError, match=rf"refusing to load .*{STATE_FILE}: .*(io|builtins)\.open"):
-        load_training_state(fabric, tmp_path, model, optimizer, scheduler, {}, set())
+        load_training_state(fabric, tmp_path, model, optimizer, scheduler, set())
     assert not marker.exists()
 
 

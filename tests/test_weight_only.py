@@ -12,7 +12,7 @@ from helpers import run_script
 from test_evaluation import sample_questions, squad_file
 from test_quantize_bnb import make_wide_checkpoint
 
-import lit_qa.quantize as quantize_modes
+import lit_qa.quantize.modes as quantize_modes
 import lit_qa.quantize.weight_only as weight_only
 from lit_qa.errors import LitQAError
 from lit_qa.generation.generate import generate

@@ -13,7 +13,7 @@ import torch
 from lit_qa.checkpoints.folder import load_model
 from lit_qa.models.config import Config
 from lit_qa.models.model import GPT
-from lit_qa.quantize import quantize_model
+from lit_qa.quantize.modes import quantize_model
 
 
 def load_for_inference(

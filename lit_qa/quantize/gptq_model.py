@@ -47,7 +47,7 @@ class LayerReport:
 
 
 @torch.no_grad()
-def quantize_model(
+def gptq_quantize_model(
     model: GPT,
     calibration: list[torch.Tensor],
     config: GPTQConfig,

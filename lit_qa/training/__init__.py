@@ -3,6 +3,7 @@
 
 - `launch`: before the loop: Fabric, data, model, no-answer head, optimizer (what every finetune script calls).
 - `loop`: `fit`, a step at a time: batch, forward, backward, optimizer step, maybe validate and save.
+- `progress`: `Progress`, the run's counters (step, epoch, validations, best step) a checkpoint records.
 - `batches`: the data order, a pure function of (seed, epoch). `loss`: the answer-token loss.
 - `optimizer`: the learning-rate schedule and the guarded optimizer step (non-finite losses, fp16 scaling).
 - `validation`: validation loss, sample generations, F1 of answered validation questions.

@@ -43,6 +43,7 @@ from lit_qa.training.curves import write_curves
 from lit_qa.training.distributed import one_cpu_process
 from lit_qa.training.loss import loss_sums
 from lit_qa.training.optimizer import loss_scaler, lr_factor, optimizer_step
+from lit_qa.training.progress import Progress
 from lit_qa.training.resume import find_resume_checkpoint, load_training_state, save_training_checkpoint, step_dir
 from lit_qa.training.selection import best_criterion, forget_other_best, keep_if_best, remove_stale_best
 from lit_qa.training.signals import finish_run, signals_caught, stop_reason
@@ -63,7 +64,7 @@ def fit(
     resume: bool | str | Path = False,
     seed: int = 42,
     val_questions: ValQuestions | None = None,
-) -> dict[str, Any]:
+) -> Progress:
     """Train ``model`` on ``train_data`` with AdamW-style ``optimizer``, validating and checkpointing as it goes.
 
     ``model`` and ``optimizer`` come from Fabric's ``setup_module`` / ``setup_optimizers``. Steps are checkpointed to
@@ -72,7 +73,7 @@ def fit(
     "auto": fresh if none) or a checkpoint path. ``val_questions``: answered at validations (``--eval.f1_questions``).
 
     Returns:
-        The final progress counters (step, epoch, tokens seen, last validation metrics, the best step, ...).
+        The final `Progress` (step, epoch, tokens seen, last validation metrics, the best step).
 
     Raises:
         TrainingStopped: After a SIGTERM or SIGINT, once the current step is done and saved.
@@ -85,32 +86,26 @@ def fit(
     trainable = trainable_parameter_names(model)
     if train_args.compile:
         compile_blocks(model)
-    progress = {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0, "val_loss": None, "val": None, "best": None}
     criterion = best_criterion(eval_args, val_questions)
     if (checkpoint := find_resume_checkpoint(out_dir, resume)) is not None:
-        load_training_state(fabric, checkpoint, model, optimizer, scheduler, progress, trainable)
+        progress = load_training_state(fabric, checkpoint, model, optimizer, scheduler, trainable)
         forget_other_best(fabric, progress, criterion, out_dir)
     else:
+        progress = Progress()
         remove_stale_best(fabric, out_dir)
         first_validation(fabric, model, val_data, val_questions, tokenizer, train_args, eval_args, progress)
     model.train()  # load_model's eval mode would turn dropout off and a resumed run would diverge
 
-    bar = tqdm(total=plan.total_steps, initial=progress["step"], desc="training", unit="step",
+    bar = tqdm(total=plan.total_steps, initial=progress.step, desc="training", unit="step",
                disable=fabric.global_rank != 0)  # fmt: skip
     window = {"start": time.perf_counter(), "tokens": 0, "questions": 0}  # throughput since the last log line
     deadline = time.monotonic() + 60 * train_args.max_time_minutes if train_args.max_time_minutes else math.inf
     pending, stop = [], None  # this epoch's steps not taken yet
     with signals_caught() as signals:
-        while progress["step"] < plan.total_steps:
-            micro_batches, loss_tokens = next_step_batches(fabric, plan, train_args, progress, seed, pending)
-            losses = accumulate_gradients(fabric, model, train_data, micro_batches, loss_tokens, plan, train_args)
-            grad_norm = clip_gradients(fabric, model, optimizer, train_args)
-            losses["loss"] = fabric.all_reduce(losses["loss"], reduce_op="mean")
-            optimizer_step(fabric, optimizer, train_args, progress, out_dir, losses["loss"], grad_norm)
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            progress["step"], progress["step_in_epoch"] = progress["step"] + 1, progress["step_in_epoch"] + 1
-            step, window["tokens"] = progress["step"], window["tokens"] + losses.pop("tokens")
+        while progress.step < plan.total_steps:
+            losses, grad_norm = take_step(fabric, model, optimizer, scheduler, train_data, plan, train_args, progress,
+                                          out_dir, seed, pending)  # fmt: skip
+            step, window["tokens"] = progress.step, window["tokens"] + losses.pop("tokens")
             window["questions"] += losses.pop("questions")
             bar.update(1)
             if step % train_args.log_interval == 0 or step == plan.total_steps:
@@ -123,20 +118,16 @@ def fit(
             if stop in (None, "time") and (step % eval_args.interval == 0 or step == plan.total_steps or stop):
                 run_validation(fabric, model, val_data, val_questions, tokenizer, train_args, eval_args, progress)
                 keep_if_best(fabric, out_dir, save_fn, progress, eval_args.tracked_metric(), criterion, val_questions)
-                write_curves(fabric, out_dir, _best_step(progress))
+                write_curves(fabric, out_dir, progress.best_step)
             if step % train_args.save_interval == 0 or step == plan.total_steps or stop:
                 save_training_checkpoint(fabric, step_dir(out_dir, step), model, optimizer, scheduler, progress,
                                          trainable, save_fn)  # fmt: skip
             if stop:
                 break
     bar.close()
-    write_curves(fabric, out_dir, _best_step(progress))
+    write_curves(fabric, out_dir, progress.best_step)
     finish_run(fabric, stop, progress, plan.total_steps, out_dir)
     return progress
-
-
-def _best_step(progress: dict[str, Any]) -> int | None:
-    return progress["best"]["step"] if progress["best"] else None
 
 
 @dataclass
@@ -228,18 +219,48 @@ def packing_plan(fabric: L.Fabric, train_data: list[dict[str, Any]], train_args:
     return paragraphs
 
 
+def take_step(
+    fabric: L.Fabric,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_data: list[dict[str, Any]],
+    plan: RunPlan,
+    train_args: TrainArgs,
+    progress: Progress,
+    out_dir: Path,
+    seed: int,
+    pending: list,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """One optimizer step: the next micro-batches (`next_step_batches`), their gradients, clipping, the guarded
+    optimizer step and the schedule; ``progress`` counts the step.
+
+    Returns:
+        What `accumulate_gradients` returns, with ``loss`` averaged over the ranks, and the gradient norm.
+    """
+    micro_batches, loss_tokens = next_step_batches(fabric, plan, train_args, progress, seed, pending)
+    losses = accumulate_gradients(fabric, model, train_data, micro_batches, loss_tokens, plan, train_args)
+    grad_norm = clip_gradients(fabric, model, optimizer, train_args)
+    losses["loss"] = fabric.all_reduce(losses["loss"], reduce_op="mean")
+    optimizer_step(fabric, optimizer, train_args, progress, out_dir, losses["loss"], grad_norm)
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    progress.step, progress.step_in_epoch = progress.step + 1, progress.step_in_epoch + 1
+    return losses, grad_norm
+
+
 def next_step_batches(
-    fabric: L.Fabric, plan: RunPlan, train_args: TrainArgs, progress: dict[str, Any], seed: int, pending: list
+    fabric: L.Fabric, plan: RunPlan, train_args: TrainArgs, progress: Progress, seed: int, pending: list
 ) -> tuple[list[list[int]], int]:
     """This rank's micro-batches of the next optimizer step and the global batch's loss-token count, taken from
     ``pending`` (the epoch's steps not taken yet), which is refilled from the epoch's order when empty (a resumed
-    run starts at ``progress["step_in_epoch"]``); at an epoch's end the counters move to the next one."""
+    run starts at ``progress.step_in_epoch``); at an epoch's end the counters move to the next one."""
     while not pending:
-        epoch = rank_batches_of_epoch(plan.lengths, plan.loss_token_counts, train_args, progress["epoch"], seed,
+        epoch = rank_batches_of_epoch(plan.lengths, plan.loss_token_counts, train_args, progress.epoch, seed,
                                       fabric.world_size, fabric.global_rank, plan.paragraphs)  # fmt: skip
-        pending.extend(epoch[progress["step_in_epoch"] :])
+        pending.extend(epoch[progress.step_in_epoch :])
         if not pending:
-            progress["epoch"], progress["step_in_epoch"] = progress["epoch"] + 1, 0
+            progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
     return pending.pop(0)
 
 
@@ -300,7 +321,7 @@ def clip_gradients(
 
 def log_step(
     fabric: L.Fabric,
-    progress: dict[str, Any],
+    progress: Progress,
     plan: RunPlan,
     window: dict[str, Any],
     losses: dict[str, torch.Tensor],
@@ -310,7 +331,7 @@ def log_step(
 ) -> None:
     """Log ``train/*`` for the step just taken (throughput over the window since the last log) and start a new
     window."""
-    world_size, step = fabric.world_size, progress["step"]
+    world_size, step = fabric.world_size, progress.step
     elapsed = time.perf_counter() - window["start"]
     metrics = {
         "train/loss": float(losses["loss"]),
@@ -318,7 +339,7 @@ def log_step(
         "train/grad_norm": float(grad_norm),
         "train/tokens_per_sec": window["tokens"] * world_size / elapsed,
         "train/questions_per_sec": window["questions"] * world_size / elapsed,
-        "train/epoch": progress["epoch"] + progress["step_in_epoch"] / plan.steps_per_epoch,
+        "train/epoch": progress.epoch + progress.step_in_epoch / plan.steps_per_epoch,
         "train/memory_gb": peak_memory_gb(fabric.device),
     }
     if plan.has_na_head:  # the head's mean cross-entropy per sample (0.693 = knows nothing)
@@ -328,7 +349,7 @@ def log_step(
     fabric.log_dict(metrics, step=step)
     bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
                     tok_s=f"{metrics['train/tokens_per_sec']:.0f}", q_s=f"{metrics['train/questions_per_sec']:.1f}")  # fmt: skip
-    progress["tokens"] += window["tokens"] * world_size
+    progress.tokens += window["tokens"] * world_size
     window["start"], window["tokens"], window["questions"] = time.perf_counter(), 0, 0
 
 

@@ -206,17 +206,17 @@ class MemoryEstimate:
         return self.weights + self.gradients + self.optimizer + self.activations + self.transient + self.overhead
 
 
-def block_linears(config: Config) -> dict[str, tuple[int, int]]:
+def block_linear_shapes(config: Config) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each linear layer of one `Block`, by short name."""
     C, I = config.n_embd, config.intermediate_size
     H, G = config.n_head * config.head_size, config.n_query_groups * config.head_size
     return {"q": (C, H), "k": (C, G), "v": (C, G), "o": (H, C), "gate": (C, I), "up": (C, I), "down": (I, C)}
 
 
-def count_parameters(config: Config, setup: TrainingSetup) -> ParameterCounts:
+def parameter_counts(config: Config, setup: TrainingSetup) -> ParameterCounts:
     """Parameter counts of ``config`` under ``setup.method`` (a tied embedding counted once)."""
     C, V, L = config.n_embd, config.padded_vocab_size, config.n_layer
-    linears = block_linears(config)
+    linears = block_linear_shapes(config)
     block_linear = L * sum(i * o for i, o in linears.values())
     norms = (2 * L + 1) * C
     other = V * C * (1 if config.tie_embeddings else 2) + norms
@@ -271,7 +271,8 @@ def block_activation_bytes(config: Config, setup: TrainingSetup, adapted: bool =
     if adapted:
         total += a * H + 4 * nh
     if setup.method == "adapter_v2":
-        total += (4 if setup.precision.endswith("-mixed") else a) * sum(o for _, o in block_linears(config).values())
+        outputs = sum(o for _, o in block_linear_shapes(config).values())
+        total += (4 if setup.precision.endswith("-mixed") else a) * outputs
     return total
 
 
@@ -325,7 +326,7 @@ def activation_bytes(config: Config, setup: TrainingSetup) -> float:
     # lit_qa.training.distributed), so autocast finds them in bf16 already and makes no copies.
     fsdp_casts_in_gather = setup.strategy == "fsdp" and setup.precision == "bf16-mixed"
     if setup.precision.endswith("-mixed") and not fsdp_casts_in_gather:
-        linear = sum(i * o for i, o in block_linears(config).values())
+        linear = sum(i * o for i, o in block_linear_shapes(config).values())
         casts = 2 * (linear * layers_kept + V * C)
     return tokens * per_token + logits + prompt + casts
 
@@ -337,7 +338,7 @@ def estimate_memory(config: Config, setup: TrainingSetup) -> MemoryEstimate:
         LitQAError: If a setting is out of range (all problems in one message).
     """
     setup.validate(config)
-    counts = count_parameters(config, setup)
+    counts = parameter_counts(config, setup)
     w, a, world = setup.weight_bytes, setup.compute_bytes, setup.world_size
     linear_bytes = NF4_BYTES if setup.method == "qlora" else w
     weights = counts.block_linear * linear_bytes + (counts.other + counts.added) * w
@@ -354,7 +355,7 @@ def estimate_memory(config: Config, setup: TrainingSetup) -> MemoryEstimate:
         root = config.padded_vocab_size * config.n_embd * (1 if config.tie_embeddings else 2) * w
         transient = 2 * block_weights + counts.trainable * w / L + root * (1 - 1 / world)
     if setup.method == "qlora":
-        transient += a * max(i * o for i, o in block_linears(config).values())
+        transient += a * max(i * o for i, o in block_linear_shapes(config).values())
     overhead = CUDA_OVERHEAD_BYTES if setup.accelerator == "cuda" else CPU_BASELINE_BYTES
     return MemoryEstimate(weights, gradients, optimizer, activation_bytes(config, setup), transient, overhead)
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 
 from lit_qa.errors import LitQAError
 from lit_qa.training.args import TrainArgs
+from lit_qa.training.progress import Progress
 from lit_qa.training.resume import latest_checkpoint
 
 # Below this loss scale, non-finite fp16 gradients are not an overflow of the scaling but of the gradients.
@@ -36,10 +36,10 @@ def lr_factor(step: int, train_args: TrainArgs, total_steps: int) -> float:
 
 
 def handle_non_finite(
-    fabric: L.Fabric, train_args: TrainArgs, progress: dict[str, Any], out_dir: Path, loss: float, grad_norm: float
+    fabric: L.Fabric, train_args: TrainArgs, progress: Progress, out_dir: Path, loss: float, grad_norm: float
 ) -> None:
     """Stop with a clear message (the last good checkpoint stays) or skip the step, per ``nan_policy``."""
-    what = f"loss {loss} / gradient norm {grad_norm} at step {progress['step'] + 1}"
+    what = f"loss {loss} / gradient norm {grad_norm} at step {progress.step + 1}"
     if train_args.nan_policy == "skip":
         fabric.print(f"\nwarning: non-finite {what}; skipping this optimizer step")
         return
@@ -57,7 +57,7 @@ def optimizer_step(
     fabric: L.Fabric,
     optimizer: torch.optim.Optimizer,
     train_args: TrainArgs,
-    progress: dict[str, Any],
+    progress: Progress,
     out_dir: Path,
     step_loss: torch.Tensor,
     grad_norm: torch.Tensor,

@@ -26,6 +26,7 @@ from lit_qa.errors import LitQAError
 from lit_qa.files import replace_folder
 from lit_qa.training.replace import finish_replacement
 from lit_qa.training.distributed import SHARDED_STATE_DIR, is_sharded, load_sharded_state, save_sharded_state
+from lit_qa.training.progress import Progress
 
 STATE_FILE = "training_state.pt"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -68,7 +69,7 @@ def save_training_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    progress: dict[str, Any],
+    progress: Progress,
     trainable: set[str],
     save_fn: Callable[[Path], None],
 ) -> None:
@@ -77,7 +78,8 @@ def save_training_checkpoint(
     The resume state: the trained parameters, the optimizer, the scheduler, the progress counters, the RNG
     states and the precision plugin's state (the fp16 loss scale; ``fabric.save`` does not save it).
     """
-    counters = {"progress": dict(progress), **rng_states(fabric), "precision": fabric.strategy.precision.state_dict()}
+    precision = fabric.strategy.precision.state_dict()
+    counters = {"progress": progress.to_state(), **rng_states(fabric), "precision": precision}
     module = getattr(model, "module", model)
 
     def write(folder: Path) -> None:
@@ -133,10 +135,10 @@ def load_training_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    progress: dict[str, Any],
     trainable: set[str],
-) -> None:
-    """Restore model (trained part), optimizer, scheduler, progress counters, RNG and loss scale from ``checkpoint``; say so."""
+) -> Progress:
+    """Restore model (trained part), optimizer, scheduler, RNG and loss scale from ``checkpoint``; say so, and return
+    the run's `Progress` there."""
     path = checkpoint / STATE_FILE
     module = getattr(model, "module", model)
     if is_sharded(module):
@@ -158,11 +160,12 @@ def load_training_state(
             raise LitQAError(f"{path}: cannot load the training state ({first_line(e)})") from None
     if not isinstance(rest.get("progress"), dict) or not isinstance(rest.get("rng"), torch.Tensor):
         raise LitQAError(f"{path}: not a lit-qa training state (no progress counters or RNG state)")
-    progress.update(rest["progress"])
+    progress = Progress.from_state(rest["progress"])
     restore_rng_states(fabric, rest)
     if rest.get("precision"):  # the loss scale of a 16-mixed run; a scaler starting over would overflow again
         fabric.strategy.precision.load_state_dict(rest["precision"])
-    fabric.print(f"Resumed from {checkpoint} at step {progress['step']}")
+    fabric.print(f"Resumed from {checkpoint} at step {progress.step}")
+    return progress
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:

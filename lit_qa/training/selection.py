@@ -22,6 +22,7 @@ from lit_qa.evaluation.answers import NA_METHODS
 from lit_qa.evaluation.calibration import NA_THRESHOLD_FILE
 from lit_qa.files import write_json
 from lit_qa.training.args import EvalArgs
+from lit_qa.training.progress import Progress
 from lit_qa.training.replace import finish_replacement, replacement_pending
 from lit_qa.training.resume import write_folder
 from lit_qa.training.validation import ValQuestions, format_val
@@ -30,9 +31,9 @@ BEST_DIR = "best"
 BEST_FILE = "best.json"  # inside best/: the step and the validation metrics it was chosen by
 
 
-def print_best(fabric: L.Fabric, progress: dict[str, Any], out_dir: Path) -> None:
+def print_best(fabric: L.Fabric, progress: Progress, out_dir: Path) -> None:
     """Say where the best checkpoint is (the scripts call this at the end), if one was selected."""
-    best = progress.get("best")
+    best = progress.best
     if best:
         fabric.print(f"Best checkpoint (step {best['step']}, by {best['criterion']}: {format_val(best['val'])}): "
                      f"{out_dir / BEST_DIR}")  # fmt: skip
@@ -51,16 +52,16 @@ def best_criterion(eval_args: EvalArgs, val_questions: ValQuestions | None) -> s
     return None
 
 
-def update_best(progress: dict[str, Any], metric: str | None, criterion: str | None) -> bool:
+def update_best(progress: Progress, metric: str | None, criterion: str | None) -> bool:
     """Record the current step as the best if its validation ``metric`` ("f1": higher is better, "loss":
     lower) beats the best so far, strictly (a tie keeps the earlier step); return whether it did."""
     if metric is None or criterion is None:
         return False
-    value, best = progress["val"][metric], progress["best"]
+    value, best = progress.val[metric], progress.best
     if best is not None and not (value > best["value"] if metric == "f1" else value < best["value"]):
         return False
-    progress["best"] = {"step": progress["step"], "criterion": criterion, "metric": metric, "value": value,
-                        "val": progress["val"]}  # fmt: skip
+    progress.best = {"step": progress.step, "criterion": criterion, "metric": metric, "value": value,
+                     "val": progress.val}  # fmt: skip
     return True
 
 
@@ -80,7 +81,7 @@ def save_best(
         if fabric.global_rank == 0:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / BEST_FILE).write_text(json.dumps(best, indent=2) + "\n")
-        save_na_threshold(fabric, folder, best, val_questions)
+        save_na_threshold(fabric, folder, best["step"], best.get("val"), val_questions)
 
     write_folder(fabric, out_dir / BEST_DIR, write)
 
@@ -89,14 +90,14 @@ def save_final(
     fabric: L.Fabric,
     out_dir: Path,
     save_fn: Callable[[Path], None],
-    progress: dict[str, Any],
+    progress: Progress,
     val_questions: ValQuestions | None,
     what: str,
 ) -> None:
     """After `fit`: write the trained weights to ``out_dir/final`` (with the last validation's no-answer
     threshold), and say where they and the best step's ``best/`` are. ``what`` names them, e.g. "LoRA adapter"."""
     save_fn(out_dir / "final")
-    save_na_threshold(fabric, out_dir / "final", progress, val_questions)
+    save_na_threshold(fabric, out_dir / "final", progress.step, progress.val, val_questions)
     if fabric.global_rank == 0 and (replaced := finish_replacement(out_dir, out_dir / "final")):
         fabric.print(f"--overwrite: final is complete, removed the earlier run's {', '.join(replaced)}")
     fabric.barrier()
@@ -105,19 +106,19 @@ def save_final(
 
 
 def save_na_threshold(
-    fabric: L.Fabric, folder: Path, validated: dict[str, Any], val_questions: ValQuestions | None
+    fabric: L.Fabric, folder: Path, step: int, val: dict[str, Any] | None, val_questions: ValQuestions | None
 ) -> None:
     """Write ``na_threshold.json`` into ``folder`` (rank 0), next to the weights, for ``evaluate/*.py --na_threshold
-    auto``: the threshold tuned at the validation in ``validated`` (``progress`` or ``progress["best"]``: its
-    ``step`` and ``val`` metrics). Nothing is written when that validation tuned none (no ``--eval.f1_questions``).
+    auto``: the threshold tuned at the validation of ``step`` whose metrics are ``val`` (the last validation's or
+    the best step's). Nothing is written when that validation tuned none (no ``--eval.f1_questions``).
     """
-    val = validated.get("val") or {}
+    val = val or {}
     if fabric.global_rank != 0 or val_questions is None or "na_threshold" not in val:
         return
     record = {"threshold": val["na_threshold"], "tuned_on": f"{len(val_questions.questions)} validation questions "
               f"of {val_questions.source}", "val_f1": val["f1"], "extractive": True, "method": NA_METHODS[val.get("na_source", "span")],
               "source": val.get("na_source", "span"),
-              "step": validated["step"], "prompt_style": val_questions.prompt_style,
+              "step": step, "prompt_style": val_questions.prompt_style,
               "no_answer": val_questions.no_answer}  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / NA_THRESHOLD_FILE, record)
@@ -135,18 +136,18 @@ def remove_stale_best(fabric: L.Fabric, out_dir: Path) -> None:
     fabric.barrier()
 
 
-def keep_if_best(fabric: L.Fabric, out_dir: Path, save_fn: Callable[[Path], None], progress: dict[str, Any],
+def keep_if_best(fabric: L.Fabric, out_dir: Path, save_fn: Callable[[Path], None], progress: Progress,
                  metric: str | None, criterion: str | None, val_questions: ValQuestions | None) -> None:  # fmt: skip
     """After a validation: if this step beats the best so far (`update_best`), write it to ``out_dir/best/``."""
     if update_best(progress, metric, criterion):
-        save_best(fabric, out_dir, save_fn, progress["best"], val_questions)
-        fabric.print(f"step {progress['step']} is the best so far by {criterion}: saved {out_dir / BEST_DIR}")
+        save_best(fabric, out_dir, save_fn, progress.best, val_questions)
+        fabric.print(f"step {progress.step} is the best so far by {criterion}: saved {out_dir / BEST_DIR}")
 
 
-def forget_other_best(fabric: L.Fabric, progress: dict[str, Any], criterion: str | None, out_dir: Path) -> None:
+def forget_other_best(fabric: L.Fabric, progress: Progress, criterion: str | None, out_dir: Path) -> None:
     """On resume: a best step chosen by another criterion than this run's (another metric or question count) is
     forgotten, so the best step is chosen anew."""
-    if progress["best"] is not None and progress["best"].get("criterion") != criterion:
-        fabric.print(f"{out_dir / BEST_DIR} was chosen by {progress['best'].get('criterion')}, now by "
+    if progress.best is not None and progress.best.get("criterion") != criterion:
+        fabric.print(f"{out_dir / BEST_DIR} was chosen by {progress.best.get('criterion')}, now by "
                      f"{criterion}: the best step is chosen anew")  # fmt: skip
-        progress["best"] = None
+        progress.best = None

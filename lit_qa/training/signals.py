@@ -19,6 +19,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from lit_qa.training.progress import Progress
+
 
 class TrainingStopped(SystemExit):
     """Raised by `fit` after a SIGTERM or SIGINT, once the checkpoint is saved: the process exits with status
@@ -71,14 +73,14 @@ def stop_reason(fabric: L.Fabric, signals: list[int], deadline: float) -> str | 
     return "time" if out_of_time else None
 
 
-def finish_run(fabric: L.Fabric, stop: str | None, progress: dict[str, Any], total_steps: int, out_dir: Path) -> None:
+def finish_run(fabric: L.Fabric, stop: str | None, progress: Progress, total_steps: int, out_dir: Path) -> None:
     """After the loop: close the loggers, and if a signal stopped the run, say where its checkpoint is and raise
     `TrainingStopped`."""
     for logger in fabric.loggers:
         logger.finalize("success")
     if stop not in ("SIGTERM", "SIGINT"):
         return
-    saved = Path(out_dir) / f"step-{progress['step']:06d}"
-    fabric.print(f"\nstopped by {stop} at step {progress['step']}/{total_steps}; saved {saved}; "
+    saved = Path(out_dir) / f"step-{progress.step:06d}"
+    fabric.print(f"\nstopped by {stop} at step {progress.step}/{total_steps}; saved {saved}; "
                  "continue with --resume auto")  # fmt: skip
     raise TrainingStopped(0 if stop == "SIGTERM" else 128 + signal.SIGINT)

@@ -31,6 +31,7 @@ from lit_qa.models.tokenizer import Tokenizer
 from lit_qa.training.args import EvalArgs, TrainArgs
 from lit_qa.training.distributed import one_cpu_process
 from lit_qa.training.loss import loss_sums
+from lit_qa.training.progress import Progress
 
 
 @dataclass
@@ -135,7 +136,7 @@ def run_validation(
     tokenizer: Tokenizer,
     train_args: TrainArgs,
     eval_args: EvalArgs,
-    progress: dict[str, Any],
+    progress: Progress,
 ) -> dict[str, float]:
     """Validate at the current step: the loss, and with ``val_questions`` generation EM/F1; logged as
     ``val/*``, printed, followed by the sample generations, and stored in ``progress``.
@@ -148,10 +149,10 @@ def run_validation(
         if val_questions is not None:
             metrics.update(generation_metrics(fabric, model, tokenizer, val_questions, eval_args))
         numbers = {f"val/{name}": value for name, value in metrics.items() if isinstance(value, (int, float))}
-        fabric.log_dict(numbers, step=progress["step"])
-        fabric.print(f"\nstep {progress['step']}: {format_val(metrics)}")
+        fabric.log_dict(numbers, step=progress.step)
+        fabric.print(f"\nstep {progress.step}: {format_val(metrics)}")
         print_sample_generations(fabric, model, val_data, tokenizer, eval_args)
-    progress["val_loss"], progress["val"] = metrics["loss"], metrics
+    progress.val_loss, progress.val = metrics["loss"], metrics
     return metrics
 
 
@@ -226,7 +227,7 @@ def rng_kept(device: torch.device) -> Iterator[None]:
 
 def first_validation(fabric: L.Fabric, model: torch.nn.Module, val_data: list[dict[str, Any]],
                      val_questions: ValQuestions | None, tokenizer: Tokenizer, train_args: TrainArgs,
-                     eval_args: EvalArgs, progress: dict[str, Any]) -> None:  # fmt: skip
+                     eval_args: EvalArgs, progress: Progress) -> None:  # fmt: skip
     """Fail fast, before any training time is spent: a full validation with ``--eval.initial_validation``, else
     two batches of the loss and two questions' answers, which exercise the model and the data."""
     if eval_args.initial_validation:
