@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lit_qa.checkpoints.lora import check_lora_dir, load_lora_checkpoint, read_base_record
+from lit_qa.checkpoints.lora import check_lora_dir, load_lora_checkpoint, read_lora_base_record
 from lit_qa.errors import LitQAError, run_cli
 from lit_qa.evaluation import launch
 from lit_qa.models.lora import merge_lora_weights
@@ -60,7 +60,7 @@ def main(args: Args) -> dict:
     check_quantize_args(args.quantize)
     warn_if_trained_quantized(args.lora_dir, args.quantize)
     run = launch.read_inputs(args, args.lora_dir)
-    base = args.checkpoint_dir or Path(read_base_record(args.lora_dir)["path"])
+    base = args.checkpoint_dir or Path(read_lora_base_record(args.lora_dir)["path"])
 
     t0 = time.perf_counter()
     device = "cpu" if args.quantize else run.device  # quantized layer by layer onto run.device after merging

@@ -20,7 +20,7 @@ from lit_qa.checkpoints.finetuned import (
     resolve_base,
     save_finetuned_dir,
 )
-from lit_qa.checkpoints.finetuned import read_base_record as _read_base_record
+from lit_qa.checkpoints.finetuned import read_base_record
 from lit_qa.checkpoints.folder import load_model
 from lit_qa.errors import LitQAError
 from lit_qa.models.config import Config
@@ -88,12 +88,7 @@ def read_lora_base_record(lora_dir: str | Path) -> dict[str, Any]:
     Raises:
         LitQAError: If ``lora_dir`` is not a LoRA folder, or the file is malformed.
     """
-    return _read_base_record(check_lora_dir(lora_dir))
-
-
-# The old name of `read_lora_base_record`, kept only until evaluate/lora.py (rewritten on another branch) imports
-# the new one; remove it and import finetuned's `read_base_record` without the underscore then.
-read_base_record = read_lora_base_record
+    return read_base_record(check_lora_dir(lora_dir))
 
 
 def load_lora_checkpoint(
