@@ -155,7 +155,8 @@ def time_steps(step: Callable[[list[dict[str, Any]]], None], batches: list[list[
             questions += sum(batch["questions"] for batch in micro)
     total = sum(seconds)
     return {"questions/s": questions / total, "tokens computed/s": real / total,
-            "padding %": 100.0 * (computed - real) / computed, "s/step": statistics.median(seconds)}  # fmt: skip
+            "tokens per question": real / questions, "padding %": 100.0 * (computed - real) / computed,
+            "s/step": statistics.median(seconds)}  # fmt: skip
 
 
 def lit_lora_model(checkpoint_dir: Path, dtype: torch.dtype, lora: LoRAConfig) -> GPT:
