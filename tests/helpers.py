@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -106,6 +107,21 @@ def real_smollm2(folder: Path) -> Path:
     except LitQAError as e:
         pytest.skip(str(e))
     return prepare.prepare_default_model(folder)
+
+
+def fake_decoding(monkeypatch, answers: Callable[[list[torch.Tensor]], list[torch.Tensor]]) -> None:
+    """Make evaluation (`lit_qa.evaluation.answering`) decode ``answers(prompts)`` for each batch's prompts instead of
+    the model's own tokens (the prefill still runs)."""
+    import lit_qa.evaluation.answering as answering
+
+    kv_cached, batch = answering.kv_cached, []
+
+    def remember(model, prompts, *args, **kwargs):
+        batch[:] = prompts
+        return kv_cached(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(answering, "kv_cached", remember)
+    monkeypatch.setattr(answering, "decode_n_tokens", lambda *args, **kwargs: answers(batch))
 
 
 class WritesMarker:

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHARED_SQUAD, evaluate_script, load_script, make_tiny_checkpoint, real_smollm2, run_script
+from helpers import (
+    SHARED_SQUAD,
+    evaluate_script,
+    fake_decoding,
+    load_script,
+    make_tiny_checkpoint,
+    real_smollm2,
+    run_script,
+)
 
 import lit_qa.evaluation.answering as answering
 import lit_qa.evaluation.results as results
@@ -104,15 +112,15 @@ def paragraphs_file(path: Path, paragraphs: int = 5) -> Path:
 
 
 def record_prompts(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
-    """Let `score_questions` decode as usual, but keep every prompt it hands to `generate`."""
+    """Let `score_questions` decode as usual, but keep every prompt it lays out in the KV cache for decoding."""
     seen: list[torch.Tensor] = []
-    real_generate = answering.generate
+    real_kv_cached = answering.kv_cached
 
     def spy(model, prompts, *args, **kwargs):
         seen.extend(prompts)
-        return real_generate(model, prompts, *args, **kwargs)
+        return real_kv_cached(model, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(answering, "generate", spy)
+    monkeypatch.setattr(answering, "kv_cached", spy)
     return seen
 
 
@@ -196,13 +204,13 @@ def test_no_answer_string_maps_to_empty(model, tokenizer, monkeypatch):
     assert to_official(" Paris ") == "Paris" and to_official("unanswerable, sadly") == "unanswerable, sadly"
     assert to_official("n/a", no_answer="N/A") == ""
 
-    def fake_generate(model, prompts, *args, **kwargs):
+    def fake_answers(prompts):
         return [tokenizer.encode(" Unanswerable ", bos=False) if i % 2 else tokenizer.encode(" Normandy\n", bos=False)
                 for i in range(len(prompts))]  # fmt: skip
 
-    monkeypatch.setattr(answering, "generate", fake_generate)
+    fake_decoding(monkeypatch, fake_answers)
     answers = score_questions(model, tokenizer, sample_questions(), DecodingSettings(batch_size=2, na_threshold=None),
-                               progress=False).final  # fmt: skip
+                              progress=False).final  # fmt: skip
     assert sorted(answers.values()) == ["", "", "", "Normandy", "Normandy", "Normandy"]
 
 

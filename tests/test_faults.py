@@ -36,7 +36,7 @@ import lit_qa.evaluation.answering as answering
 import lit_qa.evaluation.results as results
 import lit_qa.training.signals as signals
 from lit_qa.errors import LitQAError
-from lit_qa.generation.generate import generate
+from lit_qa.generation.generate import kv_cached
 from lit_qa.training.args import TrainArgs
 from lit_qa.training.resume import STATE_FILE, latest_checkpoint
 
@@ -309,7 +309,7 @@ def evaluate_args(checkpoint: Path, eval_file: Path, out_dir: Path) -> list[str]
             "--batch_size", "1", "--max_new_tokens", "4", "--device", "cpu", "--precision", "32-true"]  # fmt: skip
 
 
-def spy_on_generate(monkeypatch, crash_after: int | None = None) -> list[int]:
+def spy_on_decoding(monkeypatch, crash_after: int | None = None) -> list[int]:
     """Let evaluation decode as usual, counting the prompts it decodes; raise once ``crash_after`` are done."""
     prompts: list[int] = []
 
@@ -317,9 +317,9 @@ def spy_on_generate(monkeypatch, crash_after: int | None = None) -> list[int]:
         if crash_after is not None and sum(prompts) >= crash_after:
             raise RuntimeError("simulated crash")
         prompts.append(len(batch))
-        return generate(model, batch, *args, **kwargs)
+        return kv_cached(model, batch, *args, **kwargs)
 
-    monkeypatch.setattr(answering, "generate", spy)
+    monkeypatch.setattr(answering, "kv_cached", spy)
     return prompts
 
 
@@ -349,7 +349,7 @@ def test_evaluation_killed_midway_answers_only_the_rest_when_run_again(
     assert 5 <= done < 32 and not (out / "predictions.json").exists()  # nothing passed off as complete
 
     capsys.readouterr()
-    prompts = spy_on_generate(monkeypatch)
+    prompts = spy_on_decoding(monkeypatch)
     evaluate_in_process(checkpoint, train_file, out)
     assert f"resuming {done} of 32 answers" in capsys.readouterr().err
     assert sum(prompts) == 32 - done  # only the rest was answered
@@ -364,20 +364,20 @@ def test_a_torn_last_line_is_dropped_and_partial_answers_of_other_settings_are_i
 ):
     _, checkpoint, _, train_file = prepared  # 32 questions
     out = tmp_path / "out"
-    spy_on_generate(monkeypatch, crash_after=5)
+    spy_on_decoding(monkeypatch, crash_after=5)
     with pytest.raises(RuntimeError, match="simulated crash"):
         evaluate_in_process(checkpoint, train_file, out)
     with open(out / results.PARTIAL_FILE, "a") as partial:
         partial.write('{"id": "a7q3", "ans')  # a line cut short by a kill
 
-    prompts = spy_on_generate(monkeypatch, crash_after=3)
+    prompts = spy_on_decoding(monkeypatch, crash_after=3)
     capsys.readouterr()
     with pytest.raises(RuntimeError, match="simulated crash"):
         evaluate_in_process(checkpoint, train_file, out)
     assert "resuming 5 of 32 answers" in capsys.readouterr().err and sum(prompts) == 3
     assert answer_lines(out) == 8  # the torn line is gone, the new answers follow the old ones
 
-    prompts = spy_on_generate(monkeypatch)
+    prompts = spy_on_decoding(monkeypatch)
     evaluate_in_process(checkpoint, train_file, out, max_new_tokens=5)  # other settings: never mixed, start over
     err = capsys.readouterr().err
     assert "warning: ignoring" in err and "(differs in: max_new_tokens)" in err and "resuming" not in err

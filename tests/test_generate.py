@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lit_qa.errors import LitQAError
-from lit_qa.generation.generate import generate, sample
+from lit_qa.generation.generate import decode_n_tokens, generate, kv_cached, prefill, sample
 from lit_qa.models.config import Config
 from lit_qa.models.model import GPT, left_padding_positions
 
@@ -92,10 +92,29 @@ def test_bad_sampling_args_and_too_long_request_raise(model):
         generate(model, [prompt], max_new_tokens=200)
 
 
+def padded_generate(model, prompts, pad_multiple):
+    """Greedy `generate` of 5 tokens with the batch left-padded to a multiple of ``pad_multiple``."""
+    with kv_cached(model, prompts, 5, pad_multiple=pad_multiple) as layout:
+        assert layout.prompt_length % pad_multiple == 0
+        return decode_n_tokens(model, layout, prefill(model, layout)[0], 5)
+
+
 def test_padding_to_a_multiple_changes_nothing(model):
     prompts = [torch.randint(1, 100, (n,)) for n in (3, 9)]
     plain = generate(model, prompts, max_new_tokens=5)
-    padded = generate(model, prompts, max_new_tokens=5, pad_multiple=16)
-    alone_padded = generate(model, prompts[:1], max_new_tokens=5, pad_multiple=16)
+    padded = padded_generate(model, prompts, 16)
+    alone_padded = padded_generate(model, prompts[:1], 16)
     assert [t.tolist() for t in plain] == [t.tolist() for t in padded]
     assert alone_padded[0].tolist() == plain[0].tolist()
+
+
+def test_the_kv_cache_lives_only_in_its_block_even_on_an_error(model):
+    with kv_cached(model, [torch.randint(1, 100, (4,))], 3) as layout:
+        assert model.transformer.h[0].attn.kv_cache.k.size(2) == layout.prompt_length + 3
+        assert torch.is_inference_mode_enabled()
+    assert model.transformer.h[0].attn.kv_cache is None
+    with pytest.raises(RuntimeError, match="boom"), kv_cached(model, [torch.randint(1, 100, (4,))], 3):
+        raise RuntimeError("boom")
+    assert model.transformer.h[0].attn.kv_cache is None
+    with pytest.raises(LitQAError, match="at least one token"):
+        generate(model, [torch.tensor([], dtype=torch.long)], 3)

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import evaluate_script, load_script, make_tiny_checkpoint
+from helpers import evaluate_script, fake_decoding, load_script, make_tiny_checkpoint
 from safetensors.torch import save_file
 from test_squad import squad_v2
 
-import lit_qa.evaluation.answering as answering
 from lit_qa.checkpoints.folder import WEIGHTS_FILE, load_model, load_state_dict
 from lit_qa.data.dataset import load_prepared
 from lit_qa.data.prepare import QuestionEncoder
@@ -243,12 +242,12 @@ def test_unicode_questions_and_answers_prepare_and_evaluate(checkpoint, tmp_path
         assert target[-1] == tokenizer.eos_id
         assert tokenizer.decode(target[:-1]) == (question.answers[0] if question.answers else encoder.no_answer)
 
-    def answer_perfectly(model, prompts, *args, **kwargs):
+    def answer_perfectly(prompts):
         texts = [tokenizer.decode(prompt) for prompt in prompts]
         return [tokenizer.encode(" " + next(a or "unanswerable" for q, a in UNICODE_QAS if q in text) + "\n", bos=False)
                 for text in texts]  # fmt: skip
 
-    monkeypatch.setattr(answering, "generate", answer_perfectly)
+    fake_decoding(monkeypatch, answer_perfectly)
     out = tmp_path / "out"
     metrics = evaluate_script("evaluate/base.py", checkpoint_dir=checkpoint, eval_file=squad, out_dir=out,
                               device="cpu", precision="32-true", na_threshold=None)  # fmt: skip

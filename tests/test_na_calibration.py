@@ -45,7 +45,7 @@ from lit_qa.evaluation.decoding import DecodingSettings
 from lit_qa.evaluation.run import prompt_settings
 from lit_qa.evaluation.squad_metric import evaluate_predictions, f1_score, gold_answers, normalize_answer
 from lit_qa.generation.extractive import SpanDecoder
-from lit_qa.generation.generate import generate
+from lit_qa.generation.generate import decode_n_tokens, generate, kv_cached, prefill, probe_logits
 from lit_qa.models.adapter import AdapterConfig, apply_adapter
 from lit_qa.models.lora import LoRAConfig, apply_lora
 from lit_qa.models.model import GPT
@@ -86,20 +86,29 @@ def full_mean_log_prob(model: GPT, prompt: torch.Tensor, continuation: list[int]
 # ---- the two scores ----
 
 
+def decode(model, tokenizer, prompts, max_new_tokens, probe=None):
+    """Decode as `answering.answer_batch` does, with ``probe`` scored between the prefill and the decoding."""
+    room = max_new_tokens if probe is None else max(max_new_tokens, probe.numel())
+    with kv_cached(model, prompts, room, tokenizer.eos_id, pad_multiple=64) as layout:
+        logits, _ = prefill(model, layout)
+        probed = None if probe is None else probe_logits(model, layout, logits, probe)
+        outputs = decode_n_tokens(model, layout, logits, max_new_tokens, stop_ids=tokenizer.eos_ids,
+                                  pad_id=tokenizer.eos_id)  # fmt: skip
+    return outputs, probed
+
+
 def test_the_no_answer_probe_equals_a_full_forward_and_leaves_decoding_unchanged(model, tokenizer):
     questions = sample_questions()
     prompts = prompts_of(tokenizer, questions)
     assert len({len(p) for p in prompts}) > 2  # left padding with different amounts
     probe, targets = no_answer_ids(tokenizer, LONG_NO_ANSWER)
     assert targets[-1] == tokenizer.eos_id and torch.equal(targets[:-1], probe) and len(probe) > 1
-    kwargs = dict(stop_ids=tokenizer.eos_ids, pad_id=tokenizer.eos_id, pad_multiple=64)
-    plain = generate(model, prompts, 6, **kwargs)
-    seen, scores = [], NoAnswerScores(targets)
-    probed = generate(model, prompts, 6, probe=probe, on_probe=lambda logits: (seen.append(logits), scores(logits)),
-                      **kwargs)  # fmt: skip
+    plain, _ = decode(model, tokenizer, prompts, 6)
+    probed, logits = decode(model, tokenizer, prompts, 6, probe)
     assert [p.tolist() for p in probed] == [p.tolist() for p in plain]  # the probe leaves no trace
-    (logits,) = seen
     assert logits.shape == (len(prompts), len(probe) + 1, model.config.padded_vocab_size)
+    scores = NoAnswerScores(targets)
+    scores(logits)
     for row, prompt in enumerate(prompts):
         with torch.no_grad():
             full = model(torch.cat([prompt, probe])[None])[0]  # (T, V)
@@ -107,14 +116,14 @@ def test_the_no_answer_probe_equals_a_full_forward_and_leaves_decoding_unchanged
         # s_na: prompt + no-answer + EOS scored by one plain forward pass.
         s_na = full_mean_log_prob(model, prompt, [*probe.tolist(), tokenizer.eos_id])
         assert scores.scores[row] == pytest.approx(s_na, abs=ATOL)
-    # A probe longer than the answer budget gets its own cache room.
-    seen.clear()
-    generate(model, prompts[:2], 1, probe=torch.cat([probe, probe]), on_probe=seen.append, **kwargs)
+    # A probe longer than the answer budget fits in the room made for it.
+    _, logits = decode(model, tokenizer, prompts[:2], 1, torch.cat([probe, probe]))
     with torch.no_grad():
         full = model(torch.cat([prompts[0], probe, probe])[None])[0]
-    torch.testing.assert_close(seen[0][0], full[len(prompts[0]) - 1 :], atol=ATOL, rtol=ATOL)
-    with pytest.raises(LitQAError, match="probe"):
-        generate(model, prompts, 2, probe=probe)  # nothing to hand the logits to
+    torch.testing.assert_close(logits[0], full[len(prompts[0]) - 1 :], atol=ATOL, rtol=ATOL)
+    for bad in (probe, probe[:0]):  # longer than the room left, or empty
+        with kv_cached(model, prompts, room=1) as layout, pytest.raises(LitQAError, match="probe"):
+            probe_logits(model, layout, prefill(model, layout)[0], bad)
 
 
 @pytest.mark.parametrize("extractive", [True, False])
@@ -158,14 +167,19 @@ def test_the_scorer_records_raw_log_probs_of_the_greedy_choice_under_the_constra
 def check_p_na_against_full_forward(model, tokenizer, questions, monkeypatch, no_answer=NO_ANSWER, batch_size=4,
                                     max_new_tokens=8, atol=1e-5):  # fmt: skip
     """Score ``questions`` as evaluation does and recompute every p_na from two plain forward passes per question."""
-    calls = []
+    calls = []  # (prompts, outputs) of each batch
 
-    def spy(model, prompts, *args, **kwargs):
-        outputs = generate(model, prompts, *args, **kwargs)
-        calls.append((prompts, outputs))
+    def prompts_spy(model, prompts, *args, **kwargs):
+        calls.append((prompts, []))
+        return kv_cached(model, prompts, *args, **kwargs)
+
+    def outputs_spy(*args, **kwargs):
+        outputs = decode_n_tokens(*args, **kwargs)
+        calls[-1][1].extend(outputs)
         return outputs
 
-    monkeypatch.setattr(answering, "generate", spy)
+    monkeypatch.setattr(answering, "kv_cached", prompts_spy)
+    monkeypatch.setattr(answering, "decode_n_tokens", outputs_spy)
     decoding = DecodingSettings(no_answer=no_answer, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                 extractive=True)  # fmt: skip
     scored = score_questions(model, tokenizer, questions, decoding, progress=False)

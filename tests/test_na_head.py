@@ -32,13 +32,12 @@ from lit_qa.evaluation.answers import Answers
 from lit_qa.evaluation.calibration import best_na_rule, roc_auc, tune_na_rules
 from lit_qa.evaluation.decoding import DecodingSettings
 from lit_qa.evaluation.squad_metric import evaluate_predictions
-from lit_qa.generation.generate import generate
+from lit_qa.generation.generate import kv_cached, prefill
 from lit_qa.models.config import Config
 from lit_qa.models.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
 from lit_qa.models.model import GPT
 from lit_qa.models.na_head import (
     NAHeadConfig,
-    NAHeadOutputs,
     attach_na_head,
     default_layers,
     last_prompt_positions,
@@ -161,11 +160,11 @@ def test_the_prefill_logits_equal_a_plain_forward_of_each_prompt():
     attach_na_head(model, NAHeadConfig(hidden_size=8))
     torch.nn.init.normal_(model.na_head.proj[0].weight, std=1.0)
     prompts = [torch.randint(4, 100, (n,)) for n in (5, 11, 8)]
-    head = NAHeadOutputs()
-    generate(model, prompts, max_new_tokens=2, stop_ids={EOS}, pad_multiple=16, on_na_logits=head)
+    with kv_cached(model, prompts, room=2, pad_multiple=16) as layout:
+        _, head = prefill(model, layout, na_head=True)
     with torch.no_grad():
         alone = [float(model(p[None], na_positions=torch.tensor([len(p) - 1]))[1]) for p in prompts]
-    torch.testing.assert_close(torch.tensor(head.logits), torch.tensor(alone), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head, torch.tensor(alone), atol=1e-5, rtol=1e-5)
     assert len(set(round(x, 3) for x in alone)) == 3  # the rows differ: the test can see a mix-up
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lit_qa.generation import prefixes
-from lit_qa.generation.generate import generate
+from lit_qa.generation.generate import decode_n_tokens, generate, kv_cached, prefill, probe_logits
 from lit_qa.generation.prefixes import plan_layout
 from lit_qa.models.config import Config
 from lit_qa.models.model import GPT
@@ -65,15 +65,23 @@ def test_sharing_falls_back_to_the_plain_batch_when_it_does_not_pay_or_fit():
     assert plain.prefixes.size(1) == 48 and plain.slot_positions[0, 47].item() == len(prompts[0]) - 1
 
 
+def decode_probed(model, prompts, probe, share_prefixes):
+    """Decode 8 tokens per prompt after scoring ``probe`` between the prefill and the decoding, as evaluation does."""
+    with kv_cached(model, prompts, room=8, share_prefixes=share_prefixes) as layout:
+        assert (layout.suffixes is not None) == share_prefixes  # the test compares the two layouts
+        logits, _ = prefill(model, layout)
+        probed = probe_logits(model, layout, logits, probe)
+        return decode_n_tokens(model, layout, logits, 8), probed
+
+
 def test_shared_prefix_decoding_equals_whole_prompts_and_each_alone(model):
     prompts = paragraph_prompts()
     probe = torch.tensor([5, 7])
-    probed = {}
-    shared = generate(model, prompts, 8, probe=probe, on_probe=lambda x: probed.update(shared=x))
-    whole = generate(model, prompts, 8, probe=probe, on_probe=lambda x: probed.update(whole=x), share_prefixes=False)
+    shared, shared_probe = decode_probed(model, prompts, probe, share_prefixes=True)
+    whole, whole_probe = decode_probed(model, prompts, probe, share_prefixes=False)
     alone = [generate(model, [p], 8)[0] for p in prompts]
     assert [t.tolist() for t in shared] == [t.tolist() for t in whole] == [t.tolist() for t in alone]
-    torch.testing.assert_close(probed["shared"], probed["whole"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared_probe, whole_probe, atol=1e-5, rtol=1e-5)
     assert all(len(t) == 8 for t in shared)
 
 
@@ -83,6 +91,7 @@ def test_shared_prefixes_feed_the_no_answer_head_the_last_prompt_token():
     torch.nn.init.normal_(attach_na_head(model, NAHeadConfig()).proj.weight)
     heads = {}
     for share in (True, False):
-        generate(model, paragraph_prompts(), 2, on_na_logits=lambda x, s=share: heads.update({s: x}),
-                 share_prefixes=share)  # fmt: skip
+        with kv_cached(model, paragraph_prompts(), room=2, share_prefixes=share) as layout:
+            assert (layout.suffixes is not None) == share
+            heads[share] = prefill(model, layout, na_head=True)[1]
     torch.testing.assert_close(heads[True], heads[False], atol=1e-5, rtol=1e-5)

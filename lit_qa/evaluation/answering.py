@@ -25,9 +25,8 @@ from lit_qa.errors import LitQAError
 from lit_qa.evaluation.answers import Answers, check_na_source, default_na_source, na_logit, sigmoid
 from lit_qa.evaluation.decoding import DecodingSettings
 from lit_qa.generation.extractive import SpanDecoder
-from lit_qa.generation.generate import generate
+from lit_qa.generation.generate import decode_n_tokens, kv_cached, prefill, probe_logits
 from lit_qa.models.model import GPT
-from lit_qa.models.na_head import NAHeadOutputs
 from lit_qa.models.tokenizer import Tokenizer
 
 
@@ -186,25 +185,31 @@ def answer_batch(
     # With a threshold the model abstains by p_na: the best span may not spell the no-answer string.
     contexts = [q.context for q in batch]
     constrain = None if spans is None else spans.processor(contexts, na_threshold is None, max_new_tokens)
-    scorer = na_scores = head = None
+    scorer = na_scores = None
     if na_threshold is not None:
         scorer = GreedyScorer(constrain, forbidden_first=None if spans is not None else int(probe[0]))
         na_scores = NoAnswerScores(targets)
-        head = NAHeadOutputs() if getattr(model, "na_head", None) is not None else None
+    with_head = scorer is not None and getattr(model, "na_head", None) is not None
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0  # never attended to, any valid id works
+    # The probe is scored in the cache slots that the answer overwrites later: room for the longer of the two.
+    room = max_new_tokens if na_scores is None else max(max_new_tokens, probe.numel())
     # Prompt lengths rounded to 64: a few shapes keep CPU bf16 kernels from being re-built per batch.
-    outputs = generate(model, prompts, max_new_tokens, stop_ids=tokenizer.eos_ids, pad_id=pad_id, pad_multiple=64,
-                       logits_processor=constrain if scorer is None else scorer, probe=None if na_scores is None
-                       else probe, on_probe=na_scores, on_na_logits=head)  # fmt: skip
+    with kv_cached(model, prompts, room, pad_id, pad_multiple=64) as layout:
+        first, head_logits = prefill(model, layout, na_head=with_head)
+        if na_scores is not None:
+            na_scores(probe_logits(model, layout, first, probe))
+        outputs = decode_n_tokens(model, layout, first, max_new_tokens, stop_ids=tokenizer.eos_ids, pad_id=pad_id,
+                                  logits_processor=constrain if scorer is None else scorer)  # fmt: skip
     texts = [to_official(tokenizer.decode(out.cpu(), skip_special_tokens=True), no_answer) for out in outputs]
     if scorer is None:
         return {question.id: text for question, text in zip(batch, texts, strict=True)}
     span_scores = scorer.mean_log_probs(outputs)
+    head = None if head_logits is None else head_logits.float().tolist()
     answers = {}
     for row, (question, text) in enumerate(zip(batch, texts, strict=True)):
         logits = {"span": na_scores.scores[row] - span_scores[row]}
         if head is not None:
-            logits["head"] = head.logits[row]
+            logits["head"] = head[row]
         p_na = sigmoid(na_logit(logits, na_source))
         result.best_span[question.id], result.na_prob[question.id] = text, p_na
         result.na_logits[question.id] = logits
@@ -226,8 +231,9 @@ def no_answer_ids(tokenizer: Tokenizer, no_answer: str) -> tuple[torch.Tensor, t
 
 
 class GreedyScorer:
-    """A `lit_qa.generation.generate.generate` logits processor for greedy decoding that also records, at every step,
-    the raw log-probability (the model's own distribution, before any constraint) of the token greedy decoding takes.
+    """A logits processor (`lit_qa.generation.generate.decode_n_tokens`) for greedy decoding that also records, at
+    every step, the raw log-probability (the model's own distribution, before any constraint) of the token greedy
+    decoding takes.
 
     Args:
         constraint: An inner processor (e.g. a `lit_qa.generation.extractive.SpanConstraint`), applied first.
@@ -253,15 +259,15 @@ class GreedyScorer:
         return logits
 
     def mean_log_probs(self, outputs: list[torch.Tensor]) -> list[float]:
-        """Per row of ``generate``'s ``outputs``: the mean raw log-prob of its tokens and its stop token (a row cut
-        at ``max_new_tokens`` has none: it gets the mean of its tokens)."""
+        """Per row of ``decode_n_tokens``' ``outputs``: the mean raw log-prob of its tokens and its stop token (a row
+        cut at ``max_new_tokens`` has none: it gets the mean of its tokens)."""
         steps = torch.stack(self.chosen, dim=1).cpu()  # (B, S): one host sync per batch
         return [float(steps[row, : min(len(out) + 1, steps.size(1))].mean()) for row, out in enumerate(outputs)]
 
 
 class NoAnswerScores:
-    """`lit_qa.generation.generate.generate`'s ``on_probe`` callback: keeps each row's mean log p(no-answer + EOS |
-    prompt).
+    """Each row's mean log p(no-answer + EOS | prompt), from the no-answer probe's logits
+    (`lit_qa.generation.generate.probe_logits`).
 
     Args:
         targets: The ids the probe's logits predict (`no_answer_ids`).

@@ -24,7 +24,7 @@ of 30 was best, AUC 0.685 before any training).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -176,14 +176,3 @@ def answer_start_mask(labels: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros_like(labels, dtype=torch.bool)
     mask[:, :-1] = (labels[:, :-1] == -100) & (labels[:, 1:] != -100)
     return mask
-
-
-@dataclass
-class NAHeadOutputs:
-    """What a prefill with the head yields per row: the head's logit (filled by
-    `lit_qa.generation.generate.generate`)."""
-
-    logits: list[float] = field(default_factory=list)
-
-    def __call__(self, logits: torch.Tensor) -> None:
-        self.logits = logits.float().tolist()
