@@ -96,8 +96,8 @@ def score_questions(
         LitQAError: If a setting is out of range, or a question cannot fit the model even windowed.
     """
     probe, targets, max_prompt_length = check_decoding(model, tokenizer, decoding)
-    na_source = decoding.na_source or default_na_source(model)
-    check_na_source(na_source, getattr(model, "na_head", None) is not None)
+    decoding = replace(decoding, na_source=decoding.na_source or default_na_source(model))
+    check_na_source(decoding.na_source, getattr(model, "na_head", None) is not None)
     # The encoder's length limit only drives windowing, where the prompt alone must fit (no answer tokens).
     encoder = QuestionEncoder(tokenizer, max_prompt_length, decoding.prompt_style, decoding.no_answer)
     result = result if result is not None else Answers(final={})
@@ -112,9 +112,8 @@ def score_questions(
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             batch_prompts = [prompts[q.id][0] for q in batch]
-            batch_answers = answer_batch(model, tokenizer, batch, batch_prompts, spans, probe, targets,
-                                         decoding.no_answer, decoding.max_new_tokens, decoding.na_threshold,
-                                         na_source, result)  # fmt: skip
+            batch_answers = answer_batch(model, tokenizer, batch, batch_prompts, spans, probe, targets, decoding,
+                                         result)  # fmt: skip
             result.final.update(batch_answers)
             if on_batch is not None:
                 on_batch(batch_answers)
@@ -170,18 +169,16 @@ def answer_batch(
     spans: SpanDecoder | None,
     probe: torch.Tensor | None,
     targets: torch.Tensor | None,
-    no_answer: str,
-    max_new_tokens: int,
-    na_threshold: float | None,
-    na_source: str,
+    decoding: DecodingSettings,
     result: Answers,
 ) -> dict[str, str]:
-    """Decode one batch of questions together (`score_questions`), recording each one's best span, p_na and
-    rule logits in ``result`` when abstaining by ``na_threshold``.
+    """Decode one batch of questions together (`score_questions`; ``decoding.na_source`` resolved), recording
+    each one's best span, p_na and rule logits in ``result`` when abstaining by ``decoding.na_threshold``.
 
     Returns:
         The batch's final answers by question id (``""``: no answer).
     """
+    na_threshold, max_new_tokens = decoding.na_threshold, decoding.max_new_tokens
     # With a threshold the model abstains by p_na: the best span may not spell the no-answer string.
     contexts = [q.context for q in batch]
     constrain = None if spans is None else spans.processor(contexts, na_threshold is None, max_new_tokens)
@@ -200,7 +197,8 @@ def answer_batch(
             na_scores(probe_logits(model, layout, first, probe))
         outputs = decode_n_tokens(model, layout, first, max_new_tokens, stop_ids=tokenizer.eos_ids, pad_id=pad_id,
                                   logits_processor=constrain if scorer is None else scorer)  # fmt: skip
-    texts = [to_official(tokenizer.decode(out.cpu(), skip_special_tokens=True), no_answer) for out in outputs]
+    texts = [to_official(tokenizer.decode(out.cpu(), skip_special_tokens=True), decoding.no_answer)
+             for out in outputs]  # fmt: skip
     if scorer is None:
         return {question.id: text for question, text in zip(batch, texts, strict=True)}
     span_scores = scorer.mean_log_probs(outputs)
@@ -210,7 +208,7 @@ def answer_batch(
         logits = {"span": na_scores.scores[row] - span_scores[row]}
         if head is not None:
             logits["head"] = head[row]
-        p_na = sigmoid(na_logit(logits, na_source))
+        p_na = sigmoid(na_logit(logits, decoding.na_source))
         result.best_span[question.id], result.na_prob[question.id] = text, p_na
         result.na_logits[question.id] = logits
         answers[question.id] = "" if p_na >= na_threshold else text
