@@ -108,6 +108,17 @@ def real_smollm2(folder: Path) -> Path:
     return prepare.prepare_default_model(folder)
 
 
+def demo_eval_file() -> Path:
+    """The shared SQuAD demo evaluation file (``shared/data/squad2/demo-eval-v2.0.json``) for the ``slow`` tests; skips
+    the test when it is missing."""
+    import pytest
+
+    path = SHARED_SQUAD / "demo-eval-v2.0.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing")
+    return path
+
+
 class WritesMarker:
     """An object whose unpickling would create the file ``marker``: the harmless stand-in for malicious code."""
 
