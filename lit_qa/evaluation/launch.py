@@ -7,6 +7,9 @@
     tokenizer = ready_to_answer(model, config, run, tokenizer_dir)   # no-answer head, tokenizer checks
     metrics = evaluate_and_report(model, tokenizer, args, run, paths)
 
+`lit_qa.evaluation.reader.Reader` goes the same way without an evaluation file: `answering_run` (the part of
+`read_inputs` that is not the questions), its folder's loading, `ready_to_answer`, then `score_questions` per call.
+
 The flags they share, and their help text, are `EvaluationArgs`; each script adds its weights' flags in a
 subclass, which `lit_qa.errors.run_cli` turns into the command line (the same flat ``--flag`` names).
 """
