@@ -24,12 +24,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lit_qa.checkpoints.lora import check_lora_dir, load_lora_checkpoint, read_lora_base_record
-from lit_qa.errors import LitQAError, run_cli
+from lit_qa.checkpoints.inference import check_lora_inference, load_lora_for_inference
+from lit_qa.checkpoints.lora import read_lora_base_record
+from lit_qa.errors import run_cli
 from lit_qa.evaluation import launch
-from lit_qa.models.lora import merge_lora_weights
 from lit_qa.precision import weights_dtype
-from lit_qa.quantize import check_quantize_args, quantize_model, warn_if_trained_quantized
 
 
 @dataclass
@@ -52,23 +51,13 @@ def main(args: Args) -> dict:
     """Evaluate the base model plus ``args.lora_dir`` (see the module docstring); returns the metrics written."""
     launch.check_outputs(args, {"--lora_dir": args.lora_dir, "--checkpoint_dir": args.checkpoint_dir,
                                 "--eval_file": args.eval_file})  # fmt: skip
-    check_lora_dir(args.lora_dir)
-    if args.quantize == "gptq.int4":
-        raise LitQAError("evaluate/lora.py does not take --quantize gptq.int4 (GPTQ calibrates on the merged weights): "
-                         "merge with scripts/merge_lora.py, quantize the merged folder with scripts/quantize_gptq.py, "
-                         "then run evaluate/base.py --quantize gptq.int4 --gptq_checkpoint <that output>")  # fmt: skip
-    check_quantize_args(args.quantize)
-    warn_if_trained_quantized(args.lora_dir, args.quantize)
+    check_lora_inference(args.lora_dir, args.quantize)
     run = launch.read_inputs(args, args.lora_dir)
     base = args.checkpoint_dir or Path(read_lora_base_record(args.lora_dir)["path"])
 
     t0 = time.perf_counter()
-    device = "cpu" if args.quantize else run.device  # quantized layer by layer onto run.device after merging
-    model, config, lora_config = load_lora_checkpoint(args.lora_dir, base, device, weights_dtype(run.precision),
-                                                      args.allow_different_base)  # fmt: skip
-    merge_lora_weights(model)  # the sum is formed in float32 and rounded once to the weights' dtype
-    if args.quantize:
-        quantize_model(model, args.quantize, device=run.device)  # after merging, layer by layer onto the device
+    model, config, lora_config = load_lora_for_inference(args.lora_dir, base, run.device, weights_dtype(run.precision),
+                                                         args.quantize, args.allow_different_base)  # fmt: skip
     tokenizer = launch.ready_to_answer(model, config, run, base)
     what = f"{config.name or base} + LoRA r={lora_config.r} from {args.lora_dir}"
     launch.report_loaded(what, run, args.quantize, time.perf_counter() - t0)

@@ -124,6 +124,17 @@ def fake_decoding(monkeypatch, answers: Callable[[list[torch.Tensor]], list[torc
     monkeypatch.setattr(answering, "decode_n_tokens", lambda *args, **kwargs: answers(batch))
 
 
+def demo_eval_file() -> Path:
+    """The shared SQuAD demo evaluation file (``shared/data/squad2/demo-eval-v2.0.json``) for the ``slow`` tests; skips
+    the test when it is missing."""
+    import pytest
+
+    path = SHARED_SQUAD / "demo-eval-v2.0.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing")
+    return path
+
+
 class WritesMarker:
     """An object whose unpickling would create the file ``marker``: the harmless stand-in for malicious code."""
 

@@ -7,6 +7,9 @@
     tokenizer = ready_to_answer(model, config, run, tokenizer_dir)   # no-answer head, tokenizer checks
     metrics = evaluate_and_report(model, tokenizer, args, run, paths)
 
+`lit_qa.evaluation.reader.Reader` goes the same way without an evaluation file: `answering_run` (the part of
+`read_inputs` that is not the questions), its folder's loading, `ready_to_answer`, then `score_questions` per call.
+
 The flags they share, and their help text, are `EvaluationArgs`; each script adds its weights' flags in a
 subclass, which `lit_qa.errors.run_cli` turns into the command line (the same flat ``--flag`` names).
 """
@@ -128,9 +131,22 @@ def read_inputs(args: EvaluationArgs, trained_dir: Path, warn_if_unknown: bool =
     """Read what the evaluation needs besides the model, so that a bad file or flag fails before the model loads:
     the prompt settings ``trained_dir`` was trained with (`prompt_settings`; ``warn_if_unknown``: warn when it
     records none), the evaluation and calibration questions, the threshold's source, the device and precision."""
-    prompt_style, no_answer = prompt_settings(trained_dir, args.prompt_style, args.no_answer, warn_if_unknown)
     questions = subset_selector(args.subset)(load_squad(args.eval_file), args.limit, args.seed)
     calibration = load_calibration_questions(args.calibration_file, args.eval_file, questions)
+    return answering_run(args, trained_dir, questions, calibration, warn_if_unknown)
+
+
+def answering_run(
+    args: EvaluationArgs,
+    trained_dir: Path,
+    questions: list[Question],
+    calibration: list[Question] | None = None,
+    warn_if_unknown: bool = True,
+) -> EvaluationRun:
+    """The decoding settings, device and precision that ``args`` ask for, checked before loading: the prompt settings
+    ``trained_dir`` was trained with (`prompt_settings`), the threshold's request (`resolve_na_threshold`, quietly).
+    `read_inputs` adds the questions; `lit_qa.evaluation.reader.Reader` takes its questions later (none here)."""
+    prompt_style, no_answer = prompt_settings(trained_dir, args.prompt_style, args.no_answer, warn_if_unknown)
     resolve_na_threshold(args.na_threshold, trained_dir, calibration is not None, args.extractive, verbose=False)
     decoding = DecodingSettings(prompt_style, no_answer, args.batch_size, args.max_new_tokens, args.na_threshold,
                                 args.extractive)  # fmt: skip
