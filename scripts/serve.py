@@ -88,7 +88,7 @@ def main(
     api = ReaderAPI(path, load_kwargs, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
     check = (RequestCheck, {"api_path": api.api_path, "max_context_chars": max_context_chars,
                             "max_questions": max_questions})  # fmt: skip
-    server = ls.LitServer(api, accelerator=accelerator, devices=1 if accelerator == "cpu" else "auto",
+    server = ls.LitServer(api, accelerator=accelerator, devices=1 if accelerator == "cpu" or ":" in device else "auto",
                           workers_per_device=workers_per_device, timeout=timeout, middlewares=[check])  # fmt: skip
     print(f"serving {path} on http://{host}:{port}{api.api_path} (batches of up to {max_batch_size}, "
           f"{batch_timeout} s to fill up); health: http://{host}:{port}/health", flush=True)  # fmt: skip

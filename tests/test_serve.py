@@ -87,12 +87,16 @@ def server(folder, tmp_path_factory):
             time.sleep(0.3)
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)  # the server and the workers it started
+        os.killpg(process.pid, signal.SIGTERM)  # the server and the processes it started
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
+            pass
+        try:  # whatever is left of its group (an HTTP process waiting on a connection)
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=10)
 
 
 def pairs() -> list[tuple[str, str]]:

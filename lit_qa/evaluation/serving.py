@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import litserve as ls
+import torch
 
 from lit_qa.evaluation.reader import Reader, ReaderAnswer
 
@@ -166,6 +167,9 @@ class ReaderAPI(ls.LitAPI):
         kwargs = dict(self.load_kwargs)
         if kwargs.get("device", "auto") == "auto":
             kwargs["device"] = device
+        if kwargs["device"].startswith("cuda:"):  # LitServe numbers the GPUs; lit-qa's "cuda" is the current one
+            torch.cuda.set_device(torch.device(kwargs["device"]))
+            kwargs["device"] = "cuda"
         # Reader.answer_batch decodes decoding.batch_size questions at a time: a server batch is one model batch.
         kwargs.setdefault("batch_size", self.max_batch_size)
         self.reader = Reader.load(self.path, **kwargs)
