@@ -27,6 +27,7 @@ setup(
         "tqdm",
         "tensorboard",
         "pyyaml",
+        "litserve>=0.2",  # scripts/serve.py (lit-qa serve)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "transformers>=4.45"],

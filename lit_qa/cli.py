@@ -5,6 +5,7 @@
     lit-qa finetune lora --data_dir data/squad2 ...   # = python finetune/lora.py --data_dir data/squad2 ...
     lit-qa evaluate lora --lora_dir out/finetune/lora/final ...
     lit-qa convert --to gguf --source out/merged --out_dir out/gguf
+    lit-qa serve --path out/finetune/lora/final    # = python scripts/serve.py --path ...
 
 A command is a script path and nothing else: the script is run as ``__main__`` with the remaining arguments, its
 own folder first on ``sys.path``, exactly as ``python <script> ...`` runs it, so its flags, help and errors are the
@@ -28,6 +29,7 @@ FIXED = {
     "estimate": {"": "scripts/estimate_memory.py"},
     "merge": {"lora": "scripts/merge_lora.py"},
     "compare": {"quantized": "scripts/compare.py", "results": "scripts/compare_results.py"},
+    "serve": {"": "scripts/serve.py"},
 }
 FOLDERS = ("finetune", "evaluate", "generate")
 
