@@ -199,7 +199,7 @@ def main(
     clients: tuple[int, ...] = (1, 8, 32),
     requests: int = 64,
     rounds: int = 2,
-    max_batch_size: int = 8,
+    max_batch_size: int = 32,
     batch_timeout: float = 0.05,
     device: str = "cpu",
     precision: str = "32-true",

@@ -37,7 +37,7 @@ def main(
     max_new_tokens: int = 32,
     host: str = "127.0.0.1",
     port: int = 8000,
-    max_batch_size: int = 8,
+    max_batch_size: int = 32,
     batch_timeout: float = 0.05,
     max_context_chars: int = DEFAULT_MAX_CONTEXT_CHARS,
     max_questions: int = DEFAULT_MAX_QUESTIONS,

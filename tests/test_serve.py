@@ -128,8 +128,12 @@ def test_a_list_of_questions_gets_a_list_of_answers(folder, server):
     bodies = [[{"question": q, "context": c} for q, c in asked], *({"question": q, "context": c} for q, c in asked)]
     with ThreadPoolExecutor(6) as pool:  # the list and single questions at once: in one server batch, mixed
         replies = list(pool.map(lambda body: post(f"{server}/predict", json.dumps(body).encode()), bodies))
-    assert [status for status, _ in replies] == [200] * 6 and [reply for _, reply in replies[1:]] == replies[0][1]
+    assert [status for status, _ in replies] == [200] * 6
     status, got = replies[0]
+    singles = [reply for _, reply in replies[1:]]  # in other server batches: p_na equal to float rounding, not bits
+    assert [(a["answer"], a["start"], a["end"]) for a in singles] == [(a["answer"], a["start"], a["end"]) for a in got]
+    assert [a["no_answer_probability"] for a in singles] == pytest.approx([a["no_answer_probability"] for a in got],
+                                                                          abs=1e-5)  # fmt: skip
     assert [a["answer"] for a in got] == [a.answer for a in expected]
     assert [a["no_answer_probability"] for a in got] == pytest.approx([a.no_answer_probability for a in expected],
                                                                       abs=1e-5)  # fmt: skip

@@ -157,7 +157,7 @@ class ReaderAPI(ls.LitAPI):
             within ``batch_timeout`` seconds are answered together; 1 answers one request at a time.
     """
 
-    def __init__(self, path: Path, load_kwargs: dict[str, Any], max_batch_size: int = 8, batch_timeout: float = 0.05):
+    def __init__(self, path: Path, load_kwargs: dict[str, Any], max_batch_size: int = 32, batch_timeout: float = 0.05):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.path, self.load_kwargs = Path(path), dict(load_kwargs)
         self.reader: Reader | None = None
